@@ -1,0 +1,327 @@
+"""Typed run configuration: dataclasses, YAML presets and dotted command-line overrides.
+
+A configuration is a tree of dataclasses. YAML files and ``key.sub=value`` overrides are
+merged into it with validation: an unknown key or a value of the wrong type raises
+:class:`~bmil.errors.ConfigError` with one sentence naming the key and what was expected.
+
+The paper's ablation rows M1–M6 are presets of the switches below (``configs/ablation``):
+
+| row | train.global_association | cluster.modality_aware | cluster.subset_ratio | loss.split_prototypes |
+|-----|-----|-----|-----|-----|
+| M1  | false | –     | 1.0 | – |
+| M2  | true  | false | 1.0 | false |
+| M3  | true  | true  | 1.0 | false |
+| M4  | true  | true  | 0.5 | false |
+| M5  | true  | false | 0.5 | true |
+| M6  | true  | true  | 0.5 | true |
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bmil.errors import ConfigError
+
+DATASETS = ("synthetic", "sysu", "regdb", "llcm", "folder")
+
+
+@dataclass
+class SyntheticConfig:
+    """Size of the embedded synthetic dataset (``data.dataset=synthetic``)."""
+
+    num_ids: int = 120
+    num_train_ids: int = 80
+    images_per_camera: int = 4
+    height: int = 128
+    width: int = 64
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Which images to read and how to feed them.
+
+    ``root``: dataset folder (for ``synthetic`` it is generated there when absent).
+    ``trial``: RegDB split 1..10 the model is trained on.
+    ``height``/``width``: network input in pixels.
+    """
+
+    dataset: str = "synthetic"
+    root: str = "data/synthetic"
+    trial: int = 1
+    height: int = 288
+    width: int = 144
+    channel_aug: bool = True
+    workers: int = 2
+    cache_images: bool = False
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    """Two-stream ResNet (METHOD.md "Backbone"). ``pretrained``: imagenet | none | a file path."""
+
+    depth: int = 50
+    non_local: bool = True
+    pretrained: str = "imagenet"
+    sync_bn: bool = False
+
+
+@dataclass
+class ClusterConfig:
+    """Jaccard distance + DBSCAN pseudo labels (METHOD.md stage 1 step 2, stage 2)."""
+
+    k1: int = 30
+    k2: int = 6
+    eps: float = 0.6
+    min_samples: int = 4
+    subset_ratio: float = 0.5
+    modality_aware: bool = True
+    lqe: str = "release"
+    backend: str = "torch"
+    block_size: int = 2048
+    flip: bool = False
+
+
+@dataclass
+class LossConfig:
+    """Prototype memories and contrastive losses."""
+
+    temperature: float = 0.05
+    momentum: float = 0.1
+    hybrid: bool = True
+    mean_margin: float = 0.2
+    split_prototypes: bool = True
+    num_candidates: int = 50
+
+
+@dataclass
+class TrainConfig:
+    """The epoch loop. Stage 1 runs ``stage1_epochs``, then stage 2 ``stage2_epochs`` from
+    the best stage-1 model; ``init_from`` starts from a checkpoint's weights instead."""
+
+    stage1_epochs: int = 50
+    stage2_epochs: int = 50
+    iterations: int = 200
+    num_ids: int = 8
+    num_instances: int = 16
+    lr: float = 3.5e-4
+    weight_decay: float = 5e-4
+    lr_step: int = 20
+    lr_gamma: float = 0.1
+    global_association: bool = True
+    separate_global_step: bool = True
+    seed: int = 0
+    deterministic: bool = False
+    init_from: str = ""
+    device: str = "auto"
+    amp: bool = True
+    eval_every: int = 5
+    extract_batch: int = 128
+
+
+@dataclass
+class EvalConfig:
+    """Test protocol options (METHOD.md "Datasets and protocols")."""
+
+    mode: str = "all"
+    trials: int = 10
+    shots: int = 1
+    direction: str = "both"
+    trial: int = 0
+    allow_trial_mismatch: bool = False
+
+
+@dataclass
+class Config:
+    """A whole run. ``output``: the run folder (config, metrics, events, checkpoints)."""
+
+    name: str = "bmil"
+    output: str = "runs/bmil"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+_CHOICES = {
+    "data.dataset": DATASETS,
+    "cluster.lqe": ("release", "paper"),
+    "cluster.backend": ("torch", "faiss"),
+    "eval.mode": ("all", "indoor"),
+    "eval.direction": ("both", "v2t", "t2v"),
+}
+
+
+def _article(tp: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the field type ``tp``; ints are accepted for floats."""
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if tp in (int, float, bool, str) and not (
+        isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    ):
+        raise ConfigError(
+            f"configuration key '{key}' expects {_article(tp)}, got {value!r}"
+        )
+    return value
+
+
+def _merge(node: Any, values: dict, prefix: str) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"configuration section '{prefix[:-1]}' expects a mapping, got {values!r}")
+    hints = typing.get_type_hints(type(node))
+    known = {f.name for f in fields(node)}
+    for key, value in values.items():
+        dotted = prefix + str(key)
+        if key not in known:
+            raise ConfigError(
+                f"unknown configuration key '{dotted}' (known: {', '.join(sorted(known))})"
+            )
+        current = getattr(node, key)
+        if is_dataclass(current):
+            _merge(current, value, dotted + ".")
+        else:
+            setattr(node, key, _coerce(dotted, value, hints[key]))
+
+
+def _validate(cfg: Config) -> None:
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(
+                f"configuration key '{key}' must be one of {', '.join(allowed)}, got {value!r}"
+            )
+    if cfg.model.depth not in (18, 34, 50):
+        raise ConfigError(f"configuration key 'model.depth' must be 18, 34 or 50, got {cfg.model.depth}")
+    if not 0.0 < cfg.cluster.subset_ratio <= 1.0:
+        raise ConfigError("configuration key 'cluster.subset_ratio' must be in (0, 1]")
+    if not 0.0 < cfg.cluster.eps < 1.0:
+        raise ConfigError("configuration key 'cluster.eps' must be in (0, 1)")
+    if cfg.train.stage1_epochs < 0 or cfg.train.stage2_epochs < 0:
+        raise ConfigError("configuration keys 'train.stage1_epochs'/'train.stage2_epochs' must be >= 0")
+    for key in ("iterations", "num_ids", "num_instances", "extract_batch", "eval_every", "lr_step"):
+        if getattr(cfg.train, key) < 1:
+            raise ConfigError(f"configuration key 'train.{key}' must be >= 1")
+    if cfg.data.dataset == "regdb" and not 1 <= cfg.data.trial <= 10:
+        raise ConfigError(f"configuration key 'data.trial' must be 1..10 for RegDB, got {cfg.data.trial}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=1e-3"`` → ``("train.lr", 0.001)``; values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and _looks_like_float(raw):
+        value = float(raw)
+    return key.strip(), value
+
+
+def _looks_like_float(raw: str) -> bool:
+    # YAML 1.1 reads "1e-3" as a string; users mean a number.
+    try:
+        float(raw)
+    except ValueError:
+        return False
+    return True
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; a missing or malformed file is a :class:`ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML ({err.__class__.__name__})") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults ← YAML file (its ``base:`` key names a file it extends) ← dotted overrides."""
+    cfg = Config()
+    for layer in _yaml_layers(path) if path else []:
+        _merge(cfg, layer, "")
+    for text in overrides:
+        key, value = parse_override(text)
+        _merge(cfg, _nest(key, value), "")
+    _validate(cfg)
+    return cfg
+
+
+def _yaml_layers(path: str | Path, depth: int = 0) -> list[dict]:
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return [data]
+    if depth > 8:
+        raise ConfigError(f"config file {path} has too deeply nested 'base:' references")
+    base_path = Path(path).parent / base
+    return [*_yaml_layers(base_path, depth + 1), data]
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain nested dict (YAML/JSON serialisable)."""
+    return asdict(cfg)
+
+
+def config_from_dict(values: dict) -> Config:
+    """Rebuild a validated :class:`Config` from :func:`config_to_dict` output."""
+    cfg = Config()
+    _merge(cfg, values, "")
+    _validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved configuration as YAML."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "ClusterConfig",
+    "LossConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "SyntheticConfig",
+    "load_config",
+    "config_to_dict",
+    "config_from_dict",
+    "save_config",
+    "parse_override",
+]

@@ -1,0 +1,1 @@
+"""Training and inference machinery: feature extraction, the epoch loop, checkpoints, logs."""

@@ -1,0 +1,96 @@
+"""One epoch's pseudo labels: per-modality clustering (stage 1) and global clustering on
+the (modality-aware) Jaccard distance (stage 2)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from bmil.cluster import (
+    SubClusters,
+    dbscan_labels,
+    jaccard_distance,
+    random_subset,
+    relabel,
+    split_by_modality,
+    subset_labels,
+)
+from bmil.config import ClusterConfig
+from bmil.data.records import INFRARED, VISIBLE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Association:
+    """Pseudo labels of one epoch.
+
+    intra: modality → labels [N_m] over that modality's images (0..C_m-1, -1 outlier).
+    global_labels: [N] over all images (None in stage 1).
+    sub: the (cluster, modality) split of the global clusters (one prototype per global
+         cluster when splitting is off).
+    """
+
+    intra: dict[int, np.ndarray]
+    global_labels: np.ndarray | None = None
+    sub: SubClusters | None = None
+
+
+def cluster_once(features: np.ndarray, cfg: ClusterConfig, modality: np.ndarray | None = None) -> np.ndarray:
+    """Jaccard distance + DBSCAN on ``features`` [n, d]; labels [n] relabelled 0..C-1.
+
+    k1 shrinks (with a warning) when there are too few samples for it, rather than
+    failing an epoch; fewer than ``min_samples`` samples give no cluster at all.
+    """
+    n = len(features)
+    if n < max(cfg.min_samples, 2):
+        return np.full(n, -1, dtype=np.int64)
+    k1 = cfg.k1
+    if modality is not None:
+        smallest = int(min(np.sum(modality == VISIBLE), np.sum(modality == INFRARED)))
+        if smallest < 2:
+            log.warning("a modality has %d image(s) in this clustering step: no cross-modality clustering", smallest)
+            return np.full(n, -1, dtype=np.int64)
+        k1 = min(k1, 2 * (smallest - 1))
+    k1 = min(k1, n - 1)
+    if k1 < cfg.k1:
+        log.warning("only %d samples: clustering with k1=%d instead of %d", n, k1, cfg.k1)
+    k2 = max(1, min(cfg.k2, k1))
+    distance = jaccard_distance(
+        features, k1=k1, k2=k2, modality=modality, lqe=cfg.lqe, backend=cfg.backend, block_size=cfg.block_size
+    )
+    return relabel(dbscan_labels(distance, cfg.eps, cfg.min_samples))
+
+
+def intra_labels(
+    features: np.ndarray, modality: np.ndarray, cfg: ClusterConfig, rng: np.random.Generator
+) -> dict[int, np.ndarray]:
+    """Per-modality pseudo labels; visible images are clustered on a random
+    ``cfg.subset_ratio`` subset (the rest stay unlabelled this epoch)."""
+    out = {}
+    for mod in (VISIBLE, INFRARED):
+        feats = features[modality == mod]
+        if mod == VISIBLE and cfg.subset_ratio < 1.0:
+            subset = random_subset(len(feats), cfg.subset_ratio, rng)
+            out[mod] = subset_labels(cluster_once(feats[subset], cfg), subset, len(feats))
+        else:
+            out[mod] = cluster_once(feats, cfg)
+    return out
+
+
+def global_labels(
+    features: np.ndarray, modality: np.ndarray, cfg: ClusterConfig, split: bool
+) -> tuple[np.ndarray, SubClusters]:
+    """Global clusters of both modalities and their prototype groups."""
+    labels = cluster_once(features, cfg, modality if cfg.modality_aware else None)
+    if split:
+        return labels, split_by_modality(labels, modality)
+    num = int(labels.max()) + 1 if np.any(labels >= 0) else 0
+    whole = SubClusters(
+        sub_labels=labels.copy(),
+        sub_to_cluster=np.arange(num, dtype=np.int64),
+        sub_modality=np.full(num, -1, dtype=np.int64),
+    )
+    return labels, whole

@@ -1,0 +1,79 @@
+"""The main job on the embedded synthetic dataset: stage 1, stage 2, and the two effects
+the paper claims (cross-modality mAP rises in stage 2; the modality-aware Jaccard distance
+gives better global clusters than the plain one)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bmil.cluster import label_quality
+from bmil.config import Config
+from bmil.engine.association import cluster_once
+from bmil.engine.checkpoint import load_checkpoint
+from bmil.engine.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def clustering_ari(trainer: Trainer, features: np.ndarray) -> dict[str, float]:
+    """ARI of global DBSCAN on ``features`` [N, D] with the plain and the modality-aware
+    Jaccard distance (same eps, k1, k2)."""
+    out = {}
+    for name, aware in (("ari_plain", False), ("ari_modality_aware", True)):
+        cfg = replace(trainer.cfg.cluster, modality_aware=aware)
+        labels = cluster_once(features, cfg, trainer.modality if aware else None)
+        quality = label_quality(labels, trainer.pids, trainer.modality)
+        out[name] = float(quality["ari"])
+        out[name.replace("ari", "cross_precision")] = float(quality["cross_precision"])
+    return out
+
+
+def _headline(metrics: dict[str, Any]) -> dict[str, float]:
+    first = next(iter(metrics.values())) if metrics else {}
+    return {"rank1": float(first.get("rank1", float("nan"))), "mAP": float(first.get("mAP", float("nan")))}
+
+
+def run_demo(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
+    """Train both stages on the synthetic data; write and return ``summary.json``'s content."""
+    trainer = Trainer(cfg, progress=progress)
+    result = trainer.fit()
+    best1 = Path(cfg.output) / "checkpoints" / "best_stage1.pt"
+    trainer.model.load_state_dict(load_checkpoint(best1)["model"])
+    features = trainer.extract(trainer.records, flip=cfg.cluster.flip, desc="stage-1 features")
+    clustering = clustering_ari(trainer, features)
+    summary = {
+        "stage1": _headline(result["stage1"]["metrics"]),
+        "stage2": _headline(result["stage2"]["metrics"]),
+        "clustering": clustering,
+        "stage1_epoch": result["stage1"]["epoch"],
+        "stage2_epoch": result["stage2"]["epoch"],
+    }
+    flat = {
+        "stage1.mAP": summary["stage1"]["mAP"], "stage1.rank1": summary["stage1"]["rank1"],
+        "stage2.mAP": summary["stage2"]["mAP"], "stage2.rank1": summary["stage2"]["rank1"],
+        "clustering.ari_plain": clustering["ari_plain"],
+        "clustering.ari_modality_aware": clustering["ari_modality_aware"],
+    }
+    summary.update(flat)
+    Path(cfg.output, "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def demo_table(summary: dict[str, Any]) -> str:
+    """The demo's Markdown result table."""
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    return "\n".join([
+        "| result | value |",
+        "|---|---|",
+        f"| stage 1 cross-modality Rank-1 / mAP (%) | {pct(summary['stage1.rank1'])} / {pct(summary['stage1.mAP'])} |",
+        f"| stage 2 cross-modality Rank-1 / mAP (%) | {pct(summary['stage2.rank1'])} / {pct(summary['stage2.mAP'])} |",
+        f"| global clustering ARI on stage-1 features, plain Jaccard | {summary['clustering.ari_plain']:.3f} |",
+        "| global clustering ARI on stage-1 features, modality-aware Jaccard | "
+        f"{summary['clustering.ari_modality_aware']:.3f} |",
+    ])

@@ -1,0 +1,448 @@
+"""The BMIL epoch loop. Stage 1 and stage 2 are the same loop with different association
+steps switched on (DESIGN.md): cluster → build memories → iterate batches."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from bmil.cluster import cluster_counts, label_quality
+from bmil.config import Config, config_to_dict, save_config
+from bmil.data import PseudoIdentitySampler, TrainDataset, infrared_views, visible_views
+from bmil.data.records import INFRARED, MODALITY_NAMES, VISIBLE, Record, record_arrays
+from bmil.engine.association import Association, global_labels, intra_labels
+from bmil.engine.checkpoint import load_checkpoint, save_checkpoint
+from bmil.engine.datasets import has_labels, run_protocol, train_records
+from bmil.engine.extract import FEATURE_DESCRIPTION, extract_features, resolve_device
+from bmil.engine.run_log import RunLogger, write_run_info
+from bmil.errors import BmilError, CheckpointError
+from bmil.losses import global_loss, intra_loss
+from bmil.memory import PrototypeMemory, positive_mask
+from bmil.model import build_model, model_signature
+
+log = logging.getLogger(__name__)
+
+MODALITIES = (VISIBLE, INFRARED)
+
+
+class TrainingError(BmilError):
+    """Training cannot go on (e.g. a non-finite loss); the message says what to do."""
+
+
+def seed_everything(seed: int, epoch: int) -> np.random.Generator:
+    """Seed torch and Python for one epoch and return the epoch's numpy generator, so an
+    epoch's randomness depends only on (seed, epoch): that is what makes resume exact."""
+    mixed = (seed * 1_000_003 + epoch) % (2**31)
+    torch.manual_seed(mixed)
+    random.seed(mixed)
+    return np.random.default_rng([seed, epoch])
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Deterministic kernels where torch has them (``train.deterministic``)."""
+    if enabled:
+        import os
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def check_signature(expected: dict, state: dict, path: str | Path) -> None:
+    """A checkpoint's architecture must equal the configured one."""
+    found = state.get("signature")
+    if found is not None and found != expected:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with {found}, but the configuration builds {expected}: "
+            "set model.depth/model.non_local to match it"
+        )
+
+
+@dataclass
+class _GlobalTargets:
+    """Per-modality views of one epoch's global clusters for the global sampler and loss."""
+
+    labels: dict[int, np.ndarray]
+    sub_labels: dict[int, np.ndarray]
+    sub_to_cluster: torch.Tensor
+
+    @classmethod
+    def of(cls, assoc: Association, index: dict[int, np.ndarray], device: torch.device) -> _GlobalTargets:
+        return cls(
+            labels={m: assoc.global_labels[index[m]] for m in MODALITIES},
+            sub_labels={m: assoc.sub.sub_labels[index[m]] for m in MODALITIES},
+            sub_to_cluster=torch.from_numpy(assoc.sub.sub_to_cluster).to(device),
+        )
+
+
+@dataclass
+class StageBest:
+    """Best evaluation score (mAP of the first setting) and its metrics, per stage."""
+
+    score: float = -1.0
+    epoch: int = -1
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    """Runs stage 1 then stage 2 of BMIL as configured, writing everything to ``cfg.output``."""
+
+    def __init__(self, cfg: Config, *, resume: bool = False, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self.out = Path(cfg.output)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.device = resolve_device(cfg.train.device)
+        set_deterministic(cfg.train.deterministic)
+        seed_everything(cfg.train.seed, -1)
+
+        self.records: list[Record] = train_records(cfg)
+        self.pids, self.camids, self.modality = record_arrays(self.records)
+        self.index = {m: np.flatnonzero(self.modality == m) for m in MODALITIES}
+        self.labelled = has_labels(self.records)
+        log.info(
+            "training images: %d visible, %d infrared%s",
+            len(self.index[VISIBLE]), len(self.index[INFRARED]),
+            f", {len(np.unique(self.pids))} identities (used only for scoring)" if self.labelled else "",
+        )
+
+        self.model = build_model(
+            depth=cfg.model.depth, non_local=cfg.model.non_local, pretrained=cfg.model.pretrained
+        ).to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.signature = model_signature(self.model)
+        self.datasets = self._build_datasets()
+        self.start_epoch = 0
+        self.best = {1: StageBest(), 2: StageBest()}
+        self.history: list[dict[str, Any]] = []
+        self._new_optimizer()
+        if cfg.train.init_from and not resume:
+            self._load_weights(cfg.train.init_from)
+        if resume:
+            self._resume()
+
+    # ---------------------------------------------------------------- setup
+    def _build_datasets(self) -> dict[int, TrainDataset]:
+        h, w = self.cfg.data.height, self.cfg.data.width
+        views = {VISIBLE: visible_views(h, w, self.cfg.data.channel_aug), INFRARED: infrared_views(h, w)}
+        return {
+            m: TrainDataset([self.records[i] for i in self.index[m]], views, cache=self.cfg.data.cache_images)
+            for m in MODALITIES
+        }
+
+    def _new_optimizer(self) -> None:
+        t = self.cfg.train
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=t.lr_step, gamma=t.lr_gamma)
+
+    def _load_weights(self, path: str | Path) -> None:
+        state = load_checkpoint(path)
+        check_signature(self.signature, state, path)
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as err:
+            reason = str(err).splitlines()[0]
+            raise CheckpointError(f"checkpoint {path} does not fit the configured model: {reason}") from err
+        log.info("initialised weights from %s", path)
+
+    def _resume(self) -> None:
+        path = self.ckpt_dir / "last.pt"
+        state = load_checkpoint(path)
+        self._load_weights(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.start_epoch = int(state["epoch"]) + 1
+        self.best = {int(k): StageBest(**v) for k, v in state["best"].items()}
+        self.history = list(state.get("history", []))
+        log.info("resumed from %s at epoch %d", path, self.start_epoch)
+
+    # ---------------------------------------------------------------- helpers
+    @property
+    def total_epochs(self) -> int:
+        return self.cfg.train.stage1_epochs + self.cfg.train.stage2_epochs
+
+    def stage_of(self, epoch: int) -> int:
+        return 1 if epoch < self.cfg.train.stage1_epochs else 2
+
+    def extract(self, records: list[Record], *, flip: bool = True, desc: str = "extract") -> np.ndarray:
+        """Features [N, D] of ``records`` with the current model (L2-normalised)."""
+        return extract_features(
+            self.model, records, height=self.cfg.data.height, width=self.cfg.data.width,
+            batch_size=self.cfg.train.extract_batch, device=self.device, flip=flip,
+            workers=self.cfg.data.workers, amp=self.cfg.train.amp, progress=self.progress, desc=desc,
+        )
+
+    def _loader(self, modality: int, labels: np.ndarray, seed: int) -> DataLoader:
+        t = self.cfg.train
+        sampler = PseudoIdentitySampler(labels, t.num_ids, t.num_instances, t.iterations, seed=seed)
+        return DataLoader(
+            self.datasets[modality], batch_size=t.num_ids * t.num_instances, sampler=sampler, drop_last=True,
+            num_workers=self.cfg.data.workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
+
+    def _forward(self, batches: dict[int, tuple[torch.Tensor, torch.Tensor]], labels: dict[int, np.ndarray]):
+        """Features of the batches of both modalities in one pass (BN sees both), with the
+        labels repeated over each image's views."""
+        images, mods, targets, sizes = [], [], [], []
+        for m, (views, index) in batches.items():
+            v = views.shape[1]
+            images.append(views.flatten(0, 1))
+            mods.append(torch.full((views.shape[0] * v,), m, dtype=torch.long))
+            targets.append(torch.from_numpy(labels[m][index.numpy()]).repeat_interleave(v))
+            sizes.append(views.shape[0] * v)
+        x = torch.cat(images).to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        amp = self.cfg.train.amp and self.device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            feats = self.model(x, torch.cat(mods).to(self.device))
+        feats = F.normalize(feats.float(), dim=1)
+        out = {}
+        for (m, f), y in zip(zip(batches, feats.split(sizes), strict=True), targets, strict=True):
+            out[m] = (f, y.to(self.device))
+        return out
+
+    def _step(self, loss: torch.Tensor, epoch: int, step: int) -> None:
+        if not math.isfinite(float(loss)):
+            raise TrainingError(
+                f"the loss became non-finite at epoch {epoch} step {step}; checkpoints/last.pt holds the end "
+                "of the previous epoch: resume with --resume after lowering train.lr"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    # ---------------------------------------------------------------- one epoch
+    def associate(self, features: np.ndarray, stage: int, rng: np.random.Generator) -> Association:
+        """Pseudo labels of one epoch from the train features [N, D]."""
+        c = self.cfg
+        intra = intra_labels(features, self.modality, c.cluster, rng)
+        if stage == 1 or not c.train.global_association:
+            return Association(intra=intra)
+        labels, sub = global_labels(features, self.modality, c.cluster, c.loss.split_prototypes)
+        return Association(intra=intra, global_labels=labels, sub=sub)
+
+    def _memories(self, features: np.ndarray, assoc: Association):
+        loss = self.cfg.loss
+        intra = {}
+        for m in MODALITIES:
+            labels = assoc.intra[m]
+            if np.any(labels >= 0):
+                intra[m] = PrototypeMemory.from_features(
+                    torch.from_numpy(features[self.index[m]]), torch.from_numpy(labels),
+                    momentum=loss.momentum, hybrid=loss.hybrid,
+                ).to(self.device)
+            else:
+                log.warning("no %s cluster this epoch: its intra-modality loss is skipped", MODALITY_NAMES[m])
+        glob = None
+        if assoc.sub is not None:
+            if np.any(assoc.sub.sub_labels >= 0):
+                glob = PrototypeMemory.from_features(
+                    torch.from_numpy(features), torch.from_numpy(assoc.sub.sub_labels),
+                    momentum=loss.momentum, hybrid=loss.hybrid,
+                ).to(self.device)
+            else:
+                log.warning("no global cluster this epoch: the cross-modality loss is skipped")
+        return intra, glob
+
+    def _global_ready(self, assoc: Association) -> bool:
+        labels = assoc.global_labels
+        return labels is not None and all(np.any(labels[self.index[m]] >= 0) for m in MODALITIES)
+
+    def train_epoch(self, epoch: int, features: np.ndarray, assoc: Association) -> dict[str, float]:
+        """Iterate ``train.iterations`` steps; returns the mean losses."""
+        c = self.cfg
+        intra_mem, glob_mem = self._memories(features, assoc)
+        seed = c.train.seed * 1000 + epoch
+        loaders = {("intra", m): self._loader(m, assoc.intra[m], seed + m) for m in intra_mem}
+        glob = None
+        if glob_mem is not None and self._global_ready(assoc):
+            glob = _GlobalTargets.of(assoc, self.index, self.device)
+            loaders.update({("global", m): self._loader(m, glob.labels[m], seed + 10 + m) for m in MODALITIES})
+        elif glob_mem is not None:
+            log.warning("the global clusters of this epoch miss a modality: the cross-modality loss is skipped")
+        if not loaders:
+            log.warning("epoch %d has no cluster at all: no training step this epoch", epoch)
+            return {}
+        self.model.train()
+        sums: dict[str, float] = {}
+        iterators = {key: iter(dl) for key, dl in loaders.items()}
+        bar = tqdm(range(c.train.iterations), desc=f"epoch {epoch}", disable=not self.progress, leave=False)
+        for step in bar:
+            batches = {key: next(it) for key, it in iterators.items()}
+            # Each part is computed lazily: with separate steps the global forward must see
+            # the weights the intra step just produced (the release's two-step iteration).
+            parts = []
+            if intra_mem:
+                parts.append(("loss/intra", lambda b=batches: self._intra_loss(b, assoc, intra_mem)))
+            if glob is not None:
+                parts.append(("loss/global", lambda b=batches: self._global_loss(b, glob, glob_mem)))
+            if c.train.separate_global_step:
+                for key, compute in parts:
+                    loss, update = compute()
+                    sums[key] = sums.get(key, 0.0) + float(loss)
+                    self._step(loss, epoch, step)
+                    update()
+            else:
+                computed = [(key, *compute()) for key, compute in parts]
+                for key, loss, _ in computed:
+                    sums[key] = sums.get(key, 0.0) + float(loss)
+                self._step(sum(loss for _, loss, _ in computed), epoch, step)
+                for _, _, update in computed:
+                    update()
+            bar.set_postfix({k.split("/")[1]: f"{v / (step + 1):.3f}" for k, v in sums.items()})
+        self._memories_state = {
+            "intra": {m: mem.state_dict() for m, mem in intra_mem.items()},
+            "global": glob_mem.state_dict() if glob_mem is not None else None,
+        }
+        return {k: v / c.train.iterations for k, v in sums.items()}
+
+    def _intra_loss(self, batches: dict, assoc: Association, memories: dict[int, PrototypeMemory]):
+        """Intra-modality loss of one step, and the memory update to run after the step."""
+        lc = self.cfg.loss
+        feats = self._forward({m: batches[("intra", m)] for m in memories}, assoc.intra)
+        loss = sum(intra_loss(f, memories[m], y, lc.temperature, lc.mean_margin) for m, (f, y) in feats.items())
+
+        def update() -> None:
+            for m, (f, y) in feats.items():
+                memories[m].update(f.detach(), y)
+
+        return loss, update
+
+    def _global_loss(self, batches: dict, glob: _GlobalTargets, memory: PrototypeMemory):
+        """Split-and-contrast loss ½(L_visible + L_infrared) of one step, and its memory update."""
+        lc = self.cfg.loss
+        feats = self._forward({m: batches[("global", m)] for m in MODALITIES}, glob.labels)
+        parts, updates = [], []
+        for m, (f, y) in feats.items():
+            views, index = batches[("global", m)]
+            sub = torch.from_numpy(glob.sub_labels[m][index.numpy()]).repeat_interleave(views.shape[1])
+            mask = positive_mask(y, glob.sub_to_cluster)
+            parts.append(global_loss(f, memory, mask, lc.temperature, lc.num_candidates))
+            updates.append((f.detach(), sub.to(self.device)))
+
+        def update() -> None:
+            for f, sub in updates:
+                memory.update(f, sub)
+
+        return 0.5 * (parts[0] + parts[1]), update
+
+    def association_stats(self, assoc: Association) -> dict[str, float]:
+        """Cluster counts, and pseudo-label quality against the true ids when known."""
+        stats: dict[str, float] = {}
+        for m in MODALITIES:
+            name = MODALITY_NAMES[m]
+            labels = assoc.intra[m]
+            stats[f"clusters/{name}"] = int(len(np.unique(labels[labels >= 0])))
+            stats[f"outliers/{name}"] = int(np.sum(labels < 0))
+            if self.labelled:
+                stats[f"ari/{name}"] = label_quality(labels, self.pids[self.index[m]])["ari"]
+        if assoc.global_labels is not None:
+            for key, value in cluster_counts(assoc.global_labels, self.modality).items():
+                stats[f"global/{key}"] = value
+            if self.labelled:
+                quality = label_quality(assoc.global_labels, self.pids, self.modality)
+                for key in ("ari", "nmi", "cross_precision", "cross_recall", "cross_pure_ratio"):
+                    stats[f"global/{key}"] = quality[key]
+        return stats
+
+    # ---------------------------------------------------------------- evaluation, checkpoints
+    def evaluate(self) -> list:
+        """The dataset's test protocol with the current model ([] without labels)."""
+        def extract(records: list[Record]) -> np.ndarray:
+            return self.extract(records, flip=True, desc="test features")
+
+        return run_protocol(self.cfg, extract)
+
+    def _state(self, epoch: int) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": epoch,
+            "stage": self.stage_of(epoch),
+            "config": config_to_dict(self.cfg),
+            "signature": self.signature,
+            "best": {k: vars(v) for k, v in self.best.items()},
+            "history": self.history,
+            "memories": getattr(self, "_memories_state", None),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "feature": FEATURE_DESCRIPTION,
+        }
+
+    def _start_stage2(self) -> None:
+        best = self.ckpt_dir / "best_stage1.pt"
+        if best.is_file():
+            self._load_weights(best)
+        self._new_optimizer()
+        log.info("stage 2 starts from %s", best if best.is_file() else "the last stage-1 model")
+
+    def _maybe_evaluate(self, epoch: int, stage: int) -> dict[str, Any] | None:
+        t = self.cfg.train
+        first = 0 if stage == 1 else t.stage1_epochs
+        last = t.stage1_epochs - 1 if stage == 1 else self.total_epochs - 1
+        if not self.labelled or not ((epoch - first + 1) % t.eval_every == 0 or epoch == last):
+            return None
+        results = self.evaluate()
+        if not results:
+            return None
+        metrics = {r.setting: r.mean for r in results}
+        score = float(results[0].mean["mAP"])
+        self.history.append({"epoch": epoch, "stage": stage, "metrics": metrics})
+        if score > self.best[stage].score:
+            self.best[stage] = StageBest(score=score, epoch=epoch, metrics=metrics)
+            save_checkpoint(self._state(epoch), self.ckpt_dir / f"best_stage{stage}.pt")
+        return metrics
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self) -> dict[str, Any]:
+        """Train from ``start_epoch`` to the end; returns the best metrics of each stage."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.out / "config.yaml")
+        t = self.cfg.train
+        batch = t.num_ids * t.num_instances
+        bn_batch = batch * (2 if self.cfg.data.channel_aug else 1) + batch
+        write_run_info(self.out, device=str(self.device), world_size=1, per_process_batch=batch,
+                       bn_batch=bn_batch, sync_bn=self.cfg.model.sync_bn)
+        logger = RunLogger(self.out, resume_epoch=self.start_epoch if self.start_epoch else None)
+        try:
+            for epoch in range(self.start_epoch, self.total_epochs):
+                self._run_epoch(epoch, logger)
+        finally:
+            logger.close()
+        return self.summary()
+
+    def _run_epoch(self, epoch: int, logger: RunLogger) -> None:
+        stage = self.stage_of(epoch)
+        if epoch == self.cfg.train.stage1_epochs and epoch > 0:
+            self._start_stage2()
+        rng = seed_everything(self.cfg.train.seed, epoch)
+        features = self.extract(self.records, flip=self.cfg.cluster.flip, desc=f"epoch {epoch} features")
+        assoc = self.associate(features, stage, rng)
+        stats = self.association_stats(assoc)
+        losses = self.train_epoch(epoch, features, assoc)
+        self.scheduler.step()
+        record = {"epoch": epoch, "stage": stage, "lr": self.optimizer.param_groups[0]["lr"], **losses, **stats}
+        metrics = self._maybe_evaluate(epoch, stage)
+        for setting, values in (metrics or {}).items():
+            record.update({f"eval/{setting}/{k}": v for k, v in values.items()})
+        logger.log(record, step=epoch)
+        save_checkpoint(self._state(epoch), self.ckpt_dir / "last.pt")
+        log.info("epoch %d (stage %d): %s", epoch, stage,
+                 ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
+
+    def summary(self) -> dict[str, Any]:
+        return {f"stage{k}": {"epoch": v.epoch, "metrics": v.metrics} for k, v in self.best.items()}

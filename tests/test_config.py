@@ -1,0 +1,83 @@
+"""Configuration: presets, overrides and their validation sentences."""
+
+from __future__ import annotations
+
+import pytest
+
+from bmil.cli import preset_path
+from bmil.config import config_from_dict, config_to_dict, load_config, parse_override
+from bmil.errors import ConfigError
+
+PRESETS = ["sysu", "regdb", "llcm", "folder", "demo"] + [f"ablation/m{i}" for i in range(1, 7)]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_loads_and_round_trips(name):
+    cfg = load_config(preset_path(name))
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_paper_hyperparameters_in_sysu_and_regdb_presets():
+    sysu = load_config(preset_path("sysu"))
+    assert (sysu.cluster.k1, sysu.cluster.k2, sysu.cluster.eps, sysu.cluster.min_samples) == (30, 6, 0.6, 4)
+    assert (sysu.train.num_ids, sysu.train.num_instances, sysu.train.iterations) == (8, 16, 200)
+    assert sysu.train.lr == pytest.approx(3.5e-4) and sysu.train.weight_decay == pytest.approx(5e-4)
+    assert sysu.loss.temperature == pytest.approx(0.05) and sysu.loss.momentum == pytest.approx(0.1)
+    assert (sysu.data.height, sysu.data.width) == (288, 144)
+    regdb = load_config(preset_path("regdb"))
+    assert regdb.cluster.eps == pytest.approx(0.3) and regdb.data.dataset == "regdb"
+
+
+def test_ablation_rows_are_switch_presets():
+    rows = {i: load_config(preset_path(f"ablation/m{i}")) for i in range(1, 7)}
+    assert not rows[1].train.global_association
+    assert all(rows[i].train.global_association for i in range(2, 7))
+    assert [rows[i].cluster.modality_aware for i in range(2, 7)] == [False, True, True, False, True]
+    assert [rows[i].cluster.subset_ratio for i in range(1, 7)] == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5]
+    assert [rows[i].loss.split_prototypes for i in range(2, 7)] == [False, False, False, True, True]
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["train.lr=1e-3", "model.depth=18", "cluster.modality_aware=false", "loss.temperature=1"])
+    assert cfg.train.lr == pytest.approx(1e-3) and isinstance(cfg.train.lr, float)
+    assert cfg.model.depth == 18 and cfg.cluster.modality_aware is False
+    assert cfg.loss.temperature == 1.0 and isinstance(cfg.loss.temperature, float)
+    assert parse_override("data.root=/x=y") == ("data.root", "/x=y")
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.lrr=1", "unknown configuration key 'train.lrr'"),
+        ("trian.lr=1", "unknown configuration key 'trian'"),
+        ("train.lr=fast", "'train.lr' expects a number"),
+        ("model.depth=yes", "'model.depth' expects an integer"),
+        ("model.depth=101", "'model.depth' must be 18, 34 or 50"),
+        ("cluster.lqe=both", "'cluster.lqe' must be one of release, paper"),
+        ("cluster.eps=1.5", "'cluster.eps' must be in (0, 1)"),
+        ("train", "must look like section.key=value"),
+        ("train=3", "'train' expects a mapping"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_yaml_base_and_bad_files(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("train: {lr: 0.01, iterations: 7}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: base.yaml\ntrain: {iterations: 3}\n")
+    cfg = load_config(child)
+    assert cfg.train.lr == pytest.approx(0.01) and cfg.train.iterations == 3
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="neither a YAML file nor a preset"):
+        preset_path("nosuchpreset")
