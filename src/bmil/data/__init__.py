@@ -1,0 +1,59 @@
+"""Data: dataset readers returning plain records, image datasets, transforms, the sampler.
+
+Readers: ``sysu_train/sysu_query/sysu_gallery``, ``regdb_train/regdb_test``,
+``llcm_train/llcm_query/llcm_gallery``, ``folder_train``; ``check_dataset`` compares a root
+with the published counts.
+"""
+
+from bmil.data.check import PUBLISHED_COUNTS, check_dataset, compare_counts, dataset_counts
+from bmil.data.folder import folder_train
+from bmil.data.images import IMAGE_EXTENSIONS, ImageDataset, TrainDataset, load_image
+from bmil.data.llcm import llcm_gallery, llcm_query, llcm_train
+from bmil.data.records import INFRARED, VISIBLE, Record, record_arrays
+from bmil.data.regdb import regdb_test, regdb_train
+from bmil.data.sampler import PseudoIdentitySampler
+from bmil.data.sysu import sysu_gallery, sysu_query, sysu_train
+from bmil.data.transforms import (
+    ChannelExchange,
+    ChannelRandomErasing,
+    RandomChannelOrGray,
+    infrared_views,
+    test_transform,
+    train_transform,
+    visible_views,
+)
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "INFRARED",
+    "PUBLISHED_COUNTS",
+    "VISIBLE",
+    "ChannelExchange",
+    "ChannelRandomErasing",
+    "ImageDataset",
+    "PseudoIdentitySampler",
+    "RandomChannelOrGray",
+    "Record",
+    "TrainDataset",
+    "check_dataset",
+    "compare_counts",
+    "dataset_counts",
+    "folder_train",
+    "infrared_views",
+    "llcm_gallery",
+    "llcm_query",
+    "llcm_train",
+    "load_image",
+    "record_arrays",
+    "regdb_test",
+    "regdb_train",
+    "sysu_gallery",
+    "sysu_query",
+    "sysu_train",
+    "test_transform",
+    "train_transform",
+    "visible_views",
+]
+
+# TODO(lead): enable when synthetic.py lands
+# from bmil.data.synthetic import make_synthetic

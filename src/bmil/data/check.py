@@ -1,0 +1,251 @@
+"""Dataset check: what a root holds against the published counts, plus broken files.
+
+``check_dataset`` returns one line per difference, ``"<what>: found X, expected Y"``, then
+one line per problem (ids named in split files without images, empty id folders, listed
+images that are missing) and one per image that cannot be decoded. An empty list means all
+good. A wrong root or a missing/malformed split file raises DatasetError instead (one
+sentence, as the readers do).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from bmil.data import llcm, regdb, sysu
+from bmil.data.folder import folder_train
+from bmil.data.images import image_error, list_image_names
+from bmil.data.records import INFRARED, VISIBLE, Record, record_arrays
+from bmil.errors import DatasetError
+
+DATASET_NAMES = {"sysu": "SYSU-MM01", "regdb": "RegDB", "llcm": "LLCM", "folder": "folder dataset"}
+
+# Counts published with the data sets (METHOD.md). RegDB's "train ids" / "test ids" apply to
+# every trial; "images per id in each list" to every id of each of the 40 trial lists.
+PUBLISHED_COUNTS = {
+    "sysu": {
+        "train ids": 395,
+        "train visible images": 22258,
+        "train infrared images": 11909,
+        "test ids": 96,
+        "query images": 3803,
+    },
+    "regdb": {"train ids": 206, "test ids": 206, "images per id in each list": 10},
+    "llcm": {"train ids": 713, "test ids": 351},
+    "folder": {},
+}
+PER_ID_KEY = "images per id in each list"
+
+
+@dataclass
+class _Inspection:
+    """What one pass over a dataset root found."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)  # existing files to decode-check
+
+
+def _existing_root(root: str | os.PathLike, dataset: str) -> str:
+    path = os.path.abspath(os.fspath(root))
+    if not os.path.isdir(path):
+        raise DatasetError(f"{dataset} root {path} is not a folder.")
+    return path
+
+
+def _modality_counts(records: list[Record]) -> tuple[int, int]:
+    _, _, modality = record_arrays(records)
+    return int(np.sum(modality == VISIBLE)), int(np.sum(modality == INFRARED))
+
+
+def _distinct_ids(records: Iterable[Record]) -> int:
+    return len({r.pid for r in records})
+
+
+def _empty_id_folders(camera_folders: Iterable[str]) -> list[str]:
+    """"empty id folder <path>" for every sub-folder of the camera folders without images."""
+    lines = []
+    for camera in camera_folders:
+        if not os.path.isdir(camera):
+            continue
+        with os.scandir(camera) as entries:
+            folders = sorted(e.path for e in entries if e.is_dir() and not e.name.startswith("."))
+        lines.extend(f"empty id folder {f}" for f in folders if not list_image_names(f))
+    return lines
+
+
+def _ids_without_images(dataset: str, split_file: str, ids: Iterable[int], with_images: set[int]) -> list[str]:
+    return [f"{dataset} id {pid} named in {split_file} has no images" for pid in ids if pid not in with_images]
+
+
+def _inspect_sysu(root: str | os.PathLike) -> _Inspection:
+    root = _existing_root(root, "SYSU-MM01")
+    split_files = {name: sysu.split_ids(root, name) for name in ("train_id.txt", "val_id.txt", "test_id.txt")}
+    train_ids = sorted(set(split_files["train_id.txt"]) | set(split_files["val_id.txt"]))
+    test_ids = sorted(set(split_files["test_id.txt"]))
+    train = sysu.id_records(root, train_ids, (1, 2, 3, 4, 5, 6))
+    query = sysu.id_records(root, test_ids, sysu.INFRARED_CAMERAS)
+    test_visible = sysu.id_records(root, test_ids, sysu.VISIBLE_CAMERAS)
+    found = _Inspection()
+    visible, infrared = _modality_counts(train)
+    found.counts = {
+        "train ids": _distinct_ids(train),
+        "train visible images": visible,
+        "train infrared images": infrared,
+        "test ids": _distinct_ids(query + test_visible),
+        "query images": len(query),
+    }
+    with_images = {r.pid for r in train + query + test_visible}
+    for name, ids in split_files.items():
+        found.problems += _ids_without_images("SYSU-MM01", f"exp/{name}", ids, with_images)
+    found.problems += _empty_id_folders(os.path.join(root, f"cam{c}") for c in range(1, 7))
+    found.images = [r.path for r in train + query + test_visible]
+    return found
+
+
+def _inspect_regdb(root: str | os.PathLike, per_id: int | None) -> _Inspection:
+    root = _existing_root(root, "RegDB")
+    if not os.path.isdir(os.path.join(root, "idx")):
+        raise DatasetError(f"{os.path.join(root, 'idx')} not found: is {root} the RegDB root?")
+    found = _Inspection()
+    listed: dict[str, str] = {}  # image path -> first list naming it
+    for trial in regdb.TRIALS:
+        for split in ("train", "test"):
+            ids: set[int] = set()
+            for modality_name in regdb.LIST_MODALITY:
+                list_file = regdb.list_path(root, split, modality_name, trial)
+                pairs = regdb.read_labelled_list(list_file, root, "RegDB")
+                labels = np.array([label for _, label in pairs], dtype=np.int64)
+                ids.update(labels.tolist())
+                found.counts[f"trial {trial} {split} {modality_name} images"] = len(pairs)
+                for path, _ in pairs:
+                    listed.setdefault(path, list_file)
+                if per_id is not None:
+                    pids, counts = np.unique(labels, return_counts=True)
+                    found.problems += [
+                        f"RegDB trial {trial} {split} {modality_name} images of id {pid}: found {n}, expected {per_id}"
+                        for pid, n in zip(pids.tolist(), counts.tolist(), strict=True) if n != per_id
+                    ]
+            found.counts[f"trial {trial} {split} ids"] = len(ids)
+    for path, list_file in listed.items():
+        if os.path.isfile(path):
+            found.images.append(path)
+        else:
+            found.problems.append(f"missing image {path} listed in {list_file}")
+    return found
+
+
+def _inspect_llcm(root: str | os.PathLike) -> _Inspection:
+    root = _existing_root(root, "LLCM")
+    train = llcm.llcm_train(root)
+    test_ids = llcm.llcm_test_ids(root)
+    query = {m: llcm.llcm_query(root, m) for m in (VISIBLE, INFRARED)}
+    test = query[VISIBLE] + query[INFRARED]
+    found = _Inspection()
+    visible, infrared = _modality_counts(train)
+    found.counts = {
+        "train ids": _distinct_ids(train),
+        "train visible images": visible,
+        "train infrared images": infrared,
+        "test ids": _distinct_ids(test),
+        "test visible images": len(query[VISIBLE]),
+        "test infrared images": len(query[INFRARED]),
+    }
+    for modality, name in llcm.TRAIN_LISTS.items():
+        list_file = os.path.join(root, "idx", name)
+        found.problems += [
+            f"missing image {r.path} listed in {list_file}"
+            for r in train if r.modality == modality and not os.path.isfile(r.path)
+        ]
+    found.problems += _ids_without_images("LLCM", "idx/test_id.txt", test_ids, {r.pid for r in test})
+    for folder in llcm.TEST_FOLDER.values():
+        top = os.path.join(root, folder)
+        if os.path.isdir(top):
+            with os.scandir(top) as entries:
+                cameras = sorted(e.path for e in entries if e.is_dir() and not e.name.startswith("."))
+            found.problems += _empty_id_folders(cameras)
+    found.images = [r.path for r in train if os.path.isfile(r.path)] + [r.path for r in test]
+    return found
+
+
+def _inspect_folder(root: str | os.PathLike) -> _Inspection:
+    records = folder_train(root)
+    visible, infrared = _modality_counts(records)
+    counts = {"visible images": visible, "infrared images": infrared, "cameras": len({r.camid for r in records})}
+    return _Inspection(counts=counts, images=[r.path for r in records])
+
+
+def _inspect(name: str, root: str | os.PathLike, per_id: int | None = None) -> _Inspection:
+    if name == "sysu":
+        return _inspect_sysu(root)
+    if name == "regdb":
+        return _inspect_regdb(root, per_id)
+    if name == "llcm":
+        return _inspect_llcm(root)
+    if name == "folder":
+        return _inspect_folder(root)
+    raise DatasetError(f"unknown dataset {name!r}: expected one of {', '.join(DATASET_NAMES)}.")
+
+
+def dataset_counts(name: str, root: str | os.PathLike) -> dict[str, int]:
+    """What ``root`` holds, e.g. {"train ids": 395, "train visible images": 22258, …}.
+
+    Keys per dataset: sysu — train ids, train visible/infrared images, test ids, query
+    images; regdb — "trial t train|test ids" and "trial t train|test visible|thermal
+    images" for t = 1..10; llcm — train ids, train visible/infrared images, test ids, test
+    visible/infrared images; folder — visible images, infrared images, cameras.
+    """
+    return _inspect(name, root).counts
+
+
+def compare_counts(name: str, counts: Mapping[str, int], expected: Mapping[str, int] | None = None) -> list[str]:
+    """"<dataset> <what>: found X, expected Y" for every count that differs from ``expected``.
+
+    expected: defaults to PUBLISHED_COUNTS[name]. A count key "trial t <what>" is compared
+    with the expected key "<what>" (RegDB's per-trial counts).
+    """
+    expected = PUBLISHED_COUNTS.get(name, {}) if expected is None else expected
+    dataset = DATASET_NAMES.get(name, name)
+    lines = []
+    for key, found in counts.items():
+        generic = key.split(" ", 2)[2] if key.startswith("trial ") else key
+        if generic in expected and found != expected[generic]:
+            lines.append(f"{dataset} {key}: found {found}, expected {expected[generic]}")
+    return lines
+
+
+def unreadable_images(paths: Iterable[str], workers: int = 8) -> list[str]:
+    """"unreadable image <path>: <reason>" for every file that does not decode, sorted by path.
+
+    Decodes each image fully in a thread pool (PIL releases the GIL while decoding).
+    """
+    paths = sorted(set(paths))
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        reasons = list(tqdm(pool.map(image_error, paths), total=len(paths), desc="checking images",
+                            unit="img", disable=None, leave=False))
+    return [f"unreadable image {p}: {reason}" for p, reason in zip(paths, reasons, strict=True) if reason is not None]
+
+
+def check_dataset(
+    name: str,
+    root: str | os.PathLike,
+    expected: Mapping[str, int] | None = None,
+    verify_images: bool = True,
+    workers: int = 8,
+) -> list[str]:
+    """Every difference between ``root`` and the published layout; ``[]`` when all good.
+
+    name: sysu | regdb | llcm | folder. expected: counts to hold the data to (default
+    PUBLISHED_COUNTS[name]). verify_images: decode every image (slow on full data sets).
+    """
+    expected = PUBLISHED_COUNTS.get(name, {}) if expected is None else expected
+    found = _inspect(name, root, expected.get(PER_ID_KEY))
+    lines = compare_counts(name, found.counts, expected) + found.problems
+    if verify_images:
+        lines += unreadable_images(found.images, workers)
+    return lines

@@ -1,0 +1,146 @@
+"""Image files: listing, decoding, and the torch Datasets that feed the loaders.
+
+Datasets return the record's *index* next to the image so that the training loop can look
+up the pseudo label the clustering step assigned to that record this epoch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision.transforms import functional as TF
+
+from bmil.data.records import Record
+from bmil.errors import DatasetError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+def is_image_name(name: str) -> bool:
+    """True for a visible (not dot-prefixed) file name with an image extension, any case."""
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def list_image_names(folder: str) -> list[str]:
+    """Sorted image file names directly inside ``folder``; ``[]`` when it does not exist."""
+    if not os.path.isdir(folder):
+        return []
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if is_image_name(e.name) and e.is_file())
+
+
+def _failure_reason(error: Exception) -> str:
+    if isinstance(error, UnidentifiedImageError):
+        return "not a recognised image format"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror.lower()
+    return str(error) or type(error).__name__
+
+
+# PIL raises all three for missing, truncated or malformed files.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError)
+
+
+def load_image(path: str) -> Image.Image:
+    """Decode ``path`` fully into an RGB PIL image.
+
+    Raises DatasetError("cannot read image <path>: <reason>") for a missing, truncated or
+    otherwise undecodable file.
+    """
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")  # convert() decodes the whole file
+    except _DECODE_ERRORS as error:
+        raise DatasetError(f"cannot read image {path}: {_failure_reason(error)}") from error
+
+
+def image_error(path: str) -> str | None:
+    """Why ``path`` cannot be decoded (e.g. "no such file or directory"), or None when it can."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except _DECODE_ERRORS as error:
+        return _failure_reason(error)
+    return None
+
+
+class _ImageSource:
+    """Decoded images of ``records``, optionally kept in memory after the first read.
+
+    With DataLoader workers each worker process fills its own copy of the cache, so the
+    cache pays off from the second epoch on (or with ``num_workers=0``).
+    """
+
+    def __init__(self, records: Sequence[Record], cache: bool) -> None:
+        self.records = list(records)
+        self.cache = cache
+        self._decoded: dict[int, Image.Image] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def image(self, index: int) -> Image.Image:
+        if not self.cache:
+            return load_image(self.records[index].path)
+        if index not in self._decoded:
+            self._decoded[index] = load_image(self.records[index].path)
+        # Transforms must not modify the PIL image in place (torchvision's do not).
+        return self._decoded[index]
+
+
+class ImageDataset(Dataset):
+    """``(image tensor [3, H, W], index)`` for every record, for feature extraction.
+
+    transform: PIL image -> tensor; None gives the unnormalised [0, 1] tensor.
+    cache: keep decoded images in memory (small data sets, e.g. the demo).
+    """
+
+    def __init__(self, records: Sequence[Record], transform: Transform | None = None, cache: bool = False) -> None:
+        self._source = _ImageSource(records, cache)
+        self.records = self._source.records
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self._source.image(index)
+        tensor = self.transform(image) if self.transform is not None else TF.to_tensor(image)
+        return tensor, index
+
+
+class TrainDataset(Dataset):
+    """``(views [V, 3, H, W], index)``: V augmented views of one training image.
+
+    transforms_by_modality: {modality: [transform, ...]}; V is the length of the list for the
+    record's modality (by default 2 for visible: standard + channel view, 1 for infrared).
+    All transforms of one modality must produce tensors of the same shape.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        transforms_by_modality: Mapping[int, Sequence[Transform]],
+        cache: bool = False,
+    ) -> None:
+        self._source = _ImageSource(records, cache)
+        self.records = self._source.records
+        self.transforms_by_modality = {m: list(ts) for m, ts in transforms_by_modality.items()}
+        needed = {r.modality for r in self.records}
+        lacking = sorted(m for m in needed if not self.transforms_by_modality.get(m))
+        if lacking:
+            raise ValueError(f"TrainDataset has records of modality {lacking} but no transforms for it.")
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self._source.image(index)
+        transforms = self.transforms_by_modality[self.records[index].modality]
+        return torch.stack([transform(image) for transform in transforms]), index

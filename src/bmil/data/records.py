@@ -1,0 +1,36 @@
+"""Plain image records: the one currency between readers, loaders and protocols."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+VISIBLE = 0
+INFRARED = 1
+MODALITY_NAMES = {VISIBLE: "visible", INFRARED: "infrared"}
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image.
+
+    path: absolute or root-relative file path.
+    pid: person id (dataset's own number), -1 when unknown.
+    camid: camera id (dataset's own number, e.g. 1..6 for SYSU-MM01).
+    modality: 0 visible, 1 infrared.
+    """
+
+    path: str
+    pid: int
+    camid: int
+    modality: int
+
+
+def record_arrays(records: Sequence[Record]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pids, camids, modalities) of ``records`` as int64 arrays of shape [N]."""
+    pids = np.fromiter((r.pid for r in records), dtype=np.int64, count=len(records))
+    camids = np.fromiter((r.camid for r in records), dtype=np.int64, count=len(records))
+    mods = np.fromiter((r.modality for r in records), dtype=np.int64, count=len(records))
+    return pids, camids, mods
