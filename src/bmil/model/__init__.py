@@ -1,0 +1,27 @@
+"""The two-stream backbone and its parts (METHOD.md "Backbone")."""
+
+from bmil.model.backbone import (
+    ModalityStem,
+    TwoStreamResNet,
+    build_model,
+    model_signature,
+)
+from bmil.model.non_local import NonLocalBlock
+from bmil.model.pooling import GeneralizedMeanPooling
+from bmil.model.pretrained import (
+    imagenet_cache_path,
+    imagenet_weights_file,
+    load_imagenet_weights,
+)
+
+__all__ = [
+    "GeneralizedMeanPooling",
+    "ModalityStem",
+    "NonLocalBlock",
+    "TwoStreamResNet",
+    "build_model",
+    "imagenet_cache_path",
+    "imagenet_weights_file",
+    "load_imagenet_weights",
+    "model_signature",
+]

@@ -1,0 +1,225 @@
+"""The two-stream AGW-style ResNet: modality-specific stems, shared trunk, GeM, BN neck."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from bmil.errors import ConfigError
+from bmil.model.non_local import NonLocalBlock
+from bmil.model.pooling import GeneralizedMeanPooling
+from bmil.model.pretrained import load_imagenet_weights
+
+_RESNET_CONSTRUCTORS: dict[int, Callable[..., torchvision.models.ResNet]] = {
+    18: torchvision.models.resnet18,
+    34: torchvision.models.resnet34,
+    50: torchvision.models.resnet50,
+}
+
+# AGW: non-local blocks after the last 2 blocks of layer2 and the last 3 blocks of layer3.
+_NON_LOCAL_COUNTS = {"layer2": 2, "layer3": 3}
+_TRUNK_LAYERS = ("layer1", "layer2", "layer3", "layer4")
+
+VISIBLE_STREAM = 0
+INFRARED_STREAM = 1
+
+
+class ModalityStem(nn.Module):
+    """ResNet stem (conv1, bn1, relu, maxpool): ``[B, 3, H, W] -> [B, 64, H/4, W/4]``."""
+
+    def __init__(self, conv1: nn.Conv2d, bn1: nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.conv1 = conv1
+        self.bn1 = bn1
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+
+def _set_first_block_stride(layer: nn.Sequential, stride: int) -> None:
+    """Set the spatial stride of a ResNet layer's first block (its main path and shortcut)."""
+    block = layer[0]
+    # torchvision puts the stride on conv2 in Bottleneck (ResNet v1.5) and on conv1 in BasicBlock.
+    is_bottleneck = isinstance(block, torchvision.models.resnet.Bottleneck)
+    strided_conv = block.conv2 if is_bottleneck else block.conv1
+    strided_conv.stride = (stride, stride)
+    if block.downsample is not None:
+        block.downsample[0].stride = (stride, stride)
+
+
+class TwoStreamResNet(nn.Module):
+    """AGW-style two-stream ResNet for visible-infrared re-ID (METHOD.md "Backbone").
+
+    Layout: a visible stem and an infrared stem (conv1, bn1, relu, maxpool each, separate
+    parameters that start from the same weights), shared ``layer1``–``layer4`` with
+    ``layer4``'s stride set to ``last_stride``, non-local blocks after the last 2 blocks of
+    ``layer2`` and the last 3 of ``layer3`` (fewer where a layer has fewer blocks: ResNet-18
+    gets 2 + 2), GeM pooling and a BN neck (``BatchNorm1d`` with its bias frozen at 0).
+
+    The trunk's parameter names are torchvision's (``layer2.0.conv1.weight`` ...), the stems'
+    are ``visible_stem.conv1.weight`` / ``infrared_stem.conv1.weight`` ..., the non-local
+    blocks' ``non_local.layer2.<block index>.*``.
+
+    Args:
+        depth: 18, 34 or 50.
+        non_local: insert the non-local blocks.
+        pretrained: ``"none"`` (random init), ``"imagenet"`` (torchvision ImageNet weights,
+            from the torch hub cache or downloaded) or a path to a torchvision ResNet state
+            dict of this depth; see :func:`bmil.model.pretrained.load_imagenet_weights`.
+        last_stride: stride of ``layer4`` (1 as in AGW, 2 as in plain ResNet).
+        gem_p: initial GeM exponent.
+        gem_learnable: train the GeM exponent (AGW default) instead of fixing it.
+
+    Attributes:
+        feat_dim: width of the output feature (2048 for depth 50, 512 for 18 / 34).
+    """
+
+    def __init__(
+        self,
+        depth: int = 50,
+        non_local: bool = True,
+        pretrained: str | Path = "none",
+        last_stride: int = 1,
+        gem_p: float = 3.0,
+        gem_learnable: bool = True,
+    ) -> None:
+        super().__init__()
+        if depth not in _RESNET_CONSTRUCTORS:
+            raise ConfigError(
+                f"model.depth must be one of {sorted(_RESNET_CONSTRUCTORS)}, got {depth!r}."
+            )
+        if last_stride not in (1, 2):
+            raise ConfigError(f"model.last_stride must be 1 or 2, got {last_stride!r}.")
+        resnet = _RESNET_CONSTRUCTORS[depth](weights=None)
+        _set_first_block_stride(resnet.layer4, last_stride)
+
+        self.depth = depth
+        self.has_non_local = non_local
+        self.last_stride = last_stride
+        self.feat_dim = resnet.fc.in_features
+
+        self.visible_stem = ModalityStem(resnet.conv1, resnet.bn1)
+        self.infrared_stem = copy.deepcopy(self.visible_stem)
+        for name in _TRUNK_LAYERS:
+            setattr(self, name, getattr(resnet, name))
+        self.non_local = nn.ModuleDict()
+        if non_local:
+            for name, count in _NON_LOCAL_COUNTS.items():
+                layer = getattr(self, name)
+                first = max(len(layer) - count, 0)
+                width = _block_out_channels(layer[-1])
+                self.non_local[name] = nn.ModuleDict(
+                    {str(index): NonLocalBlock(width) for index in range(first, len(layer))}
+                )
+
+        self.pool = GeneralizedMeanPooling(p=gem_p, learnable=gem_learnable)
+        self.neck = nn.BatchNorm1d(self.feat_dim)
+        nn.init.ones_(self.neck.weight)
+        nn.init.zeros_(self.neck.bias)
+        self.neck.bias.requires_grad_(False)  # BNNeck: the bias stays 0
+
+        if str(pretrained) != "none":
+            load_imagenet_weights(self, pretrained)
+
+    def forward(self, images: torch.Tensor, modality: torch.Tensor | int) -> torch.Tensor:
+        """Embed a batch.
+
+        Args:
+            images: ``[B, 3, H, W]`` normalised images (any memory format).
+            modality: ``[B]`` integer tensor, 0 = visible, 1 = infrared (both may occur in one
+                batch), or one int for the whole batch.
+
+        Returns:
+            ``[B, feat_dim]`` BN-neck output, not L2-normalised.
+        """
+        x = self.stems(images, modality)
+        for name in _TRUNK_LAYERS:
+            x = self._run_layer(name, x)
+        return self.neck(self.pool(x))
+
+    def stems(self, images: torch.Tensor, modality: torch.Tensor | int) -> torch.Tensor:
+        """Route each image through its modality's stem: ``[B, 3, H, W] -> [B, 64, h, w]``."""
+        if isinstance(modality, int):
+            return self._stem_for(modality)(images)
+        modality = torch.as_tensor(modality, device=images.device)
+        if modality.shape != (images.shape[0],):
+            raise ValueError(
+                f"modality must have shape [{images.shape[0]}], got {tuple(modality.shape)}"
+            )
+        is_infrared = modality == INFRARED_STREAM
+        if bool(((modality != VISIBLE_STREAM) & ~is_infrared).any()):
+            raise ValueError("modality values must be 0 (visible) or 1 (infrared)")
+        num_infrared = int(is_infrared.sum())
+        if num_infrared == 0:
+            return self.visible_stem(images)
+        if num_infrared == images.shape[0]:
+            return self.infrared_stem(images)
+        visible_index = torch.nonzero(~is_infrared).squeeze(1)
+        infrared_index = torch.nonzero(is_infrared).squeeze(1)
+        stacked = torch.cat(
+            [
+                self.visible_stem(images.index_select(0, visible_index)),
+                self.infrared_stem(images.index_select(0, infrared_index)),
+            ]
+        )
+        # Row r of `stacked` belongs to image source_index[r]; invert to restore batch order.
+        source_index = torch.cat([visible_index, infrared_index])
+        merged = stacked.index_select(0, torch.argsort(source_index))
+        if images.is_contiguous(memory_format=torch.channels_last):
+            merged = merged.contiguous(memory_format=torch.channels_last)
+        return merged
+
+    def _stem_for(self, modality: int) -> ModalityStem:
+        if modality == VISIBLE_STREAM:
+            return self.visible_stem
+        if modality == INFRARED_STREAM:
+            return self.infrared_stem
+        raise ValueError(f"modality must be 0 (visible) or 1 (infrared), got {modality!r}")
+
+    def _run_layer(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        layer = getattr(self, name)
+        if name not in self.non_local:
+            return layer(x)
+        inserted = self.non_local[name]
+        for index, block in enumerate(layer):
+            x = block(x)
+            if str(index) in inserted:
+                x = inserted[str(index)](x)
+        return x
+
+
+def _block_out_channels(block: nn.Module) -> int:
+    """Output width of a torchvision BasicBlock or Bottleneck."""
+    last_bn = block.bn3 if hasattr(block, "bn3") else block.bn2
+    return last_bn.num_features
+
+
+def build_model(
+    depth: int = 50,
+    non_local: bool = True,
+    pretrained: str | Path = "none",
+    last_stride: int = 1,
+    gem_p: float = 3.0,
+    gem_learnable: bool = True,
+) -> TwoStreamResNet:
+    """Build a :class:`TwoStreamResNet` (same arguments)."""
+    return TwoStreamResNet(
+        depth=depth,
+        non_local=non_local,
+        pretrained=pretrained,
+        last_stride=last_stride,
+        gem_p=gem_p,
+        gem_learnable=gem_learnable,
+    )
+
+
+def model_signature(model: TwoStreamResNet) -> dict[str, int | bool]:
+    """The architecture facts a checkpoint must match: depth, non_local, feat_dim."""
+    return {"depth": model.depth, "non_local": model.has_non_local, "feat_dim": model.feat_dim}

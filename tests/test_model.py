@@ -1,0 +1,273 @@
+"""Tests for the two-stream backbone, its parts and pretrained-weight loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from bmil.errors import CheckpointError
+from bmil.model import (
+    GeneralizedMeanPooling,
+    NonLocalBlock,
+    TwoStreamResNet,
+    build_model,
+    imagenet_weights_file,
+    model_signature,
+)
+
+
+def _images(batch: int = 2, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 64, 32, generator=generator)
+
+
+@pytest.fixture(scope="module")
+def resnet50_model() -> TwoStreamResNet:
+    torch.manual_seed(0)
+    return TwoStreamResNet(depth=50).eval()
+
+
+def _perturbed_depth18(seed: int = 0) -> TwoStreamResNet:
+    """A depth-18 model whose infrared stem differs from its visible stem."""
+    torch.manual_seed(seed)
+    model = TwoStreamResNet(depth=18).eval()
+    with torch.no_grad():
+        model.infrared_stem.conv1.weight.mul_(-0.5)
+        model.infrared_stem.bn1.running_mean.fill_(0.3)
+    return model
+
+
+def test_output_shapes_and_feat_dim(resnet50_model: TwoStreamResNet) -> None:
+    with torch.no_grad():
+        out50 = resnet50_model(_images(2), 0)
+    assert out50.shape == (2, 2048) and resnet50_model.feat_dim == 2048
+    model18 = TwoStreamResNet(depth=18, non_local=False).eval()
+    with torch.no_grad():
+        out18 = model18(_images(3), torch.tensor([1, 0, 1]))
+    assert out18.shape == (3, 512) and model18.feat_dim == 512
+    assert torch.isfinite(out18).all() and torch.isfinite(out50).all()
+
+
+def test_mixed_batch_equals_separate_modalities() -> None:
+    model = _perturbed_depth18()
+    images = _images(4)
+    modality = torch.tensor([1, 0, 0, 1])
+    with torch.no_grad():
+        mixed = model(images, modality)
+        visible = model(images[[1, 2]], 0)
+        infrared = model(images[[0, 3]], 1)
+        all_visible_tensor = model(images, torch.zeros(4, dtype=torch.long))
+        all_visible_int = model(images, 0)
+        all_infrared = model(images, 1)
+    torch.testing.assert_close(mixed[[1, 2]], visible, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mixed[[0, 3]], infrared, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(all_visible_tensor, all_visible_int)
+    # The routing matters: the same image through the other stem gives another feature.
+    assert (all_visible_int - all_infrared).abs().max() > 1e-2
+
+
+def test_stems_are_separate_parameters_with_equal_start() -> None:
+    torch.manual_seed(0)
+    model = TwoStreamResNet(depth=18, non_local=False)
+    visible, infrared = model.visible_stem, model.infrared_stem
+    assert visible.conv1.weight.data_ptr() != infrared.conv1.weight.data_ptr()
+    torch.testing.assert_close(visible.conv1.weight, infrared.conv1.weight)
+    parameter_ids = {id(p) for p in model.parameters()}
+    assert id(visible.conv1.weight) in parameter_ids and id(infrared.conv1.weight) in parameter_ids
+    # A visible-only batch trains the visible stem only.
+    model.train()
+    model(_images(2), 0).sum().backward()
+    assert visible.conv1.weight.grad is not None and visible.conv1.weight.grad.abs().sum() > 0
+    assert infrared.conv1.weight.grad is None
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_last_stride_one_keeps_layer3_resolution(depth: int) -> None:
+    sizes = {}
+    for last_stride in (1, 2):
+        model = TwoStreamResNet(depth=depth, non_local=False, last_stride=last_stride).eval()
+        seen = {}
+        model.layer3.register_forward_hook(lambda m, i, o, seen=seen: seen.update(l3=o.shape))
+        model.layer4.register_forward_hook(lambda m, i, o, seen=seen: seen.update(l4=o.shape))
+        with torch.no_grad():
+            model(_images(1), 0)
+        sizes[last_stride] = seen
+    assert sizes[1]["l4"][2:] == sizes[1]["l3"][2:] == (4, 2)
+    assert sizes[2]["l4"][2:] == (2, 1)
+
+
+def test_non_local_block_is_identity_at_init() -> None:
+    torch.manual_seed(0)
+    block = NonLocalBlock(16)
+    x = torch.randn(2, 16, 5, 3)
+    torch.testing.assert_close(block.train()(x), x, rtol=0, atol=0)
+    torch.testing.assert_close(block.eval()(x), x, rtol=0, atol=0)
+
+
+def test_non_local_block_matches_dot_product_formula() -> None:
+    torch.manual_seed(1)
+    block = NonLocalBlock(8).eval()
+    with torch.no_grad():
+        block.output[1].weight.fill_(1.0)  # eval BN with fresh stats (0, 1): ~identity
+    x = torch.randn(2, 8, 3, 2)
+    num_positions = 6
+
+    def conv1x1(conv: torch.nn.Conv2d, t: torch.Tensor) -> torch.Tensor:
+        weight = conv.weight[:, :, 0, 0]
+        return torch.einsum("oc,bchw->bohw", weight, t) + conv.bias[None, :, None, None]
+
+    theta = conv1x1(block.theta, x).flatten(2)  # [B, C', N]
+    phi = conv1x1(block.phi, x).flatten(2)
+    g = conv1x1(block.g, x).flatten(2)
+    expected = torch.zeros_like(x)
+    for b in range(2):
+        affinity = theta[b].T @ phi[b] / num_positions  # [N, N]
+        y = (affinity @ g[b].T).T.reshape(-1, 3, 2)  # [C', H, W]
+        z = conv1x1(block.output[0], y[None])[0] / (1 + block.output[1].eps) ** 0.5
+        expected[b] = x[b] + z
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_non_local_placement_and_identity_in_model(resnet50_model: TwoStreamResNet) -> None:
+    assert sorted(resnet50_model.non_local["layer2"].keys()) == ["2", "3"]
+    assert sorted(resnet50_model.non_local["layer3"].keys()) == ["3", "4", "5"]
+    assert sorted(resnet50_model.non_local.keys()) == ["layer2", "layer3"]
+
+    torch.manual_seed(0)
+    with_nl = TwoStreamResNet(depth=18).eval()
+    without_nl = TwoStreamResNet(depth=18, non_local=False).eval()
+    without_nl.load_state_dict(
+        {k: v for k, v in with_nl.state_dict().items() if not k.startswith("non_local.")}
+    )
+    images = _images(2)
+    with torch.no_grad():
+        torch.testing.assert_close(with_nl(images, 1), without_nl(images, 1))
+        # The blocks are on the forward path: once their output BN is non-zero, it changes.
+        with_nl.non_local["layer3"]["1"].output[1].weight.fill_(1.0)
+        assert (with_nl(images, 1) - without_nl(images, 1)).abs().max() > 1e-3
+
+
+def test_gem_pooling() -> None:
+    x = torch.rand(2, 3, 4, 5) + 0.1
+    average = GeneralizedMeanPooling(p=1.0, learnable=False)(x)
+    torch.testing.assert_close(average, x.mean(dim=(2, 3)))
+    cubic = GeneralizedMeanPooling(p=3.0)(x)
+    torch.testing.assert_close(cubic, (x**3).mean(dim=(2, 3)) ** (1 / 3))
+    assert isinstance(GeneralizedMeanPooling(p=3.0).p, torch.nn.Parameter)
+    fixed = GeneralizedMeanPooling(p=3.0, learnable=False)
+    assert "p" in dict(fixed.named_buffers()) and not list(fixed.parameters())
+
+
+def test_bn_neck_bias_frozen_at_zero() -> None:
+    model = TwoStreamResNet(depth=18, non_local=False)
+    assert not model.neck.bias.requires_grad
+    assert torch.equal(model.neck.bias, torch.zeros(512))
+    assert model.neck.weight.requires_grad
+
+
+def test_channels_last_and_inference_mode() -> None:
+    model = _perturbed_depth18()
+    images = _images(3)
+    modality = torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        reference = model(images, modality)
+    model = model.to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        out = model(images.contiguous(memory_format=torch.channels_last), modality)
+    assert out.shape == (3, 512)
+    torch.testing.assert_close(out, reference, rtol=1e-3, atol=1e-3)
+
+
+def test_invalid_modality_rejected() -> None:
+    model = TwoStreamResNet(depth=18, non_local=False).eval()
+    with pytest.raises(ValueError, match="modality"):
+        model(_images(2), torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="modality"):
+        model(_images(2), 3)
+
+
+def test_build_model_and_signature() -> None:
+    model = build_model(depth=18, non_local=False)
+    assert isinstance(model, TwoStreamResNet)
+    assert model_signature(model) == {"depth": 18, "non_local": False, "feat_dim": 512}
+
+
+# --- pretrained weights ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def resnet18_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(123)
+    return torchvision.models.resnet18(weights=None).state_dict()
+
+
+def _assert_holds_resnet_weights(model: TwoStreamResNet, state: dict[str, torch.Tensor]) -> None:
+    loaded = model.state_dict()
+    for key, value in state.items():
+        if key.startswith("fc."):
+            continue
+        if key.startswith(("conv1.", "bn1.")):
+            assert torch.equal(loaded["visible_stem." + key], value), key
+            assert torch.equal(loaded["infrared_stem." + key], value), key
+        else:
+            assert torch.equal(loaded[key], value), key
+
+
+def test_load_state_dict_file(tmp_path, resnet18_state) -> None:
+    path = tmp_path / "r18.pth"
+    torch.save(resnet18_state, path)
+    model = TwoStreamResNet(depth=18, pretrained=str(path))
+    _assert_holds_resnet_weights(model, resnet18_state)
+    # Stems got copies, not shared storage.
+    assert model.visible_stem.conv1.weight.data_ptr() != model.infrared_stem.conv1.weight.data_ptr()
+
+    wrapped = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": {"module." + k: v for k, v in resnet18_state.items()}}, wrapped)
+    _assert_holds_resnet_weights(TwoStreamResNet(depth=18, pretrained=wrapped), resnet18_state)
+
+
+def test_wrong_depth_file_gives_clear_error(tmp_path, resnet18_state) -> None:
+    path = tmp_path / "r18.pth"
+    torch.save(resnet18_state, path)
+    with pytest.raises(CheckpointError, match=r"r18\.pth.*resnet50 state dict"):
+        TwoStreamResNet(depth=50, pretrained=path)
+    deeper = dict(resnet18_state, **{"layer1.2.conv1.weight": torch.zeros(64, 64, 3, 3)})
+    torch.save(deeper, tmp_path / "deeper.pth")
+    with pytest.raises(CheckpointError, match=r"deeper\.pth.*layer1\.2\.conv1\.weight"):
+        TwoStreamResNet(depth=18, pretrained=tmp_path / "deeper.pth")
+    reshaped = dict(resnet18_state, **{"layer2.0.conv1.weight": torch.zeros(128, 64, 1, 1)})
+    torch.save(reshaped, tmp_path / "reshaped.pth")
+    with pytest.raises(CheckpointError, match=r"reshaped\.pth.*layer2\.0\.conv1\.weight"):
+        TwoStreamResNet(depth=18, pretrained=tmp_path / "reshaped.pth")
+
+
+def test_missing_or_corrupt_file(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="nothere.pth"):
+        TwoStreamResNet(depth=18, pretrained=tmp_path / "nothere.pth")
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt.pth"):
+        TwoStreamResNet(depth=18, pretrained=corrupt)
+
+
+def test_imagenet_from_hub_cache_or_clear_error(tmp_path, monkeypatch, resnet18_state) -> None:
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    file_name = imagenet_weights_file(18)
+    assert file_name == "resnet18-f37072fd.pth"
+    with pytest.raises(CheckpointError) as error:
+        TwoStreamResNet(depth=18, pretrained="imagenet")
+    message = str(error.value)
+    assert file_name in message and str(tmp_path / "checkpoints") in message
+    assert "model.pretrained=" in message
+
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(resnet18_state, tmp_path / "checkpoints" / file_name)
+    model = TwoStreamResNet(depth=18, pretrained="imagenet")
+    _assert_holds_resnet_weights(model, resnet18_state)
