@@ -12,6 +12,7 @@ from bmil.data.llcm import llcm_gallery, llcm_query, llcm_train
 from bmil.data.records import INFRARED, VISIBLE, Record, record_arrays
 from bmil.data.regdb import regdb_test, regdb_train
 from bmil.data.sampler import PseudoIdentitySampler
+from bmil.data.synthetic import make_synthetic
 from bmil.data.sysu import sysu_gallery, sysu_query, sysu_train
 from bmil.data.transforms import (
     ChannelExchange,
@@ -24,6 +25,7 @@ from bmil.data.transforms import (
 )
 
 __all__ = [
+    "make_synthetic",
     "IMAGE_EXTENSIONS",
     "INFRARED",
     "PUBLISHED_COUNTS",
@@ -55,5 +57,3 @@ __all__ = [
     "visible_views",
 ]
 
-# TODO(lead): enable when synthetic.py lands
-# from bmil.data.synthetic import make_synthetic
