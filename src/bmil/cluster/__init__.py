@@ -1,0 +1,32 @@
+"""Clustering on features: exact kNN, the (modality-aware) k-reciprocal Jaccard distance,
+DBSCAN pseudo labels, label helpers and pseudo-label quality.
+
+Imports neither torch.nn models nor the engine, so it works on any feature array.
+"""
+
+from bmil.cluster.dbscan import dbscan_labels
+from bmil.cluster.jaccard import estimate_jaccard_memory, jaccard_distance
+from bmil.cluster.knn import knn
+from bmil.cluster.labels import (
+    SubClusters,
+    cluster_counts,
+    random_subset,
+    relabel,
+    split_by_modality,
+    subset_labels,
+)
+from bmil.cluster.quality import label_quality
+
+__all__ = [
+    "SubClusters",
+    "cluster_counts",
+    "dbscan_labels",
+    "estimate_jaccard_memory",
+    "jaccard_distance",
+    "knn",
+    "label_quality",
+    "random_subset",
+    "relabel",
+    "split_by_modality",
+    "subset_labels",
+]

@@ -1,0 +1,459 @@
+"""k-reciprocal Jaccard distance (Zhong et al., CVPR 2017) and BMIL's modality-aware variant,
+computed sparsely: no N×N matrix anywhere; memory linear in N plus the result itself.
+
+Steps (METHOD.md, "Modality-aware Jaccard distance"), each vectorised over row blocks:
+
+1. ``rank[i]``: the k1 nearest neighbours of i, i itself first (exact kNN). Modality-aware:
+   the k1//2 nearest visible and the k1//2 nearest infrared, merged, sorted by similarity.
+2. Reciprocity R(i, k) by gathering ``rank[rank[i, :k+1], :k+1]`` and looking for i.
+3. Expansion E(i): R(i, k1) plus R(c, round(k1/2)) of each candidate c whose half set
+   overlaps R(i, k1) by more than 2/3; membership via ``searchsorted`` on row-offset keys.
+4. V (CSR): softmax over E(i) of −(2 − 2·cos); cosines from the kNN where i's rank list
+   has them, otherwise gathered dot products.
+5. Local query expansion as a sparse row-averaging matrix: V ← Q @ V.
+6. s(i, j) = Σ_k min(V[i,k], V[j,k]) for pairs sharing support, joining the rows of V with
+   its columns block by block (rows in a banded order, each unordered pair once,
+   summed with ``np.bincount``); d = 1 − s/(2 − s), clipped at 0.
+
+The result stores every pair with d < 1 (the pairs that share support), explicit zeros
+included (the diagonal is exactly 0); an absent pair has distance 1. On clustered
+features that is a few k1 pairs per row (81 at k1 = 30 in benchmarks/jaccard.py); on
+unstructured features (random vectors, hub-ridden spaces) nearly every pair can share
+support, and the result, 8 bytes per stored pair, approaches a dense N×N matrix.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import sparse
+from scipy.sparse.csgraph import reverse_cuthill_mckee
+
+from bmil.cluster.knn import as_unit_tensor, knn_unit_rows
+
+log = logging.getLogger(__name__)
+
+LQE_MODES = ("release", "paper")
+# Work per row block of step 6: (row, shared column, partner) triples and dense
+# accumulator bins [rows in block, N]; both bound the block's temporary memory.
+_TRIPLES_PER_BLOCK = 1 << 21
+_BINS_PER_BLOCK = 1 << 17
+# Entries of the [B, m, m] reciprocity and [B, m, m/2] expansion gathers per row block.
+_GATHER_PER_BLOCK = 1 << 22
+# Membership queries of the expansion per row block: small, so the search stays in cache.
+_MEMBERSHIP_PER_BLOCK = 1 << 17
+_BYTES_PER_DOT_CHUNK = 1 << 24
+
+
+def jaccard_distance(
+    features: np.ndarray | torch.Tensor,
+    k1: int = 30,
+    k2: int = 6,
+    modality: np.ndarray | None = None,
+    camera: np.ndarray | None = None,
+    lqe: str = "release",
+    *,
+    backend: str = "torch",
+    block_size: int = 2048,
+) -> sparse.csr_array:
+    """Sparse k-reciprocal Jaccard distance between all rows of ``features``.
+
+    features: float array or tensor [N, d]; rows are L2-normalised here (they need not be
+        unit length already). CUDA tensors run the kNN on the GPU, the rest on the CPU.
+    k1: neighbourhood size (rank list length); N must exceed k1.
+    k2: local query expansion size.
+    modality: None for the plain distance, or ints [N] (0 visible, 1 infrared, any order)
+        for the modality-aware distance. Modality-aware mode needs k1 >= 2 and at least
+        k1//2 samples of each modality (an odd k1 uses k1//2 neighbours per modality).
+    camera: reserved for camera-aware Jaccard; must be None.
+    lqe: modality-aware expansion, "release" (½·(mean of V over the k2 nearest visible +
+        mean over the k2 nearest infrared), the default) or "paper" (eq. 6: mean of V over
+        the max(1, k2//2) nearest of each modality). Ignored in plain mode. When a
+        modality (or, in plain mode, the data set) has fewer samples than asked, all of
+        them are used.
+    backend, block_size: passed to :func:`bmil.cluster.knn`.
+
+    Returns a float32 ``scipy.sparse.csr_array`` [N, N] with sorted indices holding every
+    pair whose distance is below 1 (explicit zeros kept, diagonal stored as 0); an absent
+    pair has distance 1. The matrix is exactly symmetric.
+    """
+    if camera is not None:
+        raise NotImplementedError("camera-aware Jaccard is not implemented yet")
+    x = as_unit_tensor(features)
+    mod = _validate(x, k1, k2, modality, lqe)
+    n = x.shape[0]
+    with torch.no_grad():
+        if mod is None:
+            nb = _plain_neighbours(x, k1, k2, backend, block_size)
+        else:
+            nb = _modality_neighbours(x, mod, k1, k2, lqe, backend, block_size)
+    kh = int(np.around(k1 / 2))
+    full_len, half_len = min(k1 + 1, nb.rank.shape[1]), min(kh + 1, nb.rank.shape[1])
+    recip_full = _reciprocal(nb.rank, full_len)
+    recip_half = _reciprocal(nb.rank, half_len)
+    rows, cols = _expansion(nb.rank, recip_full, recip_half, full_len, half_len)
+    del recip_full, recip_half
+    cos = _pair_cosines(x, rows, cols, nb)
+    v = _softmax_weights(cos, rows, cols, n)
+    del rows, cols, cos
+    v = nb.lqe_matrix @ v
+    dist = _min_overlap_distance(v)
+    log.debug("Jaccard distance: N = %d, %.1f stored pairs per row", n, dist.nnz / n)
+    return dist
+
+
+def _validate(x: torch.Tensor, k1: int, k2: int, modality, lqe: str) -> np.ndarray | None:
+    """Check the arguments; the modality as an int64 array (None in plain mode)."""
+    n = x.shape[0]
+    for name, k in (("k1", k1), ("k2", k2)):
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"{name} must be a positive integer, got {k!r}.")
+    if lqe not in LQE_MODES:
+        raise ValueError(f"lqe must be one of {LQE_MODES}, got {lqe!r}.")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("features contain NaN or infinite values.")
+    if n <= k1:
+        raise ValueError(f"the Jaccard distance needs more than k1 = {k1} samples, got {n}.")
+    if modality is None:
+        return None
+    mod = modality.cpu().numpy() if isinstance(modality, torch.Tensor) else np.asarray(modality)
+    if mod.shape != (n,):
+        raise ValueError(f"modality must be a 1-D array of length {n} (one per feature row), got shape {mod.shape}.")
+    if not np.all((mod == 0) | (mod == 1)):
+        raise ValueError("modality must contain only 0 (visible) and 1 (infrared).")
+    mod = mod.astype(np.int64)
+    if k1 < 2:
+        raise ValueError(f"the modality-aware Jaccard distance needs k1 >= 2, got {k1}.")
+    need = k1 // 2
+    counts = np.bincount(mod, minlength=2)
+    if counts.min() < need:
+        raise ValueError(
+            f"the modality-aware Jaccard distance with k1 = {k1} needs at least {need} samples "
+            f"of each modality, got {counts[0]} visible and {counts[1]} infrared."
+        )
+    return mod
+
+
+def _self_first(idx: np.ndarray, sims: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Put each query row itself first in its neighbour list, keeping the others' order.
+
+    idx, sims: [Q, k] kNN of the query ``rows`` [Q] among candidates that include them.
+    A row pushed out of its own list by exact duplicates is inserted and the last dropped.
+    The self entry gets similarity +inf, so that any later sort keeps it first.
+    """
+    k = idx.shape[1]
+    ext_idx = np.concatenate([rows[:, None], idx], axis=1)
+    ext_sims = np.concatenate([np.full((len(rows), 1), np.inf, np.float32), sims], axis=1)
+    drop = ext_idx == rows[:, None]
+    drop[:, 0] = False
+    order = np.argsort(drop, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(ext_idx, order, 1), np.take_along_axis(ext_sims, order, 1)
+
+
+@dataclass
+class _Neighbours:
+    """Step 1 and the step-5 weights.
+
+    rank: int64 [N, K], the rank lists, each row itself first.
+    rank_sims: float32 [N, K], their cosines (+inf in place of the row itself).
+    lqe_matrix: float32 CSR [N, N], V ← lqe_matrix @ V is the local query expansion.
+    """
+
+    rank: np.ndarray
+    rank_sims: np.ndarray
+    lqe_matrix: sparse.csr_array
+
+
+def _row_average_matrix(cols: np.ndarray, weights: np.ndarray, n: int) -> sparse.csr_array:
+    """CSR [n, n] with ``weights`` [n, m] at columns ``cols`` [n, m] of each row."""
+    indptr = np.arange(0, cols.size + 1, cols.shape[1])
+    return sparse.csr_array((weights.ravel(), cols.ravel(), indptr), shape=(n, n))
+
+
+def _plain_neighbours(x: torch.Tensor, k1: int, k2: int, backend: str, block_size: int) -> _Neighbours:
+    """rank [N, k1] (self first); LQE: mean over rank[i, :k2]."""
+    n = x.shape[0]
+    sims, idx = knn_unit_rows(x, min(max(k1, k2), n), backend=backend, block_size=block_size)
+    idx, sims = _self_first(idx, sims, np.arange(n))
+    k2_eff = min(k2, n)
+    weights = np.full((n, k2_eff), 1.0 / k2_eff, np.float32)
+    return _Neighbours(idx[:, :k1], sims[:, :k1], _row_average_matrix(idx[:, :k2_eff], weights, n))
+
+
+def _modality_neighbours(
+    x: torch.Tensor, mod: np.ndarray, k1: int, k2: int, lqe: str, backend: str, block_size: int
+) -> _Neighbours:
+    """Merged per-modality rank [N, 2·(k1//2)]; LQE balanced over the two modalities."""
+    n = x.shape[0]
+    half = k1 // 2
+    k_lqe = k2 if lqe == "release" else max(1, k2 // 2)
+    lists = []
+    for m in (0, 1):
+        members = np.flatnonzero(mod == m)
+        kk = min(max(half, k_lqe), len(members))
+        sims, idx = knn_unit_rows(x, kk, candidates=members, backend=backend, block_size=block_size)
+        idx[members], sims[members] = _self_first(idx[members], sims[members], members)
+        lists.append((sims, idx))
+    (s_vis, i_vis), (s_ir, i_ir) = lists
+    merged_s = np.concatenate([s_vis[:, :half], s_ir[:, :half]], axis=1)
+    merged_i = np.concatenate([i_vis[:, :half], i_ir[:, :half]], axis=1)
+    order = np.lexsort((merged_i, -merged_s), axis=-1)
+    rank = np.take_along_axis(merged_i, order, 1)
+    rank_sims = np.take_along_axis(merged_s, order, 1)
+
+    c_vis, c_ir = i_vis[:, :k_lqe], i_ir[:, :k_lqe]
+    if lqe == "release":
+        w_vis, w_ir = 0.5 / c_vis.shape[1], 0.5 / c_ir.shape[1]
+    else:
+        w_vis = w_ir = 1.0 / (c_vis.shape[1] + c_ir.shape[1])
+    weights = np.concatenate(
+        [np.full(c_vis.shape, w_vis, np.float32), np.full(c_ir.shape, w_ir, np.float32)], axis=1
+    )
+    lqe_matrix = _row_average_matrix(np.concatenate([c_vis, c_ir], axis=1), weights, n)
+    return _Neighbours(rank, rank_sims, lqe_matrix)
+
+
+def _row_blocks(n: int, per_row: int, budget: int):
+    """Consecutive [start, stop) row ranges of about ``budget / per_row`` rows."""
+    step = max(1, budget // max(per_row, 1))
+    for r0 in range(0, n, step):
+        yield r0, min(r0 + step, n)
+
+
+def _reciprocal(rank: np.ndarray, m: int) -> np.ndarray:
+    """bool [N, m]: rank[i, p] is a k-reciprocal neighbour of i (i in rank[rank[i, p], :m])."""
+    n = rank.shape[0]
+    out = np.empty((n, m), dtype=bool)
+    head = rank[:, :m]
+    for r0, r1 in _row_blocks(n, m * m, _GATHER_PER_BLOCK):
+        back = head[head[r0:r1]]  # [B, m, m]
+        out[r0:r1] = (back == np.arange(r0, r1)[:, None, None]).any(axis=2)
+    return out
+
+
+def _expansion(
+    rank: np.ndarray, recip_full: np.ndarray, recip_half: np.ndarray, full_len: int, half_len: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """E(i) as (rows, cols) int64 pairs, sorted by row then column, without duplicates.
+
+    rank: int64 [N, K]; recip_full: bool [N, full_len], R(i, k1) membership of
+    rank[i, :full_len]; recip_half: bool [N, half_len], the same for R(i, round(k1/2)).
+    Pairs are handled as keys i·(N+1) + j, which sort by row, then column.
+    """
+    n = rank.shape[0]
+    stride = np.int64(n + 1)
+    sentinel = n  # sorts after every real index of a row, before the next row's keys
+    out = []
+    for r0, r1 in _row_blocks(n, full_len * half_len, _MEMBERSHIP_PER_BLOCK):
+        offsets = (np.arange(r0, r1, dtype=np.int64) * stride)[:, None]
+        own = np.where(recip_full[r0:r1], rank[r0:r1, :full_len], sentinel)  # R(i, k1)
+        own_keys = (np.sort(own, axis=1) + offsets).ravel()
+        cand = rank[r0:r1, :full_len]  # [B, mf]; only the reciprocal ones can be accepted
+        half_keys = rank[cand, :half_len] + offsets[:, :, None]  # [B, mf, mh]: rank[c, :kh+1]
+        half_ok = recip_half[cand]  # [B, mf, mh]: which of them are in R(c, kh)
+        pos = np.minimum(np.searchsorted(own_keys, half_keys.ravel()), own_keys.size - 1)
+        inside = (own_keys[pos] == half_keys.ravel()).reshape(half_keys.shape) & half_ok
+        # |R(c, kh) ∩ R(i, k1)| > 2/3·|R(c, kh)|, in integers
+        accept = recip_full[r0:r1] & (3 * inside.sum(axis=2) > 2 * half_ok.sum(axis=2))
+        out.append(np.unique(np.concatenate([
+            own_keys[own_keys % stride != sentinel],
+            half_keys[accept[:, :, None] & half_ok],
+        ])))
+    keys = np.concatenate(out)
+    rows = keys // stride
+    return rows, keys - rows * stride
+
+
+def _pair_cosines(x: torch.Tensor, rows: np.ndarray, cols: np.ndarray, nb: _Neighbours) -> np.ndarray:
+    """float64 [P]: cosines of the pairs (rows[p], cols[p]), rows sorted.
+
+    Pairs in the rank lists reuse the kNN's similarities; the rest (expansion members
+    beyond i's own list, and i itself) are gathered dot products, in chunks of a few MiB
+    (small chunks stay in cache, which is what makes the gather fast); on CUDA the
+    products run there.
+    """
+    n = x.shape[0]
+    stride = np.int64(n + 1)
+    order = np.argsort(nb.rank, axis=1)
+    keys = (np.take_along_axis(nb.rank, order, 1) + (np.arange(n, dtype=np.int64) * stride)[:, None]).ravel()
+    known = np.take_along_axis(nb.rank_sims, order, 1).ravel()
+    query = rows * stride + cols
+    pos = np.minimum(np.searchsorted(keys, query), keys.size - 1)
+    found = (keys[pos] == query) & np.isfinite(known[pos])
+    cos = np.where(found, known[pos], 0.0)
+    missing = np.flatnonzero(~found)
+    r_miss, c_miss = rows[missing], cols[missing]
+    chunk = max(1, _BYTES_PER_DOT_CHUNK // (8 * x.shape[1]))
+    xn = x.numpy() if x.device.type == "cpu" else None
+    for p0 in range(0, len(missing), chunk):
+        sl = slice(p0, p0 + chunk)
+        if xn is not None:
+            cos[missing[sl]] = np.einsum("pd,pd->p", xn[r_miss[sl]], xn[c_miss[sl]])
+        else:
+            r = torch.from_numpy(r_miss[sl]).to(x.device)
+            c = torch.from_numpy(c_miss[sl]).to(x.device)
+            cos[missing[sl]] = (x[r] * x[c]).sum(dim=1).double().cpu().numpy()
+    return cos
+
+
+def _softmax_weights(cos: np.ndarray, rows: np.ndarray, cols: np.ndarray, n: int) -> sparse.csr_array:
+    """V [N, N] float32 CSR: softmax over each row's pairs of −(2 − 2·cos).
+
+    cos: float64 [P] cosines of the pairs (rows[p], cols[p]), sorted by row.
+    """
+    weights = np.exp(2.0 * cos - 2.0)
+    weights /= np.bincount(rows, weights=weights, minlength=n)[rows]
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))])
+    return sparse.csr_array((weights.astype(np.float32), cols, indptr), shape=(n, n))
+
+
+def _band_order(v: sparse.csr_array) -> np.ndarray:
+    """A row order (reverse Cuthill–McKee of V's symmetrised pattern) that puts rows that
+    share support next to each other, so a block of rows meets a narrow band of partners."""
+    n = v.shape[0]
+    pattern = sparse.csr_matrix((np.ones(v.nnz, np.int8), v.indices, v.indptr), shape=(n, n))
+    return reverse_cuthill_mckee((pattern + pattern.T).tocsr(), symmetric_mode=True).astype(np.int64)
+
+
+def _min_overlap_distance(v: sparse.csr_array) -> sparse.csr_array:
+    """d(i, j) = 1 − s/(2 − s), s = Σ_k min(V[i,k], V[j,k]), for every pair sharing support.
+
+    Rows are processed in a banded order (:func:`_band_order`); each row meets only the
+    partners after it in that order (s is symmetric), so every unordered pair is computed
+    once and the result is exactly symmetric. Peak memory of the assembly: about 16 bytes
+    per stored entry.
+    """
+    n = v.shape[0]
+    order = _band_order(v)
+    v = v[order]  # row i of v is sample order[i]; columns k keep their numbering
+    v.sort_indices()
+    vc = v.tocsc()
+    vc.sort_indices()
+    indptr, colptr = v.indptr.astype(np.int64), vc.indptr.astype(np.int64)
+    ks = v.indices.astype(np.int64)
+    # first partner j > i of each entry (i, k), found in column k's sorted row list
+    n1 = np.int64(n + 1)
+    col_keys = np.repeat(np.arange(n, dtype=np.int64) * n1, np.diff(colptr)) + vc.indices
+    entry_rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr))
+    first = np.searchsorted(col_keys, ks * n1 + entry_rows, side="right")
+    del col_keys
+    fan = colptr[ks + 1] - first
+    triples = np.bincount(entry_rows, weights=fan, minlength=n).astype(np.int64)
+    triples = np.concatenate([[0], np.cumsum(triples)])
+    del entry_rows
+    # last partner of each row: the largest row index in any of its columns
+    reach = np.maximum.reduceat(vc.indices[colptr[ks + 1] - 1], indptr[:-1]).astype(np.int64)
+    join = _ColumnJoin(
+        n=n, indptr=indptr, data=v.data, first=first, fan=fan,
+        col_rows=vc.indices.astype(np.int32), col_data=vc.data,
+    )
+    pieces = [join.block(r0, r1, width) for r0, r1, width in _join_blocks(triples, reach)]
+    del join, v, vc, first, fan
+    # The diagonal (d = 0, as Σ_k V[i,k] = 1) joins the upper part; scipy's sparse sum
+    # drops entries equal to 0, so zero distances travel as -1 until the end.
+    diagonal = np.arange(n, dtype=np.int32)
+    dist = np.concatenate([p[2] for p in pieces] + [np.zeros(n, np.float32)])
+    dist[dist == 0] = -1.0
+    rows = np.concatenate([order[p[0]].astype(np.int32) for p in pieces] + [diagonal])
+    cols = np.concatenate([order[p[1]].astype(np.int32) for p in pieces] + [diagonal])
+    del pieces
+    upper = sparse.coo_array((dist, (rows, cols)), shape=(n, n)).tocsr()
+    del rows, cols, dist
+    full = upper + upper.T.tocsr()  # pairs are disjoint from their mirror images
+    del upper
+    full.data[full.data < 0] = 0.0
+    full.sort_indices()
+    return full
+
+
+def _join_blocks(triples: np.ndarray, reach: np.ndarray):
+    """Row blocks (r0, r1, width) for the join: at most _TRIPLES_PER_BLOCK triples and
+    (r1 - r0)·width <= _BINS_PER_BLOCK accumulator bins (or a single row), where width
+    spans the block's partners r0..max(reach[r0:r1]).
+
+    triples: int64 [N+1], cumulative triple counts by row; reach: int64 [N], last partner.
+    """
+    n = len(reach)
+    r0 = 0
+    while r0 < n:
+        hi = int(np.searchsorted(triples, triples[r0] + _TRIPLES_PER_BLOCK, side="right")) - 1
+        hi = min(max(hi, r0 + 1), n)
+        widths = np.maximum.accumulate(reach[r0:hi]) - r0 + 1
+        bins = np.arange(1, hi - r0 + 1) * widths
+        r1 = r0 + max(1, int(np.searchsorted(bins, _BINS_PER_BLOCK, side="right")))
+        yield r0, r1, int(widths[r1 - r0 - 1])
+        r0 = r1
+
+
+class _ColumnJoin:
+    """The (i, k, j) join of V's rows with its columns, for one row block at a time.
+
+    n: rows of V; indptr int64 [N+1], data float32 [nnz]: V in CSR;
+    first int64 [nnz]: position in the CSC arrays of the first partner j > i of entry (i, k);
+    fan int64 [nnz]: number of such partners; col_rows int32, col_data float32: V in CSC.
+    """
+
+    def __init__(self, *, n, indptr, data, first, fan, col_rows, col_data):
+        self.n, self.indptr, self.data = n, indptr, data
+        self.first, self.fan = first, fan
+        self.col_rows, self.col_data = col_rows, col_data
+
+    def block(self, r0: int, r1: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, cols, dist) of the pairs i in [r0, r1), j > i, with distance < 1:
+        int32, int32, float32.
+
+        width: partners lie in r0 .. r0 + width - 1 (accumulator bins [r1 - r0, width]).
+        """
+        e0, e1 = self.indptr[r0], self.indptr[r1]
+        fan = self.fan[e0:e1]
+        total = int(fan.sum())
+        start = np.cumsum(fan) - fan
+        pos = np.repeat(self.first[e0:e1] - start, fan) + np.arange(total, dtype=np.int64)
+        partner = self.col_rows[pos]
+        overlap = np.minimum(np.repeat(self.data[e0:e1], fan), self.col_data[pos])
+        del pos
+        local = np.repeat(np.arange(r1 - r0, dtype=np.int64), np.diff(self.indptr[r0 : r1 + 1]))
+        pair = np.repeat(local * width - r0, fan) + partner
+        del partner
+        s = np.bincount(pair, weights=overlap, minlength=(r1 - r0) * width)
+        del pair, overlap
+        keys = np.flatnonzero(s)
+        s = s[keys]
+        dist = np.maximum(1.0 - s / (2.0 - s), 0.0).astype(np.float32)
+        keep = dist < 1.0
+        keys = keys[keep]
+        rows = keys // width
+        cols = keys - rows * width + r0
+        return (rows + r0).astype(np.int32), cols.astype(np.int32), dist[keep]
+
+
+def estimate_jaccard_memory(n: int, k1: int = 30, d: int = 2048, block_size: int = 2048) -> int:
+    """Estimated peak extra memory (bytes) of :func:`jaccard_distance` on CPU (torch kNN)
+    for N = ``n`` float32 features of dimension ``d``; an upper estimate, not a guarantee.
+
+    Derivation (the kNN phase and the sparse phase do not overlap; the normalised copy of
+    the features lives through both):
+    - normalised copy of the features: 4·n·d;
+    - kNN phase: a copy of the candidate rows (at most 4·n·d), a block of similarities
+      B × min(8·B, n) float32 with B = min(block_size, n), counted twice for the matrix
+      product and top-k temporaries, and the neighbour lists (12 bytes per entry, twice);
+    - sparse phase: assuming at most 4·k1 nonzeros per row in V and in the result
+      (2.4·k1 and 2.7·k1 measured on clustered features), about 100 bytes per such entry
+      (V in CSR and CSC with the join's per-entry offsets, about 60 bytes per entry of V;
+      the result's assembly, about 17 bytes per stored pair, measured with tracemalloc),
+      plus the join's fixed per-block budget of triples (40 bytes each) and bins.
+    The result matrix itself is part of the sparse phase. Features without cluster
+    structure break the assumption: the result can then approach N² pairs.
+    """
+    if n < 1 or k1 < 1 or d < 1 or block_size < 1:
+        raise ValueError("n, k1, d and block_size must be positive.")
+    features = 4 * n * d
+    b = min(block_size, n)
+    lists = 2 * 12 * n * (k1 + 1)
+    knn_phase = 4 * n * d + 2 * 4 * b * min(8 * b, n) + lists
+    entries = 4 * k1 * n
+    sparse_phase = 100 * entries + 40 * min(_TRIPLES_PER_BLOCK, entries * entries // n + 1) + 8 * _BINS_PER_BLOCK
+    return int(features + max(knn_phase, sparse_phase))

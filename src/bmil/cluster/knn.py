@@ -1,0 +1,193 @@
+"""Exact k nearest neighbours by cosine similarity, blocked so that no N×N matrix exists.
+
+Rows are L2-normalised first, so similarity = inner product in [-1, 1]. Results are sorted
+by similarity descending; equal similarities are ordered by the lower global index first
+(also at the k-th place: the k kept neighbours are the k first in that order).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_BACKENDS = ("torch", "faiss")
+# Candidates per column block are this many times the query block: the block of
+# similarities is block_size × (_COLUMN_FACTOR · block_size) float32 (128 MiB at 2048).
+_COLUMN_FACTOR = 8
+
+
+def as_unit_tensor(features: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """``features`` [N, d] as a float32 torch tensor with L2-normalised rows (same device).
+
+    A zero row stays zero (similarity 0 to everything).
+    """
+    is_tensor = isinstance(features, torch.Tensor)
+    x = features.detach() if is_tensor else torch.from_numpy(np.ascontiguousarray(features))
+    if x.ndim != 2:
+        raise ValueError(f"features must be a 2-D array [N, d], got shape {tuple(x.shape)}.")
+    x = x.to(torch.float32)
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def _index_array(values: np.ndarray | torch.Tensor | None, n: int, name: str) -> np.ndarray:
+    """Sorted unique int64 indices in 0..n-1 (all of them when ``values`` is None)."""
+    if values is None:
+        return np.arange(n, dtype=np.int64)
+    if isinstance(values, torch.Tensor):
+        values = values.cpu().numpy()
+    arr = np.asarray(values)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"{name} must be a 1-D integer index array.")
+    arr = arr.astype(np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() >= n):
+        raise ValueError(f"{name} must hold indices in 0..{n - 1}.")
+    uniq = np.unique(arr)
+    if uniq.size != arr.size:
+        raise ValueError(f"{name} must not contain repeated indices.")
+    return uniq
+
+
+def _order_ties(sims: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort each row by similarity descending, then index ascending."""
+    order = np.lexsort((idx, -sims), axis=-1)
+    return np.take_along_axis(sims, order, -1), np.take_along_axis(idx, order, -1)
+
+
+def _topk_flag_cut(
+    sims: torch.Tensor, k: int, ties: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-min(k, width) of each row; sets ``ties`` where the k-th and (k+1)-th are equal."""
+    kk = min(k + 1, sims.shape[1])
+    s, i = torch.topk(sims, kk, dim=1, largest=True, sorted=True)
+    if kk == k + 1:
+        ties |= s[:, k - 1] == s[:, k]
+        s, i = s[:, :k], i[:, :k]
+    return s, i
+
+
+def _topk_torch(
+    queries: torch.Tensor, cands: torch.Tensor, k: int, block_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Running top-k over column blocks for every query row.
+
+    Returns (sims [Q, k], positions [Q, k] into ``cands``, tie_rows bool [Q]); tie_rows
+    marks rows where a block's k-th and (k+1)-th similarities were equal, so torch.topk
+    may have picked an arbitrary member of a tie group that straddles the cut.
+    """
+    nq, m = queries.shape[0], cands.shape[0]
+    col_block = max(block_size * _COLUMN_FACTOR, k + 1)
+    out_s = np.empty((nq, k), dtype=np.float32)
+    out_i = np.empty((nq, k), dtype=np.int64)
+    tie_rows = np.zeros(nq, dtype=bool)
+    for q0 in range(0, nq, block_size):
+        q = queries[q0 : q0 + block_size]
+        ties = torch.zeros(len(q), dtype=torch.bool, device=q.device)
+        best_s = best_i = None
+        for c0 in range(0, m, col_block):
+            s, i = _topk_flag_cut(q @ cands[c0 : c0 + col_block].T, k, ties)
+            i = i + c0
+            if best_s is not None:
+                s, pos = _topk_flag_cut(torch.cat([best_s, s], 1), k, ties)
+                i = torch.gather(torch.cat([best_i, i], 1), 1, pos)
+            best_s, best_i = s, i
+        out_s[q0 : q0 + len(q)] = best_s.cpu().numpy()
+        out_i[q0 : q0 + len(q)] = best_i.cpu().numpy()
+        tie_rows[q0 : q0 + len(q)] = ties.cpu().numpy()
+    return out_s, out_i, tie_rows
+
+
+def _exact_rows(queries: torch.Tensor, cands: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Full stable sort for a few rows: the exact (similarity desc, position asc) top-k."""
+    sims = queries @ cands.T
+    s, i = torch.sort(sims, dim=1, descending=True, stable=True)
+    return s[:, :k].cpu().numpy(), i[:, :k].cpu().numpy()
+
+
+def _knn_torch(
+    x: torch.Tensor, q_rows: np.ndarray, c_rows: np.ndarray, k: int, block_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    dev = x.device
+    all_rows = len(c_rows) == x.shape[0]
+    cands = x if all_rows else x[torch.from_numpy(c_rows).to(dev)]
+    queries = x if len(q_rows) == x.shape[0] else x[torch.from_numpy(q_rows).to(dev)]
+    sims, pos, tie_rows = _topk_torch(queries, cands, k, block_size)
+    # A tie group cut at the k-th place may have kept the wrong members (torch.topk picks
+    # arbitrarily among equals): redo those rare rows with a stable full sort.
+    redo = np.flatnonzero(tie_rows)
+    for r0 in range(0, len(redo), block_size):
+        rows = redo[r0 : r0 + block_size]
+        s, p = _exact_rows(queries[torch.from_numpy(rows).to(dev)], cands, k)
+        sims[rows], pos[rows] = s, p
+    return _order_ties(sims, c_rows[pos])
+
+
+def _knn_faiss(
+    x: torch.Tensor, q_rows: np.ndarray, c_rows: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
+    feats = x.cpu().numpy()
+    index = faiss.IndexFlatIP(feats.shape[1])
+    index.add(np.ascontiguousarray(feats[c_rows]))
+    sims, pos = index.search(np.ascontiguousarray(feats[q_rows]), k)
+    return _order_ties(sims.astype(np.float32), c_rows[pos])
+
+
+def knn(
+    features: np.ndarray | torch.Tensor,
+    k: int,
+    *,
+    candidates: np.ndarray | torch.Tensor | None = None,
+    queries: np.ndarray | torch.Tensor | None = None,
+    backend: str = "torch",
+    block_size: int = 2048,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest neighbours by cosine similarity.
+
+    features: float array or tensor [N, d] (CPU or CUDA; on CUDA the products run there).
+        Rows are L2-normalised here, so they need not be unit length.
+    k: neighbours per query, 1 <= k <= number of candidates.
+    candidates: optional int indices [M] of the rows to search among (e.g. one modality);
+        default all N rows.
+    queries: optional int indices [Q] of the query rows; default all N rows.
+    backend: "torch" (blocked matrix products, running top-k; memory per block
+        block_size × 8·block_size float32) or "faiss" (IndexFlatIP, CPU; equal similarities
+        may be cut differently at the k-th place).
+    block_size: query rows per block.
+
+    Returns (sims [Q, k] float32, idx [Q, k] int64): similarities descending, equal ones by
+    lower index first; idx in the global 0..N-1 numbering. A query that is also a
+    candidate finds itself (normally first).
+    """
+    return knn_unit_rows(
+        as_unit_tensor(features), k, candidates=candidates, queries=queries, backend=backend,
+        block_size=block_size,
+    )
+
+
+def knn_unit_rows(
+    x: torch.Tensor,
+    k: int,
+    *,
+    candidates: np.ndarray | torch.Tensor | None = None,
+    queries: np.ndarray | torch.Tensor | None = None,
+    backend: str = "torch",
+    block_size: int = 2048,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`knn` on a float32 tensor ``x`` [N, d] whose rows are already unit length
+    (as :func:`as_unit_tensor` returns), saving the copy that normalising makes."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}.")
+    if block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size}.")
+    n = x.shape[0]
+    c_rows = _index_array(candidates, n, "candidates")
+    q_rows = _index_array(queries, n, "queries")
+    if not 1 <= k <= len(c_rows):
+        raise ValueError(f"k must be between 1 and the number of candidates ({len(c_rows)}), got {k}.")
+    if len(q_rows) == 0:
+        return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
+    with torch.no_grad():
+        if backend == "faiss":
+            return _knn_faiss(x, q_rows, c_rows, k)
+        return _knn_torch(x, q_rows, c_rows, k, block_size)
