@@ -41,11 +41,12 @@ class TrainingError(BmilError):
 
 def seed_everything(seed: int, epoch: int) -> np.random.Generator:
     """Seed torch and Python for one epoch and return the epoch's numpy generator, so an
-    epoch's randomness depends only on (seed, epoch): that is what makes resume exact."""
-    mixed = (seed * 1_000_003 + epoch) % (2**31)
+    epoch's randomness depends only on (seed, epoch): that is what makes resume exact.
+    ``epoch`` may be -1 (set-up before the first epoch)."""
+    mixed = (seed * 1_000_003 + epoch + 1) % (2**31)
     torch.manual_seed(mixed)
     random.seed(mixed)
-    return np.random.default_rng([seed, epoch])
+    return np.random.default_rng([seed, epoch + 1])
 
 
 def set_deterministic(enabled: bool) -> None:
@@ -144,7 +145,7 @@ class Trainer:
     def _new_optimizer(self) -> None:
         t = self.cfg.train
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+        self.optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, foreach=True)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=t.lr_step, gamma=t.lr_gamma)
 
     def _load_weights(self, path: str | Path) -> None:
@@ -216,7 +217,7 @@ class Trainer:
         return out
 
     def _step(self, loss: torch.Tensor, epoch: int, step: int) -> None:
-        if not math.isfinite(float(loss)):
+        if not math.isfinite(float(loss.detach())):
             raise TrainingError(
                 f"the loss became non-finite at epoch {epoch} step {step}; checkpoints/last.pt holds the end "
                 "of the previous epoch: resume with --resume after lowering train.lr"
@@ -293,13 +294,13 @@ class Trainer:
             if c.train.separate_global_step:
                 for key, compute in parts:
                     loss, update = compute()
-                    sums[key] = sums.get(key, 0.0) + float(loss)
+                    sums[key] = sums.get(key, 0.0) + float(loss.detach())
                     self._step(loss, epoch, step)
                     update()
             else:
                 computed = [(key, *compute()) for key, compute in parts]
                 for key, loss, _ in computed:
-                    sums[key] = sums.get(key, 0.0) + float(loss)
+                    sums[key] = sums.get(key, 0.0) + float(loss.detach())
                 self._step(sum(loss for _, loss, _ in computed), epoch, step)
                 for _, _, update in computed:
                     update()

@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny synthetic dataset and a tiny CPU configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bmil.config import Config, load_config
+
+TINY_SYNTHETIC = {"num_ids": 12, "num_train_ids": 8, "images_per_camera": 3, "height": 64, "width": 32, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    from bmil.data import make_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic(root, **TINY_SYNTHETIC)
+    return root
+
+
+def tiny_config(root: Path, out: Path, *overrides: str) -> Config:
+    """Depth-18, 64×32, a handful of iterations: a whole two-stage run in seconds on a CPU."""
+    synthetic = [f"data.synthetic.{k}={v}" for k, v in TINY_SYNTHETIC.items()]
+    return load_config(None, [
+        "data.dataset=synthetic", f"data.root={root}", *synthetic,
+        "data.height=64", "data.width=32", "data.workers=0", "data.cache_images=true",
+        "model.depth=18", "model.non_local=false", "model.pretrained=none",
+        "cluster.k1=10", "cluster.k2=3", "cluster.eps=0.6",
+        "train.stage1_epochs=2", "train.stage2_epochs=2", "train.iterations=2",
+        "train.num_ids=4", "train.num_instances=4", "train.eval_every=1", "train.extract_batch=64",
+        "eval.trials=2", f"output={out}", *overrides,
+    ])
+
+
+@pytest.fixture(scope="session")
+def make_config():
+    """The :func:`tiny_config` factory, as a fixture."""
+    return tiny_config

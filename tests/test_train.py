@@ -1,0 +1,123 @@
+"""End to end on the CPU: both stages, the files a run writes, learning, exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bmil.engine import trainer as trainer_mod
+from bmil.engine.run_log import read_metrics
+from bmil.engine.trainer import Trainer
+from bmil.errors import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def finished_run(synthetic_root, tmp_path_factory, make_config):
+    out = tmp_path_factory.mktemp("run")
+    cfg = make_config(synthetic_root, out, "train.eval_every=5")
+    trainer = Trainer(cfg, progress=False)
+    summary = trainer.fit()
+    return cfg, trainer, summary
+
+
+def test_run_writes_config_metrics_events_checkpoints(finished_run):
+    cfg, _, summary = finished_run
+    out = cfg.output
+    from pathlib import Path
+
+    out = Path(out)
+    assert (out / "config.yaml").is_file()
+    info = json.loads((out / "run.json").read_text())
+    assert info["world_size"] == 1 and info["per_process_batch"] == 16 and info["effective_bn_batch"] == 48
+    assert info["versions"]["torch"] and info["versions"]["scikit-learn"]
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [0, 1, 2, 3]
+    assert [r["stage"] for r in records] == [1, 1, 2, 2]
+    assert all("loss/intra" in r for r in records)
+    assert all("global/clusters" in r and "global/ari" in r for r in records[2:])
+    assert not any("loss/global" in r or "global/clusters" in r for r in records[:2])
+    assert any(f.name.startswith("events.out.tfevents") for f in (out / "tensorboard").iterdir())
+    for name in ("last.pt", "best_stage1.pt", "best_stage2.pt"):
+        assert (out / "checkpoints" / name).is_file()
+    for stage in ("stage1", "stage2"):
+        metrics = next(iter(summary[stage]["metrics"].values()))
+        assert 0.0 <= metrics["mAP"] <= 1.0 and 0.0 <= metrics["rank1"] <= 1.0
+
+
+def test_stage_two_adds_the_global_loss(finished_run):
+    cfg, _, _ = finished_run
+    from pathlib import Path
+
+    records = read_metrics(Path(cfg.output) / "metrics.jsonl")
+    assert all(np.isfinite(r["loss/global"]) and r["loss/global"] > 0 for r in records[2:])
+
+
+def test_optimiser_steps_lower_both_losses_on_a_fixed_batch(synthetic_root, tmp_path, make_config):
+    """The trainer's own forward / loss / step path, both stages' losses, fixed memories."""
+    trainer = Trainer(make_config(synthetic_root, tmp_path, "train.lr=1e-3"), progress=False)
+    rng = trainer_mod.seed_everything(0, 0)
+    features = trainer.extract(trainer.records, flip=False)
+    assoc = trainer.associate(features, 2, rng)
+    intra_mem, glob_mem = trainer._memories(features, assoc)
+    glob = trainer_mod._GlobalTargets.of(assoc, trainer.index, trainer.device)
+    batches = {("intra", m): next(iter(trainer._loader(m, assoc.intra[m], 0))) for m in intra_mem}
+    batches.update({("global", m): next(iter(trainer._loader(m, glob.labels[m], 1))) for m in (0, 1)})
+    assert len(intra_mem) == 2 and glob_mem is not None
+    trainer.model.train()
+    history = []
+    for step in range(6):
+        intra, _ = trainer._intra_loss(batches, assoc, intra_mem)
+        cross, _ = trainer._global_loss(batches, glob, glob_mem)
+        history.append((float(intra), float(cross)))
+        trainer._step(intra + cross, 0, step)
+    assert history[-1][0] < 0.8 * history[0][0]
+    assert history[-1][1] < 0.8 * history[0][1]
+
+
+def test_resume_across_the_stage_boundary_is_bit_for_bit(synthetic_root, tmp_path, monkeypatch, make_config):
+    short = ("train.stage1_epochs=1", "train.stage2_epochs=1", "train.eval_every=5", "train.iterations=2")
+    straight = make_config(synthetic_root, tmp_path / "straight", *short)
+    Trainer(straight, progress=False).fit()
+
+    cut = make_config(synthetic_root, tmp_path / "cut", *short)
+    original = Trainer._run_epoch
+
+    def stop_after_stage_one(self, epoch, logger):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        original(self, epoch, logger)
+
+    monkeypatch.setattr(Trainer, "_run_epoch", stop_after_stage_one)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cut, progress=False).fit()
+    monkeypatch.undo()
+    resumed = Trainer(cut, resume=True, progress=False)
+    assert resumed.start_epoch == 1
+    resumed.fit()
+
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 1
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    la = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    lb = read_metrics(tmp_path / "cut" / "metrics.jsonl")
+    assert [r["epoch"] for r in lb] == [0, 1]
+    assert la[-1]["loss/intra"] == lb[-1]["loss/intra"]
+
+
+def test_init_from_checks_the_architecture(finished_run, synthetic_root, tmp_path, make_config):
+    cfg, _, _ = finished_run
+    from pathlib import Path
+
+    best = Path(cfg.output) / "checkpoints" / "best_stage1.pt"
+    ok = make_config(synthetic_root, tmp_path / "a", "train.stage1_epochs=0", f"train.init_from={best}")
+    trainer = Trainer(ok, progress=False)
+    expected = torch.load(best, weights_only=False)["model"]
+    assert all(torch.equal(v, expected[k]) for k, v in trainer.model.state_dict().items())
+    bad = make_config(synthetic_root, tmp_path / "b", "model.depth=34", f"train.init_from={best}")
+    with pytest.raises(CheckpointError, match="model.depth"):
+        Trainer(bad, progress=False)
