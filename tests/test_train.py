@@ -121,3 +121,22 @@ def test_init_from_checks_the_architecture(finished_run, synthetic_root, tmp_pat
     bad = make_config(synthetic_root, tmp_path / "b", "model.depth=34", f"train.init_from={best}")
     with pytest.raises(CheckpointError, match="model.depth"):
         Trainer(bad, progress=False)
+
+
+def test_demo_summary_has_the_published_keys(synthetic_root, tmp_path, make_config):
+    from bmil.engine.demo import demo_table, run_demo
+
+    cfg = make_config(synthetic_root, tmp_path, "train.stage1_epochs=1", "train.stage2_epochs=1", "train.eval_every=5")
+    summary = run_demo(cfg, progress=False)
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    keys = ["stage1.mAP", "stage1.rank1", "stage2.mAP", "stage2.rank1", "clustering.ari_plain",
+            "clustering.ari_modality_aware"]
+    for key in keys:
+        assert on_disk[key] == summary[key]
+        assert -1.0 <= on_disk[key] <= 1.0
+    history = {h["stage"]: h["metrics"] for h in torch.load(tmp_path / "checkpoints" / "last.pt",
+                                                              weights_only=False)["history"]}
+    assert on_disk["stage1.mAP"] == pytest.approx(next(iter(history[1].values()))["mAP"])
+    assert on_disk["stage2.rank1"] == pytest.approx(next(iter(history[2].values()))["rank1"])
+    table = demo_table(summary)
+    assert f"{100 * summary['stage2.mAP']:.1f}" in table
