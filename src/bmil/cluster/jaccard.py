@@ -5,6 +5,8 @@ Steps (METHOD.md, "Modality-aware Jaccard distance"), each vectorised over row b
 
 1. ``rank[i]``: the k1 nearest neighbours of i, i itself first (exact kNN). Modality-aware:
    the k1//2 nearest visible and the k1//2 nearest infrared, merged, sorted by similarity.
+   Camera-and-modality-aware (beyond the paper): within the query's own modality its own
+   camera gets at most an even share of the k1//2 places (``_camera_balanced``).
 2. Reciprocity R(i, k) by gathering ``rank[rank[i, :k+1], :k+1]`` and looking for i.
 3. Expansion E(i): R(i, k1) plus R(c, round(k1/2)) of each candidate c whose half set
    overlaps R(i, k1) by more than 2/3; membership via ``searchsorted`` on row-offset keys.
@@ -68,7 +70,14 @@ def jaccard_distance(
     modality: None for the plain distance, or ints [N] (0 visible, 1 infrared, any order)
         for the modality-aware distance. Modality-aware mode needs k1 >= 2 and at least
         k1//2 samples of each modality (an odd k1 uses k1//2 neighbours per modality).
-    camera: reserved for camera-aware Jaccard; must be None.
+    camera: None, or ints [N] (any camera numbering) for the camera-and-modality-aware
+        distance; needs ``modality`` (NotImplementedError without it). Rule (step 1 only; see :func:`_camera_balanced`):
+        within the query's own modality, at most ceil((k1//2) / C) of its k1//2 neighbours
+        come from its own camera (itself included), C being the number of cameras of that
+        modality; the rest are the most similar images of the modality's other cameras
+        (own-camera images fill in when the other cameras have too few). The other
+        modality's list is unchanged (its images are all from other cameras). With one
+        camera per modality this is exactly the modality-aware distance.
     lqe: modality-aware expansion, "release" (½·(mean of V over the k2 nearest visible +
         mean over the k2 nearest infrared), the default) or "paper" (eq. 6: mean of V over
         the max(1, k2//2) nearest of each modality). Ignored in plain mode. When a
@@ -80,16 +89,15 @@ def jaccard_distance(
     pair whose distance is below 1 (explicit zeros kept, diagonal stored as 0); an absent
     pair has distance 1. The matrix is exactly symmetric.
     """
-    if camera is not None:
-        raise NotImplementedError("camera-aware Jaccard is not implemented yet")
     x = as_unit_tensor(features)
     mod = _validate(x, k1, k2, modality, lqe)
+    cam = _validate_camera(camera, mod, x.shape[0])
     n = x.shape[0]
     with torch.no_grad():
         if mod is None:
             nb = _plain_neighbours(x, k1, k2, backend, block_size)
         else:
-            nb = _modality_neighbours(x, mod, k1, k2, lqe, backend, block_size)
+            nb = _modality_neighbours(x, mod, k1, k2, lqe, backend, block_size, cam)
     kh = int(np.around(k1 / 2))
     full_len, half_len = min(k1 + 1, nb.rank.shape[1]), min(kh + 1, nb.rank.shape[1])
     recip_full = _reciprocal(nb.rank, full_len)
@@ -135,6 +143,22 @@ def _validate(x: torch.Tensor, k1: int, k2: int, modality, lqe: str) -> np.ndarr
             f"of each modality, got {counts[0]} visible and {counts[1]} infrared."
         )
     return mod
+
+
+def _validate_camera(camera, mod: np.ndarray | None, n: int) -> np.ndarray | None:
+    """The camera ids as an int64 array [N] (None when not given)."""
+    if camera is None:
+        return None
+    if mod is None:
+        raise NotImplementedError(
+            "camera-aware Jaccard is not implemented yet for the plain distance: camera= needs modality="
+        )
+    cam = camera.cpu().numpy() if isinstance(camera, torch.Tensor) else np.asarray(camera)
+    if cam.shape != (n,):
+        raise ValueError(f"camera must be a 1-D array of length {n} (one per feature row), got shape {cam.shape}.")
+    if cam.size and not np.issubdtype(cam.dtype, np.integer):
+        raise ValueError(f"camera must hold integer camera ids, got dtype {cam.dtype}.")
+    return cam.astype(np.int64)
 
 
 def _self_first(idx: np.ndarray, sims: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -184,22 +208,31 @@ def _plain_neighbours(x: torch.Tensor, k1: int, k2: int, backend: str, block_siz
 
 
 def _modality_neighbours(
-    x: torch.Tensor, mod: np.ndarray, k1: int, k2: int, lqe: str, backend: str, block_size: int
+    x: torch.Tensor, mod: np.ndarray, k1: int, k2: int, lqe: str, backend: str, block_size: int,
+    cam: np.ndarray | None = None,
 ) -> _Neighbours:
-    """Merged per-modality rank [N, 2·(k1//2)]; LQE balanced over the two modalities."""
+    """Merged per-modality rank [N, 2·(k1//2)]; LQE balanced over the two modalities.
+
+    With ``cam`` each modality's half of the rank list follows :func:`_camera_balanced`;
+    the LQE lists stay the plain per-modality nearest neighbours.
+    """
     n = x.shape[0]
     half = k1 // 2
     k_lqe = k2 if lqe == "release" else max(1, k2 // 2)
-    lists = []
+    lists, halves = [], []
     for m in (0, 1):
         members = np.flatnonzero(mod == m)
         kk = min(max(half, k_lqe), len(members))
         sims, idx = knn_unit_rows(x, kk, candidates=members, backend=backend, block_size=block_size)
         idx[members], sims[members] = _self_first(idx[members], sims[members], members)
         lists.append((sims, idx))
+        if cam is None:
+            halves.append((sims[:, :half], idx[:, :half]))
+        else:
+            halves.append(_camera_balanced(x, members, cam, half, sims[:, :half], idx[:, :half], backend, block_size))
     (s_vis, i_vis), (s_ir, i_ir) = lists
-    merged_s = np.concatenate([s_vis[:, :half], s_ir[:, :half]], axis=1)
-    merged_i = np.concatenate([i_vis[:, :half], i_ir[:, :half]], axis=1)
+    merged_s = np.concatenate([halves[0][0], halves[1][0]], axis=1)
+    merged_i = np.concatenate([halves[0][1], halves[1][1]], axis=1)
     order = np.lexsort((merged_i, -merged_s), axis=-1)
     rank = np.take_along_axis(merged_i, order, 1)
     rank_sims = np.take_along_axis(merged_s, order, 1)
@@ -214,6 +247,61 @@ def _modality_neighbours(
     )
     lqe_matrix = _row_average_matrix(np.concatenate([c_vis, c_ir], axis=1), weights, n)
     return _Neighbours(rank, rank_sims, lqe_matrix)
+
+
+def _camera_balanced(
+    x: torch.Tensor,
+    members: np.ndarray,
+    cam: np.ndarray,
+    budget: int,
+    sims: np.ndarray,
+    idx: np.ndarray,
+    backend: str,
+    block_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One modality's ``budget`` neighbours of every row, intra-camera ones capped.
+
+    members: int64 [M], the rows of this modality; cam: int64 [N] camera ids.
+    sims, idx: [N, budget], the plain nearest ``members`` of every row (self first for
+        members); rows of the other modality keep them, since all their candidates here
+        are from other cameras.
+    For a member i of camera c, with C cameras in the modality: own = min(ceil(budget/C),
+    |camera c|) nearest images of camera c (i itself first), then the budget − own nearest
+    of the other cameras; when those have fewer images, camera c fills the rest.
+
+    Why this rule: images from one camera share background, viewpoint and lighting, so
+    they outrank a person's images from other cameras; k-reciprocal lists filled by them
+    link few cameras, and one identity then splits into per-camera clusters. Capping the
+    own camera at its even share of the budget (ceil: i itself always fits) leaves room
+    for inter-camera neighbours while keeping the list length, the sparsity and the
+    nearest-first selection of the modality-aware distance. Unlike CA-Jaccard's union of
+    separate intra- and inter-camera k-reciprocal sets, it needs no second reciprocity
+    pass and reduces to the modality-aware distance when a modality has one camera.
+
+    Returns (sims [N, budget] float32, idx [N, budget] int64), unsorted within a row.
+    """
+    sims, idx = sims.copy(), idx.copy()
+    cams = np.unique(cam[members])
+    cap = -(-budget // len(cams))
+    for c in cams:
+        queries = members[cam[members] == c]
+        others = members[cam[members] != c]
+        take_other = min(budget - min(cap, len(queries)), len(others))
+        take_own = budget - take_other
+        s_own, i_own = knn_unit_rows(
+            x, take_own, candidates=queries, queries=queries, backend=backend, block_size=block_size
+        )
+        i_own, s_own = _self_first(i_own, s_own, queries)
+        parts_s, parts_i = [s_own], [i_own]
+        if take_other:
+            s_oth, i_oth = knn_unit_rows(
+                x, take_other, candidates=others, queries=queries, backend=backend, block_size=block_size
+            )
+            parts_s.append(s_oth)
+            parts_i.append(i_oth)
+        sims[queries] = np.concatenate(parts_s, axis=1)
+        idx[queries] = np.concatenate(parts_i, axis=1)
+    return sims, idx
 
 
 def _row_blocks(n: int, per_row: int, budget: int):

@@ -1,0 +1,227 @@
+"""Cross-modality search on a user's images: extract a folder into a features file, rank
+a gallery file for one query image, draw the rank list.
+
+The features file is a plain NumPy ``.npz`` (``numpy.load`` reads it without bmil):
+``features`` float32 [N, D] (L2-normalised), ``paths`` str [N], ``modality`` int64 [N]
+(0 visible, 1 infrared), ``pids`` int64 [N] when ids are known (-1 for unknown), and
+``bmil_features`` = 1 (the format version).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+
+from bmil.config import Config
+from bmil.data.images import is_image_name, load_image
+from bmil.data.records import INFRARED, VISIBLE, Record
+from bmil.engine.extract import extract_features
+from bmil.errors import ConfigError, DatasetError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MODALITIES = {"visible": VISIBLE, "infrared": INFRARED}
+
+# Rank-list layout, in pixels.
+CELL_HEIGHT, CELL_WIDTH = 128, 64
+BORDER = 4
+GAP = 6
+CAPTION = 16
+COLOURS = {"query": (40, 90, 200), "match": (0, 170, 0), "wrong": (220, 0, 0), "unknown": (150, 150, 150)}
+
+
+@dataclass
+class FeatureSet:
+    """Features of a list of images: features [N, D] float32, paths [N], modality [N]
+    int64, pids [N] int64 or None when no id is known."""
+
+    features: np.ndarray
+    paths: list[str]
+    modality: np.ndarray
+    pids: np.ndarray | None = None
+
+
+def parse_modality(name: str) -> int:
+    """``"visible"`` → 0, ``"infrared"`` → 1; anything else is a ConfigError."""
+    if name not in MODALITIES:
+        raise ConfigError(f"modality must be 'visible' or 'infrared', got {name!r}")
+    return MODALITIES[name]
+
+
+def folder_images(folder: str | Path) -> list[str]:
+    """Sorted paths of all images under ``folder`` (recursive); DatasetError when none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"image folder {folder} not found")
+    paths = sorted(
+        os.path.join(parent, name)
+        for parent, _, names in os.walk(folder)
+        for name in names
+        if is_image_name(name)
+    )
+    if not paths:
+        raise DatasetError(f"image folder {folder} holds no images (.jpg, .jpeg, .png, .bmp)")
+    return paths
+
+
+def id_from_folder(path: str) -> int:
+    """The person id a SYSU-style layout gives an image (its folder's name as an integer),
+    -1 when the folder name is not a number."""
+    name = Path(path).parent.name
+    return int(name) if name.isdigit() else -1
+
+
+def extract_folder(
+    model: nn.Module,
+    cfg: Config,
+    folder: str | Path,
+    modality: int,
+    *,
+    ids_from_folders: bool = False,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> FeatureSet:
+    """Test features (flip-averaged, L2-normalised) of every image under ``folder``.
+
+    cfg: the checkpoint's configuration (input size, batch size).
+    ids_from_folders: read person ids from folder names (:func:`id_from_folder`).
+    """
+    paths = folder_images(folder)
+    pids = np.array([id_from_folder(p) for p in paths], np.int64) if ids_from_folders else None
+    records = [Record(p, -1, -1, modality) for p in paths]
+    feats = extract_features(
+        model, records, height=cfg.data.height, width=cfg.data.width, batch_size=cfg.train.extract_batch,
+        device=device, flip=True, amp=cfg.train.amp, progress=progress, desc="features",
+    )
+    return FeatureSet(feats, paths, np.full(len(paths), modality, np.int64), pids)
+
+
+def save_features(features: FeatureSet, path: str | Path) -> Path:
+    """Write ``features`` as an ``.npz`` (suffix added when missing); returns the path."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "bmil_features": np.array(FORMAT_VERSION),
+        "features": features.features.astype(np.float32),
+        "paths": np.array(features.paths, dtype=str),
+        "modality": features.modality.astype(np.int64),
+    }
+    if features.pids is not None:
+        arrays["pids"] = features.pids.astype(np.int64)
+    np.savez(path, **arrays)
+    return path
+
+
+def load_features(path: str | Path) -> FeatureSet:
+    """Read a file written by :func:`save_features`; DatasetError for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"features file {path} not found")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError) as err:
+        raise DatasetError(f"features file {path} is not a bmil features file (not a readable .npz)") from err
+    needed = ("bmil_features", "features", "paths", "modality")
+    if any(key not in arrays for key in needed):
+        raise DatasetError(f"features file {path} is not a bmil features file (it lacks {', '.join(needed)})")
+    feats = arrays["features"]
+    n = len(arrays["paths"])
+    if feats.ndim != 2 or feats.shape[0] != n or arrays["modality"].shape != (n,):
+        raise DatasetError(f"features file {path} is inconsistent: features {feats.shape} for {n} paths")
+    pids = arrays.get("pids")
+    return FeatureSet(feats.astype(np.float32), [str(p) for p in arrays["paths"]], arrays["modality"], pids)
+
+
+def rank_gallery(query: np.ndarray, gallery: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``top`` gallery rows most similar to ``query`` [D] by cosine similarity.
+
+    gallery: [N, D]. Returns (indices [k] int64, similarities [k] float32), k = min(top, N),
+    most similar first; equal similarities by lower index.
+    """
+    q = query / max(float(np.linalg.norm(query)), 1e-12)
+    g = gallery / np.maximum(np.linalg.norm(gallery, axis=1, keepdims=True), 1e-12)
+    sims = (g @ q).astype(np.float32)
+    order = np.lexsort((np.arange(len(sims)), -sims))[:top]
+    return order.astype(np.int64), sims[order]
+
+
+def rank_list_size(matches: int) -> tuple[int, int]:
+    """(width, height) in pixels of a rank list with the query and ``matches`` images:
+    cells of CELL_WIDTH×CELL_HEIGHT framed by BORDER on each side, GAP between cells,
+    CAPTION below for the score."""
+    cells = matches + 1
+    width = cells * (CELL_WIDTH + 2 * BORDER) + (cells - 1) * GAP
+    return width, CELL_HEIGHT + 2 * BORDER + CAPTION
+
+
+def draw_rank_list(
+    query_path: str,
+    match_paths: list[str],
+    scores: np.ndarray,
+    correct: list[bool | None] | None = None,
+    out: str | Path = "rank_list.png",
+) -> Path:
+    """Draw the query (blue frame), then the matches with their scores below; a match's
+    frame is green when ``correct[i]`` is True, red when False, grey when unknown (None
+    or no ``correct``). Returns the PNG path; size: :func:`rank_list_size`."""
+    width, height = rank_list_size(len(match_paths))
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    flags = correct if correct is not None else [None] * len(match_paths)
+    entries = [(query_path, "query", COLOURS["query"])]
+    for path, score, flag in zip(match_paths, scores, flags, strict=True):
+        colour = COLOURS["unknown"] if flag is None else COLOURS["match"] if flag else COLOURS["wrong"]
+        entries.append((path, f"{float(score):.3f}", colour))
+    for slot, (path, caption, colour) in enumerate(entries):
+        x0 = slot * (CELL_WIDTH + 2 * BORDER + GAP)
+        draw.rectangle([x0, 0, x0 + CELL_WIDTH + 2 * BORDER - 1, CELL_HEIGHT + 2 * BORDER - 1], fill=colour)
+        image = load_image(path).resize((CELL_WIDTH, CELL_HEIGHT), Image.BILINEAR)
+        canvas.paste(image, (x0 + BORDER, BORDER))
+        draw.text((x0 + BORDER, CELL_HEIGHT + 2 * BORDER + 2), caption, fill=(0, 0, 0))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    return out
+
+
+def embed_image(
+    model: nn.Module, cfg: Config, path: str | Path, modality: int, device: torch.device | str = "cpu"
+) -> np.ndarray:
+    """The test feature [D] of one image (DatasetError when it cannot be read)."""
+    if not Path(path).is_file():
+        raise DatasetError(f"query image {path} not found")
+    record = Record(str(path), -1, -1, modality)
+    return extract_features(
+        model, [record], height=cfg.data.height, width=cfg.data.width, device=device, progress=False
+    )[0]
+
+
+def query_modality(gallery: FeatureSet, name: str | None, source: str | Path) -> int:
+    """The query's modality: ``name`` when given, else the other modality than the
+    gallery's (cross-modality search); ConfigError for a mixed gallery without ``name``."""
+    if name is not None:
+        return parse_modality(name)
+    present = np.unique(gallery.modality)
+    if present.size != 1:
+        raise ConfigError(f"gallery {source} mixes modalities: give the query's with --query-modality")
+    return 1 - int(present[0])
+
+
+def match_flags(gallery: FeatureSet, order: np.ndarray, query_id: int | None) -> list[bool | None] | None:
+    """Per ranked match: True same id as ``query_id``, False another id, None unknown id;
+    None when the query's or the gallery's ids are not known at all."""
+    if query_id is None or gallery.pids is None:
+        return None
+    pids = gallery.pids[order]
+    return [None if pid < 0 else bool(pid == query_id) for pid in pids]

@@ -1,0 +1,226 @@
+"""bmil extract / search / export: checkpoint loading, the features file, ranking, the
+rank-list image, ONNX equality with PyTorch, and the one-sentence errors of the CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bmil import cli
+from bmil.config import config_to_dict
+from bmil.data.transforms import test_transform
+from bmil.engine import search
+from bmil.engine.checkpoint import save_checkpoint
+from bmil.engine.export import require_onnx
+from bmil.engine.inference import load_model
+from bmil.errors import BmilError, CheckpointError, ConfigError, DatasetError
+from bmil.model import build_model, model_signature
+
+
+def write_checkpoint(cfg, path: Path, seed: int = 0) -> torch.nn.Module:
+    """A checkpoint as bmil train writes it (config, signature, model), random weights
+    and non-trivial BN statistics, without training."""
+    torch.manual_seed(seed)
+    model = build_model(depth=cfg.model.depth, non_local=cfg.model.non_local, pretrained="none")
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+    save_checkpoint(
+        {"config": config_to_dict(cfg), "signature": model_signature(model), "model": model.state_dict()}, path
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(synthetic_root, tmp_path_factory, make_config):
+    out = tmp_path_factory.mktemp("ckpt")
+    cfg = make_config(synthetic_root, out)
+    path = out / "model.pt"
+    model = write_checkpoint(cfg, path)
+    return path, model, cfg
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(["-q", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def by_hand(model, paths, modality, cfg) -> np.ndarray:
+    """Flip-averaged, L2-normalised features computed directly from the model."""
+    transform = test_transform(cfg.data.height, cfg.data.width)
+    images = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+    with torch.no_grad():
+        feats = model(images, modality) + model(torch.flip(images, dims=[3]), modality)
+    return torch.nn.functional.normalize(feats, dim=1).numpy()
+
+
+# ---------------------------------------------------------------- checkpoint → model
+
+
+def test_load_model_restores_weights_and_config(checkpoint):
+    path, model, cfg = checkpoint
+    loaded, loaded_cfg = load_model(path)
+    assert not loaded.training
+    assert config_to_dict(loaded_cfg) == config_to_dict(cfg)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+
+
+def test_load_model_errors(tmp_path, checkpoint):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "missing.pt")
+    torch.save({"model": {}}, tmp_path / "bare.pt")
+    with pytest.raises(CheckpointError, match="no saved configuration"):
+        load_model(tmp_path / "bare.pt")
+
+
+# ---------------------------------------------------------------- extract and the features file
+
+
+def test_extract_cli_writes_a_plain_npz(checkpoint, synthetic_root, tmp_path, capsys):
+    path, model, cfg = checkpoint
+    code, out, _ = run_cli(
+        capsys, "extract", "--checkpoint", str(path), "--images", str(synthetic_root / "cam3"),
+        "--modality", "infrared", "--out", str(tmp_path / "ir"), "--ids-from-folders", "--device", "cpu",
+    )
+    assert code == 0 and "infrared images" in out
+    expected_paths = sorted(str(p) for p in (synthetic_root / "cam3").rglob("*.jpg"))
+    with np.load(tmp_path / "ir.npz", allow_pickle=False) as data:  # no bmil needed to read it
+        assert data["features"].dtype == np.float32
+        assert list(data["paths"]) == expected_paths
+        assert np.all(data["modality"] == 1)
+        assert list(data["pids"]) == [int(Path(p).parent.name) for p in expected_paths]
+        np.testing.assert_allclose(np.linalg.norm(data["features"], axis=1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(data["features"][:3], by_hand(model, expected_paths[:3], 1, cfg), atol=1e-5)
+
+
+def test_features_round_trip_and_foreign_files(tmp_path):
+    feats = search.FeatureSet(
+        np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32), ["a.jpg", "b.jpg", "c.png", "d.png"],
+        np.array([0, 0, 1, 1]), None,
+    )
+    loaded = search.load_features(search.save_features(feats, tmp_path / "f.npz"))
+    np.testing.assert_array_equal(loaded.features, feats.features)
+    assert loaded.paths == feats.paths and loaded.pids is None
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    (tmp_path / "text.npz").write_text("hello")
+    for name in ("other.npz", "text.npz", "absent.npz"):
+        with pytest.raises(DatasetError):
+            search.load_features(tmp_path / name)
+
+
+def test_rank_gallery_matches_a_brute_force_sort():
+    rng = np.random.default_rng(1)
+    gallery = rng.normal(size=(50, 8)).astype(np.float32)
+    gallery[7] = gallery[3]  # a tie: the lower index ranks first
+    query = rng.normal(size=8).astype(np.float32)
+    order, scores = search.rank_gallery(query, gallery, 10)
+    cos = [float(g @ query / np.linalg.norm(g) / np.linalg.norm(query)) for g in gallery]
+    expected = sorted(range(50), key=lambda i: (-round(cos[i], 5), i))[:10]
+    assert order.tolist() == expected
+    np.testing.assert_allclose(scores, [cos[i] for i in expected], atol=1e-5)
+
+
+# ---------------------------------------------------------------- search and the rank list
+
+
+def test_search_cli_ranks_and_draws(checkpoint, synthetic_root, tmp_path, capsys):
+    path, model, cfg = checkpoint
+    run_cli(capsys, "extract", "--checkpoint", str(path), "--images", str(synthetic_root / "cam1"),
+            "--modality", "visible", "--out", str(tmp_path / "vis.npz"), "--ids-from-folders", "--device", "cpu")
+    query = sorted((synthetic_root / "cam3").rglob("*.jpg"))[0]
+    query_id = int(query.parent.name)
+    top = 6
+    code, out, err = run_cli(
+        capsys, "search", "--checkpoint", str(path), "--query", str(query), "--gallery", str(tmp_path / "vis.npz"),
+        "--top", str(top), "--query-id", str(query_id), "--out", str(tmp_path / "rank.png"), "--device", "cpu",
+    )
+    assert code == 0, err
+    # independent ranking: hand-computed features, brute-force cosine sort
+    gallery_paths = sorted(str(p) for p in (synthetic_root / "cam1").rglob("*.jpg"))
+    g = by_hand(model, gallery_paths, 0, cfg)
+    q = by_hand(model, [str(query)], 1, cfg)[0]
+    expected = np.argsort(-(g @ q), kind="stable")[:top]
+    lines = [line for line in out.splitlines() if line.strip() and line.split()[0].isdigit()]
+    assert [line.split()[-2 if line.endswith(("match", "wrong")) else -1] for line in lines] == [
+        gallery_paths[i] for i in expected
+    ]
+    image = Image.open(tmp_path / "rank.png").convert("RGB")
+    assert image.size == ((top + 1) * (64 + 2 * 4) + top * 6, 128 + 2 * 4 + 16)
+    assert image.getpixel((1, 1)) == (40, 90, 200)  # the query's frame
+    for slot, i in enumerate(expected, 1):
+        same = int(Path(gallery_paths[i]).parent.name) == query_id
+        x0 = slot * (64 + 2 * 4 + 6)
+        assert image.getpixel((x0 + 1, 1)) == ((0, 170, 0) if same else (220, 0, 0))
+
+
+# ---------------------------------------------------------------- user errors
+
+
+def test_cli_errors_are_one_sentence(checkpoint, tmp_path, capsys):
+    path, _, _ = checkpoint
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    np.savez(tmp_path / "foreign.npz", x=np.zeros(3))
+    cases = [
+        ("extract", "--checkpoint", str(tmp_path / "nope.pt"), "--images", str(tmp_path), "--modality", "visible",
+         "--out", str(tmp_path / "f")),
+        ("extract", "--checkpoint", str(path), "--images", str(tmp_path / "empty"), "--modality", "visible",
+         "--out", str(tmp_path / "f")),
+        ("search", "--checkpoint", str(path), "--query", str(tmp_path / "q.jpg"), "--gallery",
+         str(tmp_path / "foreign.npz")),
+        ("analyze", "--run", str(tmp_path / "empty")),
+    ]
+    for argv in cases:
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2, argv
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    with pytest.raises(ConfigError, match="'visible' or 'infrared'"):
+        search.parse_modality("thermal")
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="needs the export extra")
+def test_onnx_export_equals_pytorch(checkpoint, tmp_path, capsys):
+    path, model, cfg = checkpoint
+    code, out, err = run_cli(capsys, "export", "--checkpoint", str(path), "--format", "onnx",
+                             "--out", str(tmp_path), "--no-check")
+    assert code == 0, err
+    import onnxruntime
+
+    images = torch.randn(3, 3, cfg.data.height, cfg.data.width, generator=torch.Generator().manual_seed(2))
+    for modality, name in ((0, "visible"), (1, "infrared")):
+        onnx_path = tmp_path / f"model_{name}.onnx"
+        assert str(onnx_path) in out
+        session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"images": images.numpy()})[0]
+        with torch.no_grad():
+            feats = model(images, modality) + model(torch.flip(images, dims=[3]), modality)
+        expected = torch.nn.functional.normalize(feats, dim=1).numpy()
+        assert got.shape == (3, model.feat_dim)  # batch 3 although exported with 2
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+    # the two stems differ, so the two files must too
+    assert not np.allclose(
+        *(onnxruntime.InferenceSession(str(tmp_path / f"model_{n}.onnx")).run(None, {"images": images.numpy()})[0]
+          for n in ("visible", "infrared")),
+        atol=1e-4,
+    )
+
+
+def test_export_without_onnx_is_a_clear_error(checkpoint, monkeypatch, tmp_path, capsys):
+    path, _, _ = checkpoint
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    with pytest.raises(BmilError, match="needs the package"):
+        require_onnx()
+    code, _, err = run_cli(capsys, "export", "--checkpoint", str(path), "--format", "onnx", "--out", str(tmp_path))
+    assert code == 2 and "pip install 'bmil[export]'" in err and "Traceback" not in err
