@@ -42,6 +42,20 @@ class SyntheticConfig:
     seed: int = 0
 
 
+def default_workers() -> int:
+    """DataLoader workers when ``data.workers`` is not set: 0 on a machine without CUDA
+    (decoding in the training process leaves the few cores to the model), else
+    min(8, CPU cores / GPU processes on this node) so decoding keeps up with the GPU."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, (os.cpu_count() or 1) // local_processes))
+
+
 @dataclass
 class DataConfig:
     """Which images to read and how to feed them.
@@ -49,6 +63,9 @@ class DataConfig:
     ``root``: dataset folder (for ``synthetic`` it is generated there when absent).
     ``trial``: RegDB split 1..10 the model is trained on.
     ``height``/``width``: network input in pixels.
+    ``pad``: zero padding in pixels before the random crop (10 at 288×144).
+    ``workers``: DataLoader worker processes per training process; the default is
+    :func:`default_workers` (0 without CUDA, else up to 8 per GPU process).
     """
 
     dataset: str = "synthetic"
@@ -57,7 +74,8 @@ class DataConfig:
     height: int = 288
     width: int = 144
     channel_aug: bool = True
-    workers: int = 2
+    pad: int = 10
+    workers: int = field(default_factory=default_workers)
     cache_images: bool = False
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -74,7 +92,11 @@ class ModelConfig:
 
 @dataclass
 class ClusterConfig:
-    """Jaccard distance + DBSCAN pseudo labels (METHOD.md stage 1 step 2, stage 2)."""
+    """Jaccard distance + DBSCAN pseudo labels (METHOD.md stage 1 step 2, stage 2).
+
+    ``memory_check``: before each clustering, stop with a clear message when the estimated
+    kNN + Jaccard memory exceeds the available memory (``bmil.engine.memory_check``).
+    """
 
     k1: int = 30
     k2: int = 6
@@ -86,6 +108,7 @@ class ClusterConfig:
     backend: str = "torch"
     block_size: int = 2048
     flip: bool = False
+    memory_check: bool = True
 
 
 @dataclass
@@ -213,6 +236,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("configuration key 'cluster.eps' must be in (0, 1)")
     if cfg.train.stage1_epochs < 0 or cfg.train.stage2_epochs < 0:
         raise ConfigError("configuration keys 'train.stage1_epochs'/'train.stage2_epochs' must be >= 0")
+    if cfg.data.workers < 0:
+        raise ConfigError(f"configuration key 'data.workers' must be >= 0, got {cfg.data.workers}")
     for key in ("iterations", "num_ids", "num_instances", "extract_batch", "eval_every", "lr_step"):
         if getattr(cfg.train, key) < 1:
             raise ConfigError(f"configuration key 'train.{key}' must be >= 1")

@@ -41,7 +41,11 @@ from bmil.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
+# Fraction of the camera-specific background contrast kept (1 = the full scene).
+BACKGROUND_STRENGTH = 0.25
+# Half-range of the per-camera colour cast and gain of visible cameras.
+CAMERA_SHIFT = 0.08
 MANIFEST_NAME = "synthetic.json"
 VISIBLE_CAMERAS = (1, 2, 4, 5)
 INFRARED_CAMERAS = (3, 6)
@@ -270,6 +274,11 @@ def _background(rng: np.random.Generator, height: int, width: int, infrared: boo
         image = np.where(box[..., None], value, image)
     # Vertical light fall-off.
     image *= (1.0 - rng.uniform(0.0, 0.3) * yr)[..., None]
+    # Keep the scene recognisable per camera but muted: a person-sized foreground has to
+    # outweigh the background in the global features of an untrained network, or
+    # unsupervised training from random initialisation clusters cameras, not people.
+    neutral = np.full(3, 0.12 if infrared else 0.45, dtype=np.float32)
+    image = neutral + BACKGROUND_STRENGTH * (image - neutral)
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
@@ -278,7 +287,9 @@ def sample_cameras(height: int, width: int, rng: np.random.Generator) -> dict[in
     cameras = {}
     for camid in CAMERAS:
         infrared = camid in INFRARED_CAMERAS
-        cast = (1.0, 1.0, 1.0) if infrared else tuple(float(c) for c in rng.uniform(0.82, 1.18, 3))
+        cast = (1.0, 1.0, 1.0)
+        if not infrared:
+            cast = tuple(float(c) for c in rng.uniform(1 - CAMERA_SHIFT, 1 + CAMERA_SHIFT, 3))
         cameras[camid] = Camera(
             camid=camid,
             infrared=infrared,
@@ -286,7 +297,7 @@ def sample_cameras(height: int, width: int, rng: np.random.Generator) -> dict[in
             scale=float(rng.uniform(0.88, 1.0)),
             offset_x=float(rng.uniform(-0.08, 0.08)),
             offset_y=float(rng.uniform(-0.06, 0.0)),
-            gain=float(rng.uniform(0.92, 1.08) if infrared else rng.uniform(0.7, 1.2)),
+            gain=float(rng.uniform(0.92, 1.08) if infrared else rng.uniform(1 - CAMERA_SHIFT, 1 + CAMERA_SHIFT)),
             cast=cast,
             light_side=float(rng.choice([-1.0, 1.0])),
             noise=float(rng.uniform(0.025, 0.045) if infrared else rng.uniform(0.008, 0.02)),

@@ -127,11 +127,12 @@ def _normalize() -> T.Normalize:
     return T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-def train_transform(height: int, width: int, view: str = "standard") -> T.Compose:
+def train_transform(height: int, width: int, view: str = "standard", pad: int = PAD) -> T.Compose:
     """PIL image -> augmented normalised tensor [3, height, width].
 
     view: "standard", "channel" (visible second view: jitter + channel exchange) or
-    "infrared" (jitter + channel exchange with p = 0.5).
+    "infrared" (jitter + channel exchange with p = 0.5). pad: pixels of zero padding
+    before the random crop (10 at the paper's 288×144; scale it down for small inputs).
     """
     if view not in VIEWS:
         raise ValueError(f"train_transform view must be one of {', '.join(VIEWS)}, got {view!r}.")
@@ -140,7 +141,7 @@ def train_transform(height: int, width: int, view: str = "standard") -> T.Compos
     return T.Compose([
         *first[view],
         T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC),
-        T.Pad(PAD),
+        T.Pad(pad),
         T.RandomCrop((height, width)),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
@@ -162,14 +163,14 @@ def test_transform(height: int, width: int) -> T.Compose:
 test_transform.__test__ = False
 
 
-def visible_views(height: int, width: int, channel_aug: bool = True) -> list[T.Compose]:
+def visible_views(height: int, width: int, channel_aug: bool = True, pad: int = PAD) -> list[T.Compose]:
     """Transforms of a visible training image: [standard, channel], or [standard] when off."""
-    views = [train_transform(height, width, "standard")]
+    views = [train_transform(height, width, "standard", pad)]
     if channel_aug:
-        views.append(train_transform(height, width, "channel"))
+        views.append(train_transform(height, width, "channel", pad))
     return views
 
 
-def infrared_views(height: int, width: int) -> list[T.Compose]:
+def infrared_views(height: int, width: int, pad: int = PAD) -> list[T.Compose]:
     """Transforms of an infrared training image: [infrared]."""
-    return [train_transform(height, width, "infrared")]
+    return [train_transform(height, width, "infrared", pad)]
