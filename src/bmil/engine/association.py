@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import sparse
 
 from bmil.cluster import (
     SubClusters,
@@ -19,6 +20,7 @@ from bmil.cluster import (
 )
 from bmil.config import ClusterConfig
 from bmil.data.records import INFRARED, VISIBLE
+from bmil.engine.memory_check import require_clustering_memory
 
 log = logging.getLogger(__name__)
 
@@ -44,24 +46,35 @@ def cluster_once(features: np.ndarray, cfg: ClusterConfig, modality: np.ndarray 
     k1 shrinks (with a warning) when there are too few samples for it, rather than
     failing an epoch; fewer than ``min_samples`` samples give no cluster at all.
     """
+    distance = cluster_distance(features, cfg, modality)
+    if distance is None:
+        return np.full(len(features), -1, dtype=np.int64)
+    return relabel(dbscan_labels(distance, cfg.eps, cfg.min_samples))
+
+
+def cluster_distance(
+    features: np.ndarray, cfg: ClusterConfig, modality: np.ndarray | None = None
+) -> sparse.csr_array | None:
+    """The Jaccard distance (sparse [n, n]) :func:`cluster_once` clusters, or ``None`` when
+    there are too few samples to cluster; checks the memory it needs first."""
     n = len(features)
     if n < max(cfg.min_samples, 2):
-        return np.full(n, -1, dtype=np.int64)
+        return None
     k1 = cfg.k1
     if modality is not None:
         smallest = int(min(np.sum(modality == VISIBLE), np.sum(modality == INFRARED)))
         if smallest < 2:
             log.warning("a modality has %d image(s) in this clustering step: no cross-modality clustering", smallest)
-            return np.full(n, -1, dtype=np.int64)
+            return None
         k1 = min(k1, 2 * (smallest - 1))
     k1 = min(k1, n - 1)
     if k1 < cfg.k1:
         log.warning("only %d samples: clustering with k1=%d instead of %d", n, k1, cfg.k1)
     k2 = max(1, min(cfg.k2, k1))
-    distance = jaccard_distance(
+    require_clustering_memory(n, int(features.shape[1]), k1, cfg, getattr(features, "device", "cpu"))
+    return jaccard_distance(
         features, k1=k1, k2=k2, modality=modality, lqe=cfg.lqe, backend=cfg.backend, block_size=cfg.block_size
     )
-    return relabel(dbscan_labels(distance, cfg.eps, cfg.min_samples))
 
 
 def intra_labels(

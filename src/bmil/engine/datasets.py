@@ -52,6 +52,26 @@ def train_records(cfg: Config) -> list[Record]:
     return records
 
 
+def log_dataset_counts(cfg: Config) -> list[str]:
+    """Log what the dataset root holds (INFO) and each difference from the published counts
+    (WARNING, one line each, e.g. "SYSU-MM01 train ids: found 8, expected 395"); returns the
+    differences. Only file lists are read, no image is decoded; synthetic and folder data
+    have no published counts and are skipped."""
+    from bmil.data.check import compare_counts, dataset_counts
+
+    name = cfg.data.dataset
+    if name not in ("sysu", "regdb", "llcm"):
+        return []
+    counts = dataset_counts(name, Path(cfg.data.root).expanduser())
+    if name == "regdb":  # the trained trial only
+        counts = {k: v for k, v in counts.items() if k.startswith(f"trial {cfg.data.trial} ")}
+    log.info("%s: %s", name, ", ".join(f"{k} {v}" for k, v in counts.items()))
+    differences = compare_counts(name, counts)
+    for line in differences:
+        log.warning("%s (bmil check-data --dataset %s lists every difference)", line, name)
+    return differences
+
+
 def has_labels(records: list[Record]) -> bool:
     """True when every record carries a person id (scores can be computed)."""
     pids, _, _ = record_arrays(records)

@@ -20,10 +20,12 @@ from bmil.cluster import cluster_counts, label_quality
 from bmil.config import Config, config_to_dict, save_config
 from bmil.data import PseudoIdentitySampler, TrainDataset, infrared_views, visible_views
 from bmil.data.records import INFRARED, MODALITY_NAMES, VISIBLE, Record, record_arrays
+from bmil.engine import distributed
 from bmil.engine.association import Association, global_labels, intra_labels
 from bmil.engine.checkpoint import load_checkpoint, save_checkpoint
-from bmil.engine.datasets import has_labels, run_protocol, train_records
+from bmil.engine.datasets import has_labels, log_dataset_counts, run_protocol, train_records
 from bmil.engine.extract import FEATURE_DESCRIPTION, extract_features, resolve_device
+from bmil.engine.memory_check import require_training_memory
 from bmil.engine.run_log import RunLogger, write_run_info
 from bmil.errors import BmilError, CheckpointError
 from bmil.losses import global_loss, intra_loss
@@ -59,6 +61,16 @@ def set_deterministic(enabled: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: numpy and Python ``random`` in a worker follow the
+    worker's torch seed, which the loader draws from the torch RNG that
+    :func:`seed_everything` seeds every epoch; so worker randomness depends only on
+    (train.seed, epoch, worker), never on the parent process's numpy state."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def check_signature(expected: dict, state: dict, path: str | Path) -> None:
     """A checkpoint's architecture must equal the configured one."""
     found = state.get("signature")
@@ -86,6 +98,11 @@ class _GlobalTargets:
         )
 
 
+def _cluster_count(labels: np.ndarray | None) -> int:
+    """Distinct clusters (labels >= 0) in ``labels``; 0 for None."""
+    return 0 if labels is None else int(len(np.unique(labels[labels >= 0])))
+
+
 @dataclass
 class StageBest:
     """Best evaluation score (mAP of the first setting) and its metrics, per stage."""
@@ -103,26 +120,34 @@ class Trainer:
         self.progress = progress
         self.out = Path(cfg.output)
         self.ckpt_dir = self.out / "checkpoints"
-        self.device = resolve_device(cfg.train.device)
+        self.dist = distributed.init_distributed(resolve_device(cfg.train.device))
+        self.device = self.dist.device
+        self.progress = progress and self.dist.is_main
+        self.per_rank_ids = distributed.per_rank_ids(cfg.train.num_ids, self.dist)
+        distributed.require_one_forward_per_step(cfg.train.separate_global_step, self.dist)
         set_deterministic(cfg.train.deterministic)
         seed_everything(cfg.train.seed, -1)
 
         self.records: list[Record] = train_records(cfg)
+        log_dataset_counts(cfg)
         self.pids, self.camids, self.modality = record_arrays(self.records)
         self.index = {m: np.flatnonzero(self.modality == m) for m in MODALITIES}
         self.labelled = has_labels(self.records)
         log.info(
             "training images: %d visible, %d infrared%s",
             len(self.index[VISIBLE]), len(self.index[INFRARED]),
-            f", {len(np.unique(self.pids))} identities (used only for scoring)" if self.labelled else "",
+            f", {len(np.unique(self.pids))} identities (used only for scoring)" if self.labelled
+            else "; the images have no person ids, so evaluation is skipped and no score will be reported",
         )
 
         self.model = build_model(
             depth=cfg.model.depth, non_local=cfg.model.non_local, pretrained=cfg.model.pretrained
         ).to(self.device)
+        self.model, self.sync_bn = distributed.convert_sync_bn(self.model, self.dist, cfg.model.sync_bn)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.signature = model_signature(self.model)
+        require_training_memory(cfg, len(self.index[VISIBLE]), len(self.index[INFRARED]), self.signature["feat_dim"])
         self.datasets = self._build_datasets()
         self.start_epoch = 0
         self.best = {1: StageBest(), 2: StageBest()}
@@ -132,11 +157,15 @@ class Trainer:
             self._load_weights(cfg.train.init_from)
         if resume:
             self._resume()
+        # Training steps go through DDP when distributed; extraction, state_dict and
+        # checkpoints use the bare module (``self.model``), which shares its parameters.
+        self.train_model = distributed.wrap_ddp(self.model, self.dist)
 
     # ---------------------------------------------------------------- setup
     def _build_datasets(self) -> dict[int, TrainDataset]:
         h, w = self.cfg.data.height, self.cfg.data.width
-        views = {VISIBLE: visible_views(h, w, self.cfg.data.channel_aug), INFRARED: infrared_views(h, w)}
+        pad = self.cfg.data.pad
+        views = {VISIBLE: visible_views(h, w, self.cfg.data.channel_aug, pad), INFRARED: infrared_views(h, w, pad)}
         return {
             m: TrainDataset([self.records[i] for i in self.index[m]], views, cache=self.cfg.data.cache_images)
             for m in MODALITIES
@@ -164,6 +193,7 @@ class Trainer:
         self._load_weights(path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_lr_override(state)
         self.start_epoch = int(state["epoch"]) + 1
         self.best = {int(k): StageBest(**v) for k, v in state["best"].items()}
         self.history = list(state.get("history", []))
@@ -178,20 +208,25 @@ class Trainer:
         return 1 if epoch < self.cfg.train.stage1_epochs else 2
 
     def extract(self, records: list[Record], *, flip: bool = True, desc: str = "extract") -> np.ndarray:
-        """Features [N, D] of ``records`` with the current model (L2-normalised)."""
-        return extract_features(
-            self.model, records, height=self.cfg.data.height, width=self.cfg.data.width,
+        """Features [N, D] of ``records`` with the current model (L2-normalised). When
+        distributed, each rank extracts its shard and all ranks get all features, in order."""
+        shard = records[distributed.shard_range(len(records), self.dist)] if self.dist.enabled else records
+        local = extract_features(
+            self.model, shard, height=self.cfg.data.height, width=self.cfg.data.width,
             batch_size=self.cfg.train.extract_batch, device=self.device, flip=flip,
             workers=self.cfg.data.workers, amp=self.cfg.train.amp, progress=self.progress, desc=desc,
         )
+        return distributed.gather_shards(self.dist, local)
 
     def _loader(self, modality: int, labels: np.ndarray, seed: int) -> DataLoader:
         t = self.cfg.train
         sampler = PseudoIdentitySampler(labels, t.num_ids, t.num_instances, t.iterations, seed=seed)
+        if self.dist.enabled:  # this rank's num_ids / world_size identities of every batch
+            sampler = distributed.IdentityShardSampler(sampler, self.dist)
         return DataLoader(
-            self.datasets[modality], batch_size=t.num_ids * t.num_instances, sampler=sampler, drop_last=True,
+            self.datasets[modality], batch_size=self.per_rank_ids * t.num_instances, sampler=sampler, drop_last=True,
             num_workers=self.cfg.data.workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
+            persistent_workers=False, worker_init_fn=seed_worker,
         )
 
     def _forward(self, batches: dict[int, tuple[torch.Tensor, torch.Tensor]], labels: dict[int, np.ndarray]):
@@ -209,7 +244,7 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         amp = self.cfg.train.amp and self.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            feats = self.model(x, torch.cat(mods).to(self.device))
+            feats = self.train_model(x, torch.cat(mods).to(self.device))
         feats = F.normalize(feats.float(), dim=1)
         out = {}
         for (m, f), y in zip(zip(batches, feats.split(sizes), strict=True), targets, strict=True):
@@ -217,19 +252,42 @@ class Trainer:
         return out
 
     def _step(self, loss: torch.Tensor, epoch: int, step: int) -> None:
-        if not math.isfinite(float(loss.detach())):
-            raise TrainingError(
-                f"the loss became non-finite at epoch {epoch} step {step}; checkpoints/last.pt holds the end "
-                "of the previous epoch: resume with --resume after lowering train.lr"
-            )
+        # Every rank must take the same branch, or the others would wait in DDP's all-reduce.
+        if not distributed.all_true(self.dist, math.isfinite(float(loss.detach()))):
+            raise TrainingError(self._non_finite_message(epoch, step))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+
+    def _non_finite_message(self, epoch: int, step: int) -> str:
+        last = self.ckpt_dir / "last.pt"
+        if epoch > 0 and last.is_file():
+            saved = f"{last} holds the end of epoch {epoch - 1}: lower train.lr and continue with --resume"
+        else:
+            saved = "no epoch has finished yet: lower train.lr and start again"
+        return f"the loss became non-finite at epoch {epoch} step {step}; {saved}"
+
+    def _apply_lr_override(self, state: dict[str, Any]) -> None:
+        """A resumed run with another ``train.lr`` (e.g. after a non-finite loss) scales the
+        restored schedule to it; the optimizer state otherwise keeps the saved lr."""
+        saved = float(state.get("config", {}).get("train", {}).get("lr", self.cfg.train.lr))
+        if saved == self.cfg.train.lr or saved <= 0:
+            return
+        factor = self.cfg.train.lr / saved
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+            group["initial_lr"] = group.get("initial_lr", saved) * factor
+        self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        log.warning("train.lr changed from %g to %g on resume: the schedule is scaled by %g",
+                    saved, self.cfg.train.lr, factor)
 
     # ---------------------------------------------------------------- one epoch
     def associate(self, features: np.ndarray, stage: int, rng: np.random.Generator) -> Association:
         """Pseudo labels of one epoch from the train features [N, D]."""
         c = self.cfg
+        if self.device.type == "cuda":  # the kNN (most of the clustering time) then runs on the GPU
+            features = torch.from_numpy(features).to(self.device)
         intra = intra_labels(features, self.modality, c.cluster, rng)
         if stage == 1 or not c.train.global_association:
             return Association(intra=intra)
@@ -241,7 +299,10 @@ class Trainer:
         intra = {}
         for m in MODALITIES:
             labels = assoc.intra[m]
-            if np.any(labels >= 0):
+            if _cluster_count(labels) == 1:
+                log.warning("only one %s cluster this epoch: its intra-modality loss is skipped "
+                            "(a contrastive loss needs two)", MODALITY_NAMES[m])
+            elif np.any(labels >= 0):
                 intra[m] = PrototypeMemory.from_features(
                     torch.from_numpy(features[self.index[m]]), torch.from_numpy(labels),
                     momentum=loss.momentum, hybrid=loss.hybrid,
@@ -250,7 +311,10 @@ class Trainer:
                 log.warning("no %s cluster this epoch: its intra-modality loss is skipped", MODALITY_NAMES[m])
         glob = None
         if assoc.sub is not None:
-            if np.any(assoc.sub.sub_labels >= 0):
+            if _cluster_count(assoc.global_labels) == 1:
+                log.warning("only one global cluster this epoch: the cross-modality loss is skipped "
+                            "(a contrastive loss needs two)")
+            elif np.any(assoc.sub.sub_labels >= 0):
                 glob = PrototypeMemory.from_features(
                     torch.from_numpy(features), torch.from_numpy(assoc.sub.sub_labels),
                     momentum=loss.momentum, hybrid=loss.hybrid,
@@ -272,6 +336,9 @@ class Trainer:
         glob = None
         if glob_mem is not None and self._global_ready(assoc):
             glob = _GlobalTargets.of(assoc, self.index, self.device)
+            if cluster_counts(assoc.global_labels, self.modality)["cross_clusters"] == 0:
+                log.warning("no global cluster holds both modalities this epoch: the cross-modality loss only "
+                            "contrasts same-modality prototypes (see bmil cluster-scan to choose cluster.eps)")
             loaders.update({("global", m): self._loader(m, glob.labels[m], seed + 10 + m) for m in MODALITIES})
         elif glob_mem is not None:
             log.warning("the global clusters of this epoch miss a modality: the cross-modality loss is skipped")
@@ -311,6 +378,11 @@ class Trainer:
         }
         return {k: v / c.train.iterations for k, v in sums.items()}
 
+    def _gathered(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A memory update's batch from all ranks, in rank order (= the single-process
+        batch), so that every rank moves its memories identically."""
+        return distributed.gather_rows(self.dist, features), distributed.gather_rows(self.dist, labels)
+
     def _intra_loss(self, batches: dict, assoc: Association, memories: dict[int, PrototypeMemory]):
         """Intra-modality loss of one step, and the memory update to run after the step."""
         lc = self.cfg.loss
@@ -319,7 +391,7 @@ class Trainer:
 
         def update() -> None:
             for m, (f, y) in feats.items():
-                memories[m].update(f.detach(), y)
+                memories[m].update(*self._gathered(f.detach(), y))
 
         return loss, update
 
@@ -337,7 +409,7 @@ class Trainer:
 
         def update() -> None:
             for f, sub in updates:
-                memory.update(f, sub)
+                memory.update(*self._gathered(f, sub))
 
         return 0.5 * (parts[0] + parts[1]), update
 
@@ -405,43 +477,54 @@ class Trainer:
         self.history.append({"epoch": epoch, "stage": stage, "metrics": metrics})
         if score > self.best[stage].score:
             self.best[stage] = StageBest(score=score, epoch=epoch, metrics=metrics)
-            save_checkpoint(self._state(epoch), self.ckpt_dir / f"best_stage{stage}.pt")
+            if self.dist.is_main:
+                save_checkpoint(self._state(epoch), self.ckpt_dir / f"best_stage{stage}.pt")
         return metrics
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> dict[str, Any]:
         """Train from ``start_epoch`` to the end; returns the best metrics of each stage."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, self.out / "config.yaml")
-        t = self.cfg.train
-        batch = t.num_ids * t.num_instances
-        bn_batch = batch * (2 if self.cfg.data.channel_aug else 1) + batch
-        write_run_info(self.out, device=str(self.device), world_size=1, per_process_batch=batch,
-                       bn_batch=bn_batch, sync_bn=self.cfg.model.sync_bn)
-        logger = RunLogger(self.out, resume_epoch=self.start_epoch if self.start_epoch else None)
+        logger = None
+        if self.dist.is_main:  # only rank 0 writes the run folder
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.out / "config.yaml")
+            # Per process: this rank's share of the P×K identities, both modalities' views in one BN pass.
+            batch = self.per_rank_ids * self.cfg.train.num_instances
+            bn_batch = batch * (2 if self.cfg.data.channel_aug else 1) + batch
+            write_run_info(self.out, device=str(self.device), world_size=self.dist.world_size,
+                           per_process_batch=batch, bn_batch=bn_batch * (self.dist.world_size if self.sync_bn else 1),
+                           sync_bn=self.sync_bn)
+            logger = RunLogger(self.out, resume_epoch=self.start_epoch if self.start_epoch else None)
         try:
             for epoch in range(self.start_epoch, self.total_epochs):
                 self._run_epoch(epoch, logger)
         finally:
-            logger.close()
+            if logger is not None:
+                logger.close()
         return self.summary()
 
-    def _run_epoch(self, epoch: int, logger: RunLogger) -> None:
+    def _run_epoch(self, epoch: int, logger: RunLogger | None) -> None:
         stage = self.stage_of(epoch)
         if epoch == self.cfg.train.stage1_epochs and epoch > 0:
             self._start_stage2()
         rng = seed_everything(self.cfg.train.seed, epoch)
         features = self.extract(self.records, flip=self.cfg.cluster.flip, desc=f"epoch {epoch} features")
-        assoc = self.associate(features, stage, rng)
+        # Rank 0 clusters; the other ranks receive its pseudo labels.
+        assoc = distributed.broadcast_object(
+            self.dist, self.associate(features, stage, rng) if self.dist.is_main else None
+        )
         stats = self.association_stats(assoc)
         losses = self.train_epoch(epoch, features, assoc)
+        distributed.average_buffers(self.dist, self.model)  # one set of BN statistics for all ranks
         self.scheduler.step()
         record = {"epoch": epoch, "stage": stage, "lr": self.optimizer.param_groups[0]["lr"], **losses, **stats}
         metrics = self._maybe_evaluate(epoch, stage)
         for setting, values in (metrics or {}).items():
             record.update({f"eval/{setting}/{k}": v for k, v in values.items()})
-        logger.log(record, step=epoch)
-        save_checkpoint(self._state(epoch), self.ckpt_dir / "last.pt")
+        if self.dist.is_main:
+            logger.log(record, step=epoch)
+            save_checkpoint(self._state(epoch), self.ckpt_dir / "last.pt")
+        distributed.barrier(self.dist)  # the checkpoints exist for every rank (stage 2 reads best_stage1.pt)
         log.info("epoch %d (stage %d): %s", epoch, stage,
                  ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
 

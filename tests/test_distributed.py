@@ -1,0 +1,177 @@
+"""Data-parallel training: two gloo processes on the CPU end with identical weights and
+memories; the collectives keep rank order; each rank trains on its share of the batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from bmil.engine import distributed
+from bmil.errors import ConfigError
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _join(rank: int, port: int) -> None:
+    """What torchrun sets for each process."""
+    os.environ.update({
+        "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_WORLD_SIZE": str(WORLD),
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+    })
+    torch.set_num_threads(1)
+
+
+def _train_worker(rank: int, port: int, root: str, out: str, dump: str) -> None:
+    from bmil.data import PseudoIdentitySampler
+    from bmil.engine.extract import extract_features
+    from bmil.engine.trainer import Trainer
+    from conftest import tiny_config  # tests/ is on the path pytest hands to spawned processes
+
+    _join(rank, port)
+    cfg = tiny_config(Path(root), Path(out), "train.stage1_epochs=1", "train.stage2_epochs=1",
+                      "train.iterations=2", "train.eval_every=5", "model.sync_bn=true")
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.dist.world_size == WORLD and trainer.dist.rank == rank
+    seen = {}
+    original = trainer._loader
+
+    def recording_loader(modality, labels, seed):
+        loader = original(modality, labels, seed)
+        if "batch" not in seen:
+            seen["batch"] = loader.batch_size
+            seen["mine"] = loader.sampler.indices()[: loader.batch_size].tolist()
+            full = PseudoIdentitySampler(labels, cfg.train.num_ids, cfg.train.num_instances, 1, seed=seed)
+            seen["full"] = full.indices().tolist()
+        return loader
+
+    trainer._loader = recording_loader
+    trainer.fit()
+    sharded = trainer.extract(trainer.records[:10], flip=False)
+    whole = extract_features(trainer.model, trainer.records[:10], height=cfg.data.height, width=cfg.data.width,
+                             batch_size=64, flip=False, amp=False, progress=False)
+    torch.save({
+        "model": trainer.model.state_dict(), "memories": trainer._memories_state, "seen": seen,
+        "sharded": sharded, "whole": whole,
+    }, Path(dump) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(synthetic_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp_run")
+    dump = tmp_path_factory.mktemp("ddp_dump")
+    mp.spawn(_train_worker, args=(_free_port(), str(synthetic_root), str(out), str(dump)), nprocs=WORLD, join=True)
+    states = [torch.load(dump / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return out, states
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _flatten(value, f"{prefix}{key}.")
+    else:
+        yield prefix, tree
+
+
+def test_ranks_end_with_identical_weights_and_memories(two_rank_run):
+    _, (a, b) = two_rank_run
+    assert a["model"].keys() == b["model"].keys()
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    mem_a, mem_b = dict(_flatten(a["memories"])), dict(_flatten(b["memories"]))
+    assert mem_a.keys() == mem_b.keys() and any("global" in k for k in mem_a)
+    assert all(torch.equal(mem_a[k], mem_b[k]) for k in mem_a)
+
+
+def test_each_rank_takes_its_half_of_every_batch(two_rank_run):
+    _, (a, b) = two_rank_run
+    # tiny config: 4 identities × 4 instances; 2 processes → 2 identities × 4 instances each.
+    assert a["seen"]["batch"] == b["seen"]["batch"] == 8
+    assert a["seen"]["full"] == b["seen"]["full"] and len(a["seen"]["full"]) == 16
+    assert a["seen"]["mine"] + b["seen"]["mine"] == a["seen"]["full"]  # rank 0: first 2 ids, rank 1: last 2
+
+
+def test_only_rank_zero_writes_and_run_json_describes_the_job(two_rank_run):
+    out, _ = two_rank_run
+    info = json.loads((out / "run.json").read_text())
+    # gloo on the CPU: torch cannot synchronise BatchNorm there, so each process normalises its own 24 images.
+    assert info["world_size"] == 2 and info["per_process_batch"] == 8
+    assert info["effective_bn_batch"] == 24 and info["sync_bn"] is False
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]  # one writer, no duplicates
+    assert (out / "checkpoints" / "last.pt").is_file()
+
+
+def test_sharded_extraction_returns_all_features_in_order(two_rank_run):
+    _, states = two_rank_run
+    for state in states:
+        assert state["sharded"].shape == state["whole"].shape
+        np.testing.assert_allclose(state["sharded"], state["whole"], atol=1e-5)
+
+
+# ------------------------------------------------------------------ collectives alone
+def _collectives_worker(rank: int, port: int, dump: str) -> None:
+    _join(rank, port)
+    ctx = distributed.init_distributed(torch.device("cpu"))
+    rows = torch.arange(3 + rank * 2, dtype=torch.float32)[:, None].repeat(1, 2) + 100 * rank
+    gathered = distributed.gather_rows(ctx, rows)
+    labels = distributed.broadcast_object(ctx, np.array([7, -1, 3]) if rank == 0 else None)
+    flags = distributed.all_true(ctx, rank == 0), distributed.all_true(ctx, True)
+    shard = distributed.shard_range(7, ctx)
+    pieces = distributed.gather_shards(ctx, np.arange(7)[shard])
+    torch.save({"gathered": gathered, "labels": labels, "flags": flags, "pieces": pieces},
+               Path(dump) / f"rank{rank}.pt")
+    distributed.shutdown(ctx)
+
+
+def test_collectives_keep_rank_order(tmp_path):
+    mp.spawn(_collectives_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    expected = torch.cat([
+        torch.arange(3.0)[:, None].repeat(1, 2),
+        torch.arange(5.0)[:, None].repeat(1, 2) + 100,
+    ])
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert torch.equal(got["gathered"], expected)  # unequal row counts, rank order
+        np.testing.assert_array_equal(got["labels"], [7, -1, 3])
+        assert got["flags"] == (False, True)
+        np.testing.assert_array_equal(got["pieces"], np.arange(7))
+
+
+def test_identity_shards_partition_each_batch():
+    class Batches:  # 3 batches of 4 identities × 2 instances, indices 0..23
+        num_ids, num_instances, iterations = 4, 2, 3
+
+        def indices(self):
+            return np.arange(24)
+
+    shards = [distributed.IdentityShardSampler(Batches(), distributed.DistContext(rank=r, world_size=2))
+              for r in range(2)]
+    assert shards[0].indices().tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19]
+    assert shards[1].indices().tolist() == [4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23]
+    assert len(shards[0]) == 12
+    with pytest.raises(ConfigError, match="train.num_ids"):
+        distributed.per_rank_ids(6, distributed.DistContext(rank=0, world_size=4))
+
+
+def test_single_process_helpers_are_identities():
+    ctx = distributed.DistContext()
+    x = torch.randn(3, 2)
+    assert distributed.gather_rows(ctx, x) is x
+    assert distributed.broadcast_object(ctx, "labels") == "labels"
+    assert distributed.shard_range(5, ctx) == slice(0, 5)
+    assert not ctx.enabled and ctx.is_main
