@@ -22,6 +22,7 @@ examples:
   bmil train --config regdb data.root=/data/RegDB data.trial=3 output=runs/regdb3
   bmil eval --config sysu data.root=/data/SYSU-MM01 --checkpoint runs/sysu/checkpoints/best_stage2.pt
   bmil check-data --dataset sysu /data/SYSU-MM01
+  bmil cluster-scan --config sysu data.root=/data/SYSU-MM01 --checkpoint CKPT --eps 0.3:0.7:0.05
 
 --config takes a YAML file or a preset name: sysu, regdb, llcm, folder, demo, ablation/m1 … ablation/m6.
 Any configuration value can be overridden as section.key=value (see configs/sysu.yaml for the keys).
@@ -95,6 +96,115 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster_scan(args: argparse.Namespace) -> int:
+    from bmil.engine.cluster_scan import cluster_scan, parse_eps, scan_table
+    from bmil.engine.extract import resolve_device
+
+    eps_values = parse_eps(args.eps)
+    cfg = _load(args)
+    rows = cluster_scan(cfg, args.checkpoint, eps_values, resolve_device(args.device), progress=not args.quiet)
+    print(f"{cfg.data.dataset} training set, k1={cfg.cluster.k1}, k2={cfg.cluster.k2}, "
+          f"min_samples={cfg.cluster.min_samples}, {'modality-aware' if cfg.cluster.modality_aware else 'plain'} "
+          "global distance; visible images clustered whole (no subset)")
+    print(scan_table(rows))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"rows written to {args.out}")
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from bmil.engine.extract import resolve_device
+    from bmil.engine.inference import load_model
+    from bmil.engine.search import extract_folder, parse_modality, save_features
+
+    modality = parse_modality(args.modality)
+    device = resolve_device(args.device)
+    model, cfg = load_model(args.checkpoint, device)
+    feats = extract_folder(
+        model, cfg, args.images, modality, ids_from_folders=args.ids_from_folders, device=device,
+        progress=not args.quiet,
+    )
+    path = save_features(feats, args.out)
+    print(f"{len(feats.paths)} {args.modality} images, {feats.features.shape[1]}-d features written to {path}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from bmil.engine import search
+    from bmil.engine.extract import resolve_device
+    from bmil.engine.inference import load_model
+    from bmil.errors import DatasetError
+
+    gallery = search.load_features(args.gallery)
+    modality = search.query_modality(gallery, args.query_modality, args.gallery)
+    device = resolve_device(args.device)
+    model, cfg = load_model(args.checkpoint, device)
+    query = search.embed_image(model, cfg, args.query, modality, device)
+    if query.shape[0] != gallery.features.shape[1]:
+        raise DatasetError(f"gallery {args.gallery} holds {gallery.features.shape[1]}-d features, "
+                           f"but this checkpoint gives {query.shape[0]}-d ones")
+    order, scores = search.rank_gallery(query, gallery.features, args.top)
+    flags = search.match_flags(gallery, order, args.query_id)
+    for rank, (i, score) in enumerate(zip(order, scores, strict=True)):
+        pid = f"  id {gallery.pids[i]}" if gallery.pids is not None else ""
+        mark = {True: "  match", False: "  wrong", None: ""}[flags[rank]] if flags else ""
+        print(f"{rank + 1:3d}  {score:.4f}{pid}  {gallery.paths[i]}{mark}")
+    out = search.draw_rank_list(args.query, [gallery.paths[i] for i in order], scores, flags, args.out)
+    print(f"\nrank list written to {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from bmil.engine.export import export_onnx, onnx_max_difference, require_onnx
+    from bmil.engine.inference import load_model
+
+    require_onnx()
+    model, cfg = load_model(args.checkpoint, "cpu")
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    paths = export_onnx(model, out, cfg.data.height, cfg.data.width, stem=Path(args.checkpoint).stem)
+    images = torch.randn(2, 3, cfg.data.height, cfg.data.width, generator=torch.Generator().manual_seed(0))
+    for modality, path in paths.items():
+        line = f"wrote {path}"
+        if not args.no_check:
+            line += f" (largest difference from PyTorch: {onnx_max_difference(path, model, modality, images):.2e})"
+        print(line)
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from bmil.analysis import analyze_features, analyze_run
+
+    if args.run:
+        written = analyze_run(args.run, args.out)
+    else:
+        from bmil.config import load_config, save_config
+        from bmil.data.records import record_arrays
+        from bmil.engine.extract import resolve_device
+        from bmil.engine.inference import load_model, train_set_features
+
+        if not args.out:
+            raise ConfigError("bmil analyze --checkpoint needs --out DIR for the figures")
+        device = resolve_device(args.device)
+        model, cfg = load_model(args.checkpoint, device)
+        if args.config:
+            cfg = load_config(preset_path(args.config), args.overrides)
+        elif args.overrides:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            saved = Path(args.out) / "checkpoint_config.yaml"
+            save_config(cfg, saved)
+            cfg = load_config(saved, args.overrides)
+        feats, records = train_set_features(model, cfg, device, progress=not args.quiet)
+        pids, _, modality = record_arrays(records)
+        written = analyze_features(feats, modality, pids, args.out, cfg.cluster, seed=cfg.train.seed)
+    for name in sorted(written):
+        print(written[name])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bmil",
@@ -128,7 +238,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, choices=["sysu", "regdb", "llcm", "folder"])
     p.add_argument("root", help="dataset root folder")
     p.set_defaults(func=cmd_check_data)
+
+    p = sub.add_parser("cluster-scan", help="cluster counts, outliers and ARI/NMI for a range of DBSCAN eps")
+    with_config(p)
+    p.add_argument("--checkpoint", required=True, help="a .pt file written by bmil train")
+    p.add_argument("--eps", required=True, help="START:STOP:STEP (e.g. 0.3:0.7:0.05, both ends included) or 0.4,0.6")
+    p.add_argument("--out", help="also write the rows as JSON to this file")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.set_defaults(func=cmd_cluster_scan)
+
+    p = sub.add_parser("extract", help="features of every image under a folder, saved as .npz")
+    p.add_argument("--checkpoint", required=True, help="a .pt file written by bmil train")
+    p.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    p.add_argument("--modality", required=True, choices=["visible", "infrared"])
+    p.add_argument("--out", required=True, help="features file (.npz)")
+    p.add_argument("--ids-from-folders", action="store_true", help="person id = the image's folder name (SYSU layout)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("search", help="rank a features file for one query image; draw the rank list")
+    p.add_argument("--checkpoint", required=True, help="the checkpoint that extracted the gallery")
+    p.add_argument("--query", required=True, help="query image file")
+    p.add_argument("--gallery", required=True, help="features file written by bmil extract")
+    p.add_argument("--top", type=int, default=10, help="matches to show (default 10)")
+    p.add_argument("--query-modality", choices=["visible", "infrared"],
+                   help="default: the other modality than the gallery's")
+    p.add_argument("--query-id", type=int, help="the query's person id: colours matches green/red")
+    p.add_argument("--out", default="rank_list.png", help="rank-list image (default rank_list.png)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("export", help="export a checkpoint as ONNX, one model per modality")
+    p.add_argument("--checkpoint", required=True, help="a .pt file written by bmil train")
+    p.add_argument("--format", required=True, choices=["onnx"])
+    p.add_argument("--out", help="output folder (default: the checkpoint's folder)")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison with PyTorch")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("analyze", help="the paper's diagnostic figures (PNG + JSON) for a checkpoint or a run")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="figures 1a, 3, 1b/5 on the training set")
+    source.add_argument("--run", help="run folder: pseudo-label quality per epoch (figure 4)")
+    p.add_argument("--config", help="dataset configuration (default: the one saved in the checkpoint)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.root=/data/SYSU-MM01")
+    p.add_argument("--out", help="output folder (default for --run: RUN/analysis)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.set_defaults(func=cmd_analyze)
     return parser
+
+
+def error_sentence(err: BaseException) -> str:
+    """The one-sentence message of a user error. An error raised in a DataLoader worker
+    comes back with the worker's traceback in its text; its last line holds the message."""
+    text = str(err)
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and "Traceback" in text:
+        prefix = f"{type(err).__name__}: "
+        return lines[-1].split(prefix, 1)[1] if prefix in lines[-1] else lines[-1]
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -141,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except BmilError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {error_sentence(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
