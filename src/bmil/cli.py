@@ -219,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=True, help="YAML file or preset name (sysu, regdb, llcm, folder, demo)")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=1e-4 data.root=/data")
 
+    def with_checkpoint(p: argparse.ArgumentParser, help: str = "a .pt file written by bmil train") -> None:
+        p.add_argument("--checkpoint", required=True, help=help)
+
+    def with_device(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+
     p = sub.add_parser("train", help="train stage 1 then stage 2 as configured")
     with_config(p)
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last.pt")
@@ -226,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a checkpoint with the dataset's test protocol")
     with_config(p)
-    p.add_argument("--checkpoint", required=True, help="a .pt file written by bmil train")
+    with_checkpoint(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="generate the synthetic dataset, train both stages on the CPU, print results")
@@ -241,23 +247,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cluster-scan", help="cluster counts, outliers and ARI/NMI for a range of DBSCAN eps")
     with_config(p)
-    p.add_argument("--checkpoint", required=True, help="a .pt file written by bmil train")
+    with_checkpoint(p)
     p.add_argument("--eps", required=True, help="START:STOP:STEP (e.g. 0.3:0.7:0.05, both ends included) or 0.4,0.6")
     p.add_argument("--out", help="also write the rows as JSON to this file")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    with_device(p)
     p.set_defaults(func=cmd_cluster_scan)
 
     p = sub.add_parser("extract", help="features of every image under a folder, saved as .npz")
-    p.add_argument("--checkpoint", required=True, help="a .pt file written by bmil train")
+    with_checkpoint(p)
     p.add_argument("--images", required=True, help="folder of images (searched recursively)")
     p.add_argument("--modality", required=True, choices=["visible", "infrared"])
     p.add_argument("--out", required=True, help="features file (.npz)")
     p.add_argument("--ids-from-folders", action="store_true", help="person id = the image's folder name (SYSU layout)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    with_device(p)
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("search", help="rank a features file for one query image; draw the rank list")
-    p.add_argument("--checkpoint", required=True, help="the checkpoint that extracted the gallery")
+    with_checkpoint(p, "the checkpoint that extracted the gallery")
     p.add_argument("--query", required=True, help="query image file")
     p.add_argument("--gallery", required=True, help="features file written by bmil extract")
     p.add_argument("--top", type=int, default=10, help="matches to show (default 10)")
@@ -265,11 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the other modality than the gallery's")
     p.add_argument("--query-id", type=int, help="the query's person id: colours matches green/red")
     p.add_argument("--out", default="rank_list.png", help="rank-list image (default rank_list.png)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    with_device(p)
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("export", help="export a checkpoint as ONNX, one model per modality")
-    p.add_argument("--checkpoint", required=True, help="a .pt file written by bmil train")
+    with_checkpoint(p)
     p.add_argument("--format", required=True, choices=["onnx"])
     p.add_argument("--out", help="output folder (default: the checkpoint's folder)")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison with PyTorch")
@@ -282,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="dataset configuration (default: the one saved in the checkpoint)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.root=/data/SYSU-MM01")
     p.add_argument("--out", help="output folder (default for --run: RUN/analysis)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    with_device(p)
     p.set_defaults(func=cmd_analyze)
     return parser
 
