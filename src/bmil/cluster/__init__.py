@@ -10,6 +10,7 @@ from bmil.cluster.knn import knn
 from bmil.cluster.labels import (
     SubClusters,
     cluster_counts,
+    num_clusters,
     random_subset,
     relabel,
     split_by_modality,
@@ -25,6 +26,7 @@ __all__ = [
     "jaccard_distance",
     "knn",
     "label_quality",
+    "num_clusters",
     "random_subset",
     "relabel",
     "split_by_modality",

@@ -74,6 +74,12 @@ def split_by_modality(labels: np.ndarray, modality: np.ndarray) -> SubClusters:
     return SubClusters(sub_labels=sub_labels, sub_to_cluster=keys // 2, sub_modality=keys % 2)
 
 
+def num_clusters(labels: np.ndarray) -> int:
+    """Distinct clusters in pseudo labels ``labels`` [N] (-1 outliers are not a cluster)."""
+    labels = np.asarray(labels)
+    return int(np.unique(labels[labels >= 0]).size)
+
+
 def cluster_counts(labels: np.ndarray, modality: np.ndarray) -> dict:
     """Summary of pseudo labels ``labels`` [N] (-1 outliers) over ``modality`` [N] (0/1).
 
@@ -90,7 +96,7 @@ def cluster_counts(labels: np.ndarray, modality: np.ndarray) -> dict:
         per_modality.append(np.unique(labels[clustered & (modality == m)]))
     vis, ir = per_modality
     return {
-        "clusters": int(np.unique(labels[clustered]).size),
+        "clusters": num_clusters(labels),
         "outliers": int(np.sum(~clustered)),
         "clusters_visible": int(vis.size),
         "outliers_visible": int(np.sum(~clustered & (modality == 0))),

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bmil.cluster import cluster_counts, dbscan_labels, label_quality, relabel
+from bmil.cluster import cluster_counts, dbscan_labels, label_quality, num_clusters, relabel
 from bmil.config import ClusterConfig, Config
 from bmil.data.records import INFRARED, MODALITY_NAMES, VISIBLE, record_arrays
 from bmil.engine.association import cluster_distance
@@ -90,7 +90,7 @@ def scan_eps(
         for m in MODALITIES:
             name = MODALITY_NAMES[m]
             labels = _labels(intra[m], eps, cfg.min_samples, len(index[m]))
-            row[f"{name}/clusters"] = int(np.unique(labels[labels >= 0]).size)
+            row[f"{name}/clusters"] = num_clusters(labels)
             row[f"{name}/outliers"] = int(np.sum(labels < 0))
             quality = _quality(labels, None if pids is None else pids[index[m]])
             row.update({f"{name}/{k}": v for k, v in quality.items()})

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from bmil.cluster import cluster_counts, label_quality
+from bmil.cluster import cluster_counts, label_quality, num_clusters
 from bmil.config import Config, config_to_dict, save_config
 from bmil.data import PseudoIdentitySampler, TrainDataset, infrared_views, visible_views
 from bmil.data.records import INFRARED, MODALITY_NAMES, VISIBLE, Record, record_arrays
@@ -98,11 +98,6 @@ class _GlobalTargets:
         )
 
 
-def _cluster_count(labels: np.ndarray | None) -> int:
-    """Distinct clusters (labels >= 0) in ``labels``; 0 for None."""
-    return 0 if labels is None else int(len(np.unique(labels[labels >= 0])))
-
-
 @dataclass
 class StageBest:
     """Best evaluation score (mAP of the first setting) and its metrics, per stage."""
@@ -117,7 +112,6 @@ class Trainer:
 
     def __init__(self, cfg: Config, *, resume: bool = False, progress: bool = True) -> None:
         self.cfg = cfg
-        self.progress = progress
         self.out = Path(cfg.output)
         self.ckpt_dir = self.out / "checkpoints"
         self.dist = distributed.init_distributed(resolve_device(cfg.train.device))
@@ -299,7 +293,7 @@ class Trainer:
         intra = {}
         for m in MODALITIES:
             labels = assoc.intra[m]
-            if _cluster_count(labels) == 1:
+            if num_clusters(labels) == 1:
                 log.warning("only one %s cluster this epoch: its intra-modality loss is skipped "
                             "(a contrastive loss needs two)", MODALITY_NAMES[m])
             elif np.any(labels >= 0):
@@ -311,7 +305,7 @@ class Trainer:
                 log.warning("no %s cluster this epoch: its intra-modality loss is skipped", MODALITY_NAMES[m])
         glob = None
         if assoc.sub is not None:
-            if _cluster_count(assoc.global_labels) == 1:
+            if num_clusters(assoc.global_labels) == 1:
                 log.warning("only one global cluster this epoch: the cross-modality loss is skipped "
                             "(a contrastive loss needs two)")
             elif np.any(assoc.sub.sub_labels >= 0):
@@ -419,7 +413,7 @@ class Trainer:
         for m in MODALITIES:
             name = MODALITY_NAMES[m]
             labels = assoc.intra[m]
-            stats[f"clusters/{name}"] = int(len(np.unique(labels[labels >= 0])))
+            stats[f"clusters/{name}"] = num_clusters(labels)
             stats[f"outliers/{name}"] = int(np.sum(labels < 0))
             if self.labelled:
                 stats[f"ari/{name}"] = label_quality(labels, self.pids[self.index[m]])["ari"]
