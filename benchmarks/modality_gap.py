@@ -9,9 +9,13 @@ val ids), and reports, for raw pixels and for a randomly initialised ResNet-18:
   the other cameras (Rank-1, mAP);
 - cross-modality retrieval: each infrared image queries all visible images (Rank-1, mAP).
 
-It also saves a contact sheet (identities × cameras) as a PNG.
+Optionally also for a ResNet-18 probe trained with identity labels (``--probe-epochs``: on the
+training ids, tested on the test ids) and for one trained on the visible images of another
+population only (``--visible-probe-epochs``: a stand-in for an ImageNet backbone, tested on the
+training ids). It also saves a contact sheet (identities × cameras) as a PNG.
 
     .venv/bin/python benchmarks/modality_gap.py [--root DIR] [--sheet docs/synthetic_contact_sheet.png]
+        [--probe-epochs 10] [--visible-probe-epochs 10]
 """
 
 from __future__ import annotations
@@ -178,6 +182,9 @@ def main() -> None:
     parser.add_argument("--sheet-ids", type=int, default=8)
     parser.add_argument("--probe-epochs", type=int, default=0,
                         help="also train a supervised ResNet-18 probe for this many epochs and test it on the test ids")
+    parser.add_argument("--visible-probe-epochs", type=int, default=0,
+                        help="also train a probe on the visible images of another population (seed + 101) only, "
+                             "a stand-in for an ImageNet backbone, and test it on the training ids")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -192,6 +199,7 @@ def main() -> None:
             print(f"contact sheet: {args.sheet}")
         images, pids, camids, mods = load_images(root, train_ids)
         test = load_images(root, read_ids(root / "exp" / "test_id.txt")) if args.probe_epochs else None
+        other = visible_population(Path(tmp) / "other", args.seed + 101) if args.visible_probe_epochs else None
 
     print(f"{len(images)} training images ({(mods == 0).sum()} visible, {(mods == 1).sum()} infrared), "
           f"{len(np.unique(pids))} ids")
@@ -207,6 +215,13 @@ def main() -> None:
         m = measure(probe_features(model, test_images), test_pids, test_camids, test_mods, args.k)
         rows.append((f"supervised ResNet-18 probe ({args.probe_epochs} epochs), test ids", m, chance_share(test_mods)))
         print(f"probe: {time.perf_counter() - start:.1f} s")
+    if other is not None:
+        start = time.perf_counter()
+        model = train_probe(*other, args.visible_probe_epochs)
+        m = measure(probe_features(model, images), pids, camids, mods, args.k)
+        rows.append((f"visible-only probe, another population ({args.visible_probe_epochs} epochs), train ids", m,
+                     chance_share(mods)))
+        print(f"visible-only probe: {time.perf_counter() - start:.1f} s")
 
     print(f"\n| features | intra-modality share of top-{args.k} | chance | within-modality R1 / mAP (other cams) "
           "| cross-modality R1 / mAP (IR → VIS) |")
@@ -214,6 +229,15 @@ def main() -> None:
     for name, m, chance in rows:
         print(f"| {name} | {m['share']:.3f} | {chance:.3f} | {100 * m['within_r1']:.1f} / {100 * m['within_map']:.1f} "
               f"| {100 * m['cross_r1']:.1f} / {100 * m['cross_map']:.1f} |")
+
+
+def visible_population(root: Path, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Visible images uint8 [N, H, W, 3] and 0-based ids [N] of every id of another synthetic population."""
+    make_synthetic(root, seed=seed)
+    ids = read_ids(root / "exp" / "train_id.txt") + read_ids(root / "exp" / "val_id.txt")
+    ids += read_ids(root / "exp" / "test_id.txt")
+    images, pids, _, mods = load_images(root, ids)
+    return images[mods == 0], pids[mods == 0] - 1
 
 
 def chance_share(modalities: np.ndarray) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +143,22 @@ def test_different_parameters_raise_unless_overwrite(tmp_path: Path) -> None:
     assert read_ids(target / "exp" / "test_id.txt") == [9, 10]
 
 
+def test_an_older_generator_version_is_rendered_again(tmp_path: Path) -> None:
+    target = make_synthetic(tmp_path / "d", seed=1, **SMALL)
+    manifest_path = target / synthetic.MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    fresh = (target / "cam3" / "0001" / "0001.jpg").read_bytes()
+    (target / "cam3" / "0001" / "0001.jpg").write_bytes(b"stale")
+    manifest_path.write_text(json.dumps(dict(manifest, version=manifest["version"] - 1)))
+    make_synthetic(target, seed=1, **SMALL)
+    assert json.loads(manifest_path.read_text()) == manifest
+    assert (target / "cam3" / "0001" / "0001.jpg").read_bytes() == fresh
+    # A newer version than this generator knows is not ours to replace.
+    manifest_path.write_text(json.dumps(dict(manifest, version=manifest["version"] + 1)))
+    with pytest.raises(DatasetError, match="different parameters"):
+        make_synthetic(target, seed=1, **SMALL)
+
+
 def test_foreign_folder_is_not_overwritten(tmp_path: Path) -> None:
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
@@ -221,15 +238,29 @@ def test_infrared_intensity_is_consistent_within_identity(
     assert within < ratio * across
 
 
-def test_infrared_material_is_independent_of_colour() -> None:
+def _luma(colour: tuple[float, float, float]) -> float:
+    return 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+
+
+def test_infrared_material_follows_luminance_for_most_garments() -> None:
     identities = sample_identities(576, np.random.default_rng(0))
-    luma = np.array([0.299 * p.upper.colour[0] + 0.587 * p.upper.colour[1] + 0.114 * p.upper.colour[2]
-                     for p in identities])
+    luma = np.array([_luma(p.upper.colour) for p in identities])
     material = np.array([p.upper.material for p in identities])
-    assert abs(np.corrcoef(luma, material)[0, 1]) < 0.12
-    # ...while skin is warmer than any garment and hair cooler than skin.
-    assert min(p.skin_heat for p in identities) > max(p.upper.material for p in identities)
-    assert max(p.hair_material for p in identities) < min(p.skin_heat for p in identities)
+    close = np.abs(material - luma) < 0.12  # within 3 sigma of the luminance
+    # 75 % follow; of the independent 25 %, some land near the luminance by chance.
+    assert 0.75 <= close.mean() <= 0.9
+    assert np.abs(material - luma)[close].mean() < 0.05
+    # Stripes of a following garment keep the visible polarity.
+    follows = close & (np.array([p.upper.pattern for p in identities]) != "plain")
+    stripe_luma = np.array([_luma(p.upper.stripe_colour) for p in identities])
+    stripe_material = np.array([p.upper.stripe_material for p in identities])
+    same_sign = np.sign(stripe_material - material) == np.sign(stripe_luma - luma)
+    assert same_sign[follows].mean() > 0.95
+    # Skin is brighter in infrared than its luminance; hair and shoes follow their luminance.
+    skin = np.array([p.skin_material - _luma(p.skin_colour) for p in identities])
+    assert skin.mean() == pytest.approx(synthetic.SKIN_INFRARED_GAIN, abs=0.01)
+    hair = np.array([(_luma(p.hair_colour), p.hair_material) for p in identities])
+    assert np.corrcoef(hair.T)[0, 1] > 0.8
 
 
 def test_stripes_survive_in_infrared() -> None:

@@ -15,8 +15,9 @@ What the renderer models (see docs/synthetic.md):
   with an identity's own frequency, phase and duty cycle), hair or hat, and carried objects
   (a hand bag on one side, a backpack);
 - a cue that exists only in visible: the colour of every garment, random per identity;
-- infrared intensity from a per-garment "material" value drawn independently of the colour
-  (skin bright, hair and background dark), blurred and noisy;
+- near-infrared intensity from a "material" value per surface: the luminance of its colour
+  (± a little; skin brighter) for skin, hair, shoes and 75 % of garments and accessories, drawn
+  independently of the colour for the rest; a grey, low-contrast scene; blur and noise;
 - nuisances: per-camera background, illumination gain, colour cast and framing; per-image
   position, scale, lean, limb pose, front or back view, mirror flip, and an occluding box in
   about 10 % of the images.
@@ -41,11 +42,22 @@ from bmil.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 # Fraction of the camera-specific background contrast kept (1 = the full scene).
 BACKGROUND_STRENGTH = 0.25
 # Half-range of the per-camera colour cast and gain of visible cameras.
 CAMERA_SHIFT = 0.08
+# Probability that a garment's near-infrared brightness follows its visible luminance (many
+# dyes reflect near-infrared roughly as their looks suggest; the others do not), and the
+# spread around the luminance when it does.
+MATERIAL_FOLLOWS_LUMA = 0.75
+MATERIAL_NOISE = 0.04
+# Skin reflects near-infrared more strongly than visible light.
+SKIN_INFRARED_GAIN = 0.1
+# Infrared scene brightness: wall and floor ranges and the level the scene is muted towards.
+INFRARED_WALL = (0.3, 0.6)
+INFRARED_FLOOR = (0.25, 0.5)
+INFRARED_NEUTRAL = 0.4
 MANIFEST_NAME = "synthetic.json"
 VISIBLE_CAMERAS = (1, 2, 4, 5)
 INFRARED_CAMERAS = (3, 6)
@@ -92,8 +104,8 @@ class Garment:
 class Identity:
     """Everything that stays fixed for a person across images and cameras.
 
-    Lengths are in body units (the person's height is 1); colours RGB in [0, 1]; heats and
-    materials infrared intensities in [0, 1].
+    Lengths are in body units (the person's height is 1); colours RGB in [0, 1]; materials
+    near-infrared intensities in [0, 1].
     """
 
     height: float  # relative stature, scales the whole figure
@@ -110,7 +122,7 @@ class Identity:
     upper: Garment
     lower: Garment
     skin_colour: tuple[float, float, float]
-    skin_heat: float
+    skin_material: float
     hair_colour: tuple[float, float, float]
     hair_material: float
     accessory_colour: tuple[float, float, float]  # hat, bag or backpack
@@ -137,6 +149,18 @@ def _luma(colour: tuple[float, float, float]) -> float:
     return 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
 
 
+def _infrared_material(rng: np.random.Generator, colour: tuple[float, float, float], follows: bool) -> float:
+    """Near-infrared intensity in [0, 1] of a surface of visible ``colour``.
+
+    ``follows``: the intensity is the colour's luminance ± MATERIAL_NOISE (so the grey image
+    of a visible view resembles the infrared one); otherwise it is drawn in [0.2, 0.85]
+    independently of the colour (a dye that reflects near-infrared unlike its looks).
+    """
+    if follows:
+        return float(np.clip(_luma(colour) + rng.normal(0.0, MATERIAL_NOISE), 0.03, 0.97))
+    return float(rng.uniform(0.2, 0.85))
+
+
 def _sample_garment(rng: np.random.Generator, pattern: str) -> Garment:
     colour = _vivid_colour(rng)
     # Stripes in a second hue or in a lighter / darker shade, always with a clear brightness
@@ -145,11 +169,13 @@ def _sample_garment(rng: np.random.Generator, pattern: str) -> Garment:
     if rng.random() < 0.5 or abs(_luma(stripe_colour) - _luma(colour)) < 0.2:
         factor = 0.35 if _luma(colour) > 0.35 else 2.2
         stripe_colour = tuple(float(np.clip(c * factor + (0.2 if factor > 1 else 0.0), 0, 1)) for c in colour)
-    # Clothes are warmer than the surroundings, cooler than skin.
-    material = float(rng.uniform(0.3, 0.8))
-    # Stripes differ in material by a clear step so the pattern stays visible in infrared.
-    step = float(rng.uniform(0.2, 0.35))
-    stripe_material = material + step if material + step <= 0.95 else material - step
+    follows = rng.random() < MATERIAL_FOLLOWS_LUMA
+    material = _infrared_material(rng, colour, follows)
+    if follows:  # the stripes follow their own luminance: same polarity and step as in visible
+        stripe_material = _infrared_material(rng, stripe_colour, True)
+    else:  # a clear step, so the pattern stays visible in infrared
+        step = float(rng.uniform(0.2, 0.35))
+        stripe_material = material + step if material + step <= 0.95 else material - step
     # Frequencies in cycles per body height: a stripe stays >= 2 px wide at 64 px image height.
     frequency = float(rng.uniform(6.0, 10.0) if pattern == "checks" else rng.uniform(7.0, 13.0))
     return Garment(
@@ -182,6 +208,11 @@ def sample_identities(num_ids: int, rng: np.random.Generator) -> list[Identity]:
         lower_pattern = str(rng.choice(PATTERNS, p=[0.4, 0.2, 0.2, 0.2]))
         hair_value = rng.uniform(0.05, 0.55)
         skin_value = rng.uniform(0.35, 0.95)
+        skin_colour = _hsv_to_rgb(rng.uniform(0.02, 0.1), rng.uniform(0.3, 0.6), skin_value)
+        hair_colour = _hsv_to_rgb(rng.uniform(0.05, 0.12), rng.uniform(0.2, 0.7), hair_value)
+        shoe_colour = _hsv_to_rgb(rng.random(), rng.uniform(0.0, 0.5), rng.uniform(0.05, 0.8))
+        accessory_colour = _vivid_colour(rng)
+        upper, lower = _sample_garment(rng, upper_pattern), _sample_garment(rng, lower_pattern)
         identities.append(
             Identity(
                 height=float(rng.uniform(0.8, 1.0)),
@@ -195,16 +226,16 @@ def sample_identities(num_ids: int, rng: np.random.Generator) -> list[Identity]:
                 lower_style=lower_style,
                 headwear=headwear,
                 carried=carried,
-                upper=_sample_garment(rng, upper_pattern),
-                lower=_sample_garment(rng, lower_pattern),
-                skin_colour=_hsv_to_rgb(rng.uniform(0.02, 0.1), rng.uniform(0.3, 0.6), skin_value),
-                skin_heat=float(rng.uniform(0.82, 0.95)),
-                hair_colour=_hsv_to_rgb(rng.uniform(0.05, 0.12), rng.uniform(0.2, 0.7), hair_value),
-                hair_material=float(rng.uniform(0.1, 0.3)),
-                accessory_colour=_vivid_colour(rng),
-                accessory_material=float(rng.uniform(0.15, 0.7)),
-                shoe_colour=_hsv_to_rgb(rng.random(), rng.uniform(0.0, 0.5), rng.uniform(0.05, 0.8)),
-                shoe_material=float(rng.uniform(0.1, 0.3)),
+                upper=upper,
+                lower=lower,
+                skin_colour=skin_colour,
+                skin_material=min(1.0, _infrared_material(rng, skin_colour, True) + SKIN_INFRARED_GAIN),
+                hair_colour=hair_colour,
+                hair_material=_infrared_material(rng, hair_colour, True),
+                accessory_colour=accessory_colour,
+                accessory_material=_infrared_material(rng, accessory_colour, rng.random() < MATERIAL_FOLLOWS_LUMA),
+                shoe_colour=shoe_colour,
+                shoe_material=_infrared_material(rng, shoe_colour, True),
             )
         )
     return identities
@@ -241,9 +272,9 @@ def _background(rng: np.random.Generator, height: int, width: int, infrared: boo
     """A static scene: a textured wall, a floor below a horizon, a few fixed objects."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     yr, xr = yy / height, xx / width
-    if infrared:  # cool surroundings: dark, low contrast
-        wall = np.full(3, rng.uniform(0.06, 0.22))
-        floor = np.full(3, rng.uniform(0.1, 0.25))
+    if infrared:  # near-infrared under the camera's own illuminator: grey, low contrast
+        wall = np.full(3, rng.uniform(*INFRARED_WALL))
+        floor = np.full(3, rng.uniform(*INFRARED_FLOOR))
     else:
         wall = np.array(_hsv_to_rgb(rng.random(), rng.uniform(0.05, 0.45), rng.uniform(0.35, 0.9)))
         floor = np.array(_hsv_to_rgb(rng.random(), rng.uniform(0.05, 0.35), rng.uniform(0.25, 0.7)))
@@ -277,7 +308,7 @@ def _background(rng: np.random.Generator, height: int, width: int, infrared: boo
     # Keep the scene recognisable per camera but muted: a person-sized foreground has to
     # outweigh the background in the global features of an untrained network, or
     # unsupervised training from random initialisation clusters cameras, not people.
-    neutral = np.full(3, 0.12 if infrared else 0.45, dtype=np.float32)
+    neutral = np.full(3, INFRARED_NEUTRAL if infrared else 0.45, dtype=np.float32)
     image = neutral + BACKGROUND_STRENGTH * (image - neutral)
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
@@ -490,7 +521,7 @@ def render_image(
     if camera.infrared:
         table = np.zeros((NUM_LABELS, 3), dtype=np.float32)
         table[[SKIN, HAIR, HAT, UPPER, LOWER, SHOES, BAG, BACKPACK]] = np.array([
-            identity.skin_heat, identity.hair_material, identity.accessory_material, identity.upper.material,
+            identity.skin_material, identity.hair_material, identity.accessory_material, identity.upper.material,
             identity.lower.material, identity.shoe_material, identity.accessory_material,
             identity.accessory_material,
         ], dtype=np.float32)[:, None]
@@ -598,7 +629,8 @@ def make_synthetic(
     ``num_ids`` persons with ids 1..num_ids; ids 1..num_train_ids train (the last ~10 % of
     them listed as val), the rest test. Every id has ``images_per_camera`` images
     (height x width RGB JPEG) in each of the six cameras. If ``root`` already holds a dataset
-    made with the same parameters and generator version, nothing is done; different
+    made with the same parameters and generator version, nothing is done; one made by an older
+    generator version with the same parameters is rendered again (it is ours, and stale); different
     parameters raise :class:`DatasetError` unless ``overwrite`` is true, which deletes the
     previous camera folders, ``exp`` and the manifest first.
     """
@@ -641,6 +673,10 @@ def _existing_dataset_matches(root: Path, manifest: dict, overwrite: bool) -> bo
             existing = None
         if existing == manifest:
             return True
+        if _older_version_of(existing, manifest):
+            logger.warning("%s holds synthetic data of generator version %s: rendering version %s in its place",
+                           root, existing["version"], manifest["version"])
+            return False
         if not overwrite:
             found = existing.get("params") if isinstance(existing, dict) else "unreadable"
             raise DatasetError(
@@ -654,6 +690,15 @@ def _existing_dataset_matches(root: Path, manifest: dict, overwrite: bool) -> bo
             f"{root} is not empty but has no {MANIFEST_NAME}; choose an empty folder or pass overwrite=True."
         )
     return False
+
+
+def _older_version_of(existing: object, manifest: dict) -> bool:
+    """True if ``existing`` is the manifest of the same generator and parameters, older version."""
+    return (
+        isinstance(existing, dict) and existing.get("generator") == manifest["generator"]
+        and existing.get("params") == manifest["params"] and isinstance(existing.get("version"), int)
+        and existing["version"] < manifest["version"]
+    )
 
 
 def _remove_generated(root: Path) -> None:
