@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 
 
 def clustering_ari(trainer: Trainer, features: np.ndarray) -> dict[str, float]:
-    """ARI of global DBSCAN on ``features`` [N, D] with the plain and the modality-aware
-    Jaccard distance (same eps, k1, k2)."""
+    """Global DBSCAN on ``features`` [N, D] with the plain and the modality-aware Jaccard
+    distance (same eps, k1, k2): ARI, and the precision and recall of the visible-infrared
+    pairs the clusters join (see :func:`bmil.cluster.label_quality`)."""
     out = {}
     for name, aware in (("ari_plain", False), ("ari_modality_aware", True)):
         cfg = replace(trainer.cfg.cluster, modality_aware=aware)
@@ -31,6 +32,7 @@ def clustering_ari(trainer: Trainer, features: np.ndarray) -> dict[str, float]:
         quality = label_quality(labels, trainer.pids, trainer.modality)
         out[name] = float(quality["ari"])
         out[name.replace("ari", "cross_precision")] = float(quality["cross_precision"])
+        out[name.replace("ari", "cross_recall")] = float(quality["cross_recall"])
     return out
 
 
@@ -76,4 +78,12 @@ def demo_table(summary: dict[str, Any]) -> str:
         f"| global clustering ARI on stage-1 features, plain Jaccard | {summary['clustering.ari_plain']:.3f} |",
         "| global clustering ARI on stage-1 features, modality-aware Jaccard | "
         f"{summary['clustering.ari_modality_aware']:.3f} |",
+        f"| visible–infrared pairs joined, plain: precision / recall | {_pairs(summary, 'plain')} |",
+        f"| visible–infrared pairs joined, modality-aware: precision / recall | {_pairs(summary, 'modality_aware')} |",
     ])
+
+
+def _pairs(summary: dict[str, Any], distance: str) -> str:
+    """'precision / recall' of the visible-infrared pairs one clustering joins."""
+    c = summary["clustering"]
+    return f"{c[f'cross_precision_{distance}']:.2f} / {c[f'cross_recall_{distance}']:.2f}"
