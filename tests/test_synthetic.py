@@ -259,8 +259,9 @@ def test_infrared_material_follows_luminance_for_most_garments() -> None:
     # Skin is brighter in infrared than its luminance; hair and shoes follow their luminance.
     skin = np.array([p.skin_material - _luma(p.skin_colour) for p in identities])
     assert skin.mean() == pytest.approx(synthetic.SKIN_INFRARED_GAIN, abs=0.01)
-    hair = np.array([(_luma(p.hair_colour), p.hair_material) for p in identities])
-    assert np.corrcoef(hair.T)[0, 1] > 0.8
+    for part in ("hair", "shoe"):
+        pairs = np.array([(_luma(getattr(p, f"{part}_colour")), getattr(p, f"{part}_material")) for p in identities])
+        assert np.corrcoef(pairs.T)[0, 1] > 0.8
 
 
 def test_stripes_survive_in_infrared() -> None:

@@ -14,7 +14,7 @@ What the renderer models (see docs/synthetic.md):
   trousers, shorts or skirt), garment pattern (plain, horizontal or vertical stripes, checks,
   with an identity's own frequency, phase and duty cycle), hair or hat, and carried objects
   (a hand bag on one side, a backpack);
-- a cue that exists only in visible: the colour of every garment, random per identity;
+- a cue that exists only in visible: the hue and saturation of every garment, random per identity;
 - near-infrared intensity from a "material" value per surface: the luminance of its colour
   (± a little; skin brighter) for skin, hair, shoes and 75 % of garments and accessories, drawn
   independently of the colour for the rest; a grey, low-contrast scene; blur and noise;
