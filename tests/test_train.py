@@ -143,3 +143,23 @@ def test_demo_summary_has_the_published_keys(synthetic_root, tmp_path, make_conf
     assert on_disk["stage2.rank1"] == pytest.approx(next(iter(history[2].values()))["rank1"])
     table = demo_table(summary)
     assert f"{100 * summary['stage2.mAP']:.1f}" in table
+    # The headline ARIs come from the best stage-1 model's flip-averaged test features.
+    from dataclasses import replace
+
+    from bmil.cluster import label_quality
+    from bmil.data.records import record_arrays
+    from bmil.engine.association import cluster_once
+    from bmil.engine.datasets import train_records
+    from bmil.engine.extract import extract_features
+    from bmil.engine.inference import load_model
+
+    model, _ = load_model(tmp_path / "checkpoints" / "best_stage1.pt", "cpu")
+    records = train_records(cfg)
+    pids, _, modality = record_arrays(records)
+    for flip, part in ((True, summary["clustering"]), (False, summary["clustering_training_features"])):
+        features = extract_features(model, records, height=64, width=32, batch_size=64, device="cpu", flip=flip,
+                                    workers=0, amp=False, progress=False, desc="check")
+        for aware in (False, True):
+            labels = cluster_once(features, replace(cfg.cluster, modality_aware=aware), modality if aware else None)
+            key = "ari_modality_aware" if aware else "ari_plain"
+            assert part[key] == pytest.approx(label_quality(labels, pids, modality)["ari"], abs=1e-6)
