@@ -49,7 +49,8 @@ def test_hybrid_update_by_hand() -> None:
     features = torch.stack([_unit(1, 0), _unit(0, 1), _unit(-1, 0)])
     memory = PrototypeMemory.from_features(features, torch.tensor([0, 1, 2]))
     with torch.no_grad():
-        memory.hard[0] = _unit(1, 0.2)  # hard and mean banks may differ after training
+        memory.mean[0] = _unit(1, -0.9)  # hard and mean banks differ after training
+        memory.hard[0] = _unit(1, 0.2)
     hard_before = memory.hard.clone()
     mean_before = memory.mean.clone()
 
@@ -59,9 +60,12 @@ def test_hybrid_update_by_hand() -> None:
     # Mean bank: cluster 0 toward (a + b) / 2, cluster 1 toward c.
     torch.testing.assert_close(memory.mean[0], _moved(mean_before[0], (a + b) / 2))
     torch.testing.assert_close(memory.mean[1], _moved(mean_before[1], c))
-    # Hard bank: a.hard0 = (1 + 0.2) / (sqrt2 * |(1, .2)|) ~ 0.832 > b.hard0 ~ 0.431: b is hardest.
+    # Hard bank: the hard instance is the one least similar to the *mean* prototype before the
+    # update. a.mean0 = (1 - 0.9) / (sqrt2 * |(1, -.9)|) ~ 0.053 < b.mean0 = (0.6 + 0.72) / |(1, -.9)|
+    # ~ 0.981: a is hardest, although b is the one least similar to the hard prototype.
+    assert float(a @ mean_before[0]) < float(b @ mean_before[0])
     assert float(a @ hard_before[0]) > float(b @ hard_before[0])
-    torch.testing.assert_close(memory.hard[0], _moved(hard_before[0], b))
+    torch.testing.assert_close(memory.hard[0], _moved(hard_before[0], a))
     torch.testing.assert_close(memory.hard[1], _moved(hard_before[1], c))
     # Cluster 2 is not in the batch.
     assert torch.equal(memory.mean[2], mean_before[2])
@@ -101,7 +105,7 @@ def _hybrid_reference(mean, hard, features, labels, mu=MU):
     for cluster in sorted(set(labels.tolist()) - {-1}):
         members = features[labels == cluster]
         new_mean = _moved(mean[cluster], members.mean(0), mu)
-        similarities = [float(member @ hard[cluster]) for member in members]
+        similarities = [float(member @ mean[cluster]) for member in members]  # mean before its update
         hardest = members[similarities.index(min(similarities))]
         hard[cluster] = _moved(hard[cluster], hardest, mu)
         mean[cluster] = new_mean

@@ -8,8 +8,9 @@ Two modes (METHOD.md):
 
 * ``hybrid=True`` (the release's default): two banks, ``mean`` and ``hard``, both ``[C, D]``.
   After a step, for every cluster c present in the batch, ``mean[c]`` moves toward the mean of
-  the batch features of c and ``hard[c]`` toward the batch feature of c least similar to the
-  current ``hard[c]``: ``p <- mu * p + (1 - mu) * target``, then re-normalised.
+  the batch features of c and ``hard[c]`` toward the batch feature of c least similar to
+  ``mean[c]`` as it was before this update (the release's ``CM_Hybrid``):
+  ``p <- mu * p + (1 - mu) * target``, then re-normalised.
 * ``hybrid=False`` (the paper's text): one bank, ``prototypes`` ``[C, D]``; every batch image
   moves its cluster's prototype, ``M[j] <- mu * M[j] + (1 - mu) * f`` then re-normalised,
   sequentially in batch order.
@@ -118,8 +119,9 @@ class PrototypeMemory(nn.Module):
             return
         features = features.to(getattr(self, self.bank_names[0]).dtype)
         if self.hybrid:
+            hardest = self._hardest(features, labels)  # judged against the mean bank before it moves
             self._update_mean(features, labels)
-            self._update_hard(features, labels)
+            self._move(self.hard, labels[hardest], features[hardest])
         else:
             self._update_sequential(features, labels)
 
@@ -133,8 +135,10 @@ class PrototypeMemory(nn.Module):
         sums = features.new_zeros(len(clusters), features.shape[1]).index_add_(0, inverse, features)
         self._move(self.mean, clusters, sums / counts[:, None].to(features.dtype))
 
-    def _update_hard(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        similarity = (features * self.hard[labels]).sum(dim=1)
+    def _hardest(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Batch position of each present cluster's instance least similar to its ``mean``
+        prototype, clusters in ascending order ([C_batch] int64)."""
+        similarity = (features * self.mean[labels]).sum(dim=1)
         # Sort by similarity, then (stably) by cluster: each cluster's run starts at its
         # least similar instance (ties: the earliest one in the batch).
         by_similarity = torch.argsort(similarity, stable=True)
@@ -142,8 +146,7 @@ class PrototypeMemory(nn.Module):
         sorted_labels = labels[order]
         run_start = torch.ones_like(sorted_labels, dtype=torch.bool)
         run_start[1:] = sorted_labels[1:] != sorted_labels[:-1]
-        hardest = order[run_start]
-        self._move(self.hard, labels[hardest], features[hardest])
+        return order[run_start]
 
     def _update_sequential(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Exactly the per-image sequential update, in rounds: round r applies each cluster's
