@@ -166,15 +166,16 @@ def test_epoch_whose_global_clusters_each_hold_one_modality(synthetic_root, tmp_
                                                             caplog, no_evaluation):
     """Every global cluster split into its per-modality parts: the run goes on, says so."""
     from bmil.cluster import split_by_modality
+    from bmil.engine import association
 
-    real = trainer_mod.global_labels
+    real = association.global_labels
 
-    def one_modality_clusters(features, modality, cfg, split):
-        labels, sub = real(features, modality, cfg, split)
+    def one_modality_clusters(features, modality, cfg, split, index=None):
+        labels, sub = real(features, modality, cfg, split, index)
         separated = sub.sub_labels  # (cluster, modality) pairs become clusters
         return separated, split_by_modality(separated, modality)
 
-    monkeypatch.setattr(trainer_mod, "global_labels", one_modality_clusters)
+    monkeypatch.setattr(association, "global_labels", one_modality_clusters)
     cfg = make_config(synthetic_root, tmp_path, *SHORT, "train.stage1_epochs=0")
     with caplog.at_level(logging.WARNING):
         Trainer(cfg, progress=False).fit()

@@ -82,10 +82,17 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Two-stream ResNet (METHOD.md "Backbone"). ``pretrained``: imagenet | none | a file path."""
+    """Two-stream ResNet (METHOD.md "Backbone"). ``pretrained``: imagenet | none | a file path.
+
+    ``non_local_width``: inner width of the non-local blocks, ``release`` (1 channel, the
+    release's ``reduc_ratio // reduc_ratio``) or ``half`` (C/2, the non-local paper's).
+    ``gem_learnable``: train the GeM exponent (AGW's variant) instead of the release's fixed p = 3.
+    """
 
     depth: int = 50
     non_local: bool = True
+    non_local_width: str = "release"
+    gem_learnable: bool = False
     pretrained: str = "imagenet"
     sync_bn: bool = False
 
@@ -96,6 +103,10 @@ class ClusterConfig:
 
     ``memory_check``: before each clustering, stop with a clear message when the estimated
     kNN + Jaccard memory exceeds the available memory (``bmil.engine.memory_check``).
+    ``flip``: cluster flip-averaged features (the release's extractor always flips).
+    ``global_visible``: which visible images stage 2's global clustering sees: ``left_out``
+    (the release: the random visible subset intra clustering left out this epoch, plus all
+    infrared images) or ``all`` (every visible image).
     """
 
     k1: int = 30
@@ -107,7 +118,8 @@ class ClusterConfig:
     lqe: str = "release"
     backend: str = "torch"
     block_size: int = 2048
-    flip: bool = False
+    flip: bool = True
+    global_visible: str = "left_out"
     memory_check: bool = True
 
 
@@ -177,7 +189,9 @@ class Config:
 _CHOICES = {
     "data.dataset": DATASETS,
     "cluster.lqe": ("release", "paper"),
+    "model.non_local_width": ("release", "half"),
     "cluster.backend": ("torch", "faiss"),
+    "cluster.global_visible": ("left_out", "all"),
     "eval.mode": ("all", "indoor"),
     "eval.direction": ("both", "v2t", "t2v"),
 }

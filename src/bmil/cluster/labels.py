@@ -20,6 +20,25 @@ def random_subset(n: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.choice(n, size=size, replace=False)).astype(np.int64)
 
 
+def visible_subsets(n: int, ratio: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The release's random split of ``n`` visible images for one epoch (``subset_clustering``).
+
+    A random permutation is cut into consecutive slices of ``max(1, int(ratio·n))``: the first
+    (subset 0) is clustered and trained with the intra loss, the second (subset 1) is the
+    part intra clustering leaves out, which stage 2's global clustering takes. Returns
+    (subset 0, subset 1) as sorted int64 positions; subset 1 is empty when ``ratio`` is 1
+    and holds the remainder when ``ratio`` > 0.5. With ``ratio`` 0.5 and odd ``n`` one image
+    is in neither, as in the release.
+    """
+    if n < 1:
+        raise ValueError(f"visible_subsets needs n >= 1, got {n}.")
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}.")
+    size = max(1, int(ratio * n))
+    order = rng.permutation(n).astype(np.int64)
+    return np.sort(order[:size]), np.sort(order[size: 2 * size])
+
+
 def subset_labels(labels_of_subset: np.ndarray, subset_idx: np.ndarray, n: int) -> np.ndarray:
     """Full-length int64 labels [n]: ``labels_of_subset`` at ``subset_idx``, -1 elsewhere."""
     labels_of_subset = np.asarray(labels_of_subset)

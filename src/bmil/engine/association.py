@@ -13,10 +13,10 @@ from bmil.cluster import (
     SubClusters,
     dbscan_labels,
     jaccard_distance,
-    random_subset,
     relabel,
     split_by_modality,
     subset_labels,
+    visible_subsets,
 )
 from bmil.config import ClusterConfig
 from bmil.data.records import INFRARED, VISIBLE
@@ -29,15 +29,20 @@ log = logging.getLogger(__name__)
 class Association:
     """Pseudo labels of one epoch.
 
-    intra: modality → labels [N_m] over that modality's images (0..C_m-1, -1 outlier).
-    global_labels: [N] over all images (None in stage 1).
+    intra: modality → labels [N_m] over that modality's images (0..C_m-1, -1 outlier or not
+           clustered this epoch).
+    global_labels: [N] over all images (None in stage 1); -1 for outliers and for the
+           images the global clustering did not see.
     sub: the (cluster, modality) split of the global clusters (one prototype per global
          cluster when splitting is off).
+    global_index: sorted indices [G] (into all N images) of the images the global
+           clustering saw (None in stage 1).
     """
 
     intra: dict[int, np.ndarray]
     global_labels: np.ndarray | None = None
     sub: SubClusters | None = None
+    global_index: np.ndarray | None = None
 
 
 def cluster_once(features: np.ndarray, cfg: ClusterConfig, modality: np.ndarray | None = None) -> np.ndarray:
@@ -78,26 +83,44 @@ def cluster_distance(
 
 
 def intra_labels(
-    features: np.ndarray, modality: np.ndarray, cfg: ClusterConfig, rng: np.random.Generator
+    features: np.ndarray, modality: np.ndarray, cfg: ClusterConfig, rng: np.random.Generator,
+    subsets: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[int, np.ndarray]:
-    """Per-modality pseudo labels; visible images are clustered on a random
-    ``cfg.subset_ratio`` subset (the rest stay unlabelled this epoch)."""
+    """Per-modality pseudo labels; visible images are clustered on subset 0 of
+    :func:`~bmil.cluster.visible_subsets` (drawn from ``rng`` unless ``subsets`` is given)
+    when ``cfg.subset_ratio`` < 1, the rest stay unlabelled this epoch."""
     out = {}
     for mod in (VISIBLE, INFRARED):
         feats = features[modality == mod]
         if mod == VISIBLE and cfg.subset_ratio < 1.0:
-            subset = random_subset(len(feats), cfg.subset_ratio, rng)
-            out[mod] = subset_labels(cluster_once(feats[subset], cfg), subset, len(feats))
+            clustered, _ = subsets if subsets is not None else visible_subsets(len(feats), cfg.subset_ratio, rng)
+            out[mod] = subset_labels(cluster_once(feats[clustered], cfg), clustered, len(feats))
         else:
             out[mod] = cluster_once(feats, cfg)
     return out
 
 
+def global_input(modality: np.ndarray, cfg: ClusterConfig, left_out: np.ndarray | None) -> np.ndarray:
+    """Sorted indices (into all images) the global clustering sees: with
+    ``cfg.global_visible == "left_out"`` the visible positions ``left_out`` (subset 1 of the
+    epoch's split) plus every infrared image, as the release; else every image. An empty or
+    absent ``left_out`` (``subset_ratio`` 1) means every visible image."""
+    visible = np.flatnonzero(modality == VISIBLE)
+    if cfg.global_visible == "left_out" and left_out is not None and len(left_out):
+        visible = visible[left_out]
+    return np.sort(np.concatenate([visible, np.flatnonzero(modality == INFRARED)]))
+
+
 def global_labels(
-    features: np.ndarray, modality: np.ndarray, cfg: ClusterConfig, split: bool
+    features: np.ndarray, modality: np.ndarray, cfg: ClusterConfig, split: bool, index: np.ndarray | None = None
 ) -> tuple[np.ndarray, SubClusters]:
-    """Global clusters of both modalities and their prototype groups."""
-    labels = cluster_once(features, cfg, modality if cfg.modality_aware else None)
+    """Global clusters over the images ``index`` (default: all) and their prototype groups;
+    labels [N] with -1 for the images not in ``index``."""
+    n = len(modality)
+    index = np.arange(n) if index is None else np.asarray(index, dtype=np.int64)
+    seen = modality[index]
+    labels = np.full(n, -1, dtype=np.int64)
+    labels[index] = cluster_once(features[index], cfg, seen if cfg.modality_aware else None)
     if split:
         return labels, split_by_modality(labels, modality)
     num = int(labels.max()) + 1 if np.any(labels >= 0) else 0
@@ -107,3 +130,19 @@ def global_labels(
         sub_modality=np.full(num, -1, dtype=np.int64),
     )
     return labels, whole
+
+
+def associate(
+    features: np.ndarray, modality: np.ndarray, cfg: ClusterConfig, rng: np.random.Generator,
+    *, global_association: bool, split: bool,
+) -> Association:
+    """One epoch's pseudo labels from the train features [N, D]: intra clustering per modality,
+    and with ``global_association`` (stage 2) the global clustering of :func:`global_input`."""
+    n_visible = int(np.sum(modality == VISIBLE))
+    subsets = visible_subsets(n_visible, cfg.subset_ratio, rng) if cfg.subset_ratio < 1.0 else None
+    intra = intra_labels(features, modality, cfg, rng, subsets)
+    if not global_association:
+        return Association(intra=intra)
+    index = global_input(modality, cfg, subsets[1] if subsets is not None else None)
+    labels, sub = global_labels(features, modality, cfg, split, index)
+    return Association(intra=intra, global_labels=labels, sub=sub, global_index=index)

@@ -21,7 +21,7 @@ from bmil.config import Config, config_to_dict, save_config
 from bmil.data import PseudoIdentitySampler, TrainDataset, infrared_views, visible_views
 from bmil.data.records import INFRARED, MODALITY_NAMES, VISIBLE, Record, record_arrays
 from bmil.engine import distributed
-from bmil.engine.association import Association, global_labels, intra_labels
+from bmil.engine.association import Association, associate
 from bmil.engine.checkpoint import load_checkpoint, save_checkpoint
 from bmil.engine.datasets import has_labels, log_dataset_counts, run_protocol, train_records
 from bmil.engine.extract import FEATURE_DESCRIPTION, extract_features, resolve_device
@@ -135,7 +135,8 @@ class Trainer:
         )
 
         self.model = build_model(
-            depth=cfg.model.depth, non_local=cfg.model.non_local, pretrained=cfg.model.pretrained
+            depth=cfg.model.depth, non_local=cfg.model.non_local, pretrained=cfg.model.pretrained,
+            non_local_width=cfg.model.non_local_width, gem_learnable=cfg.model.gem_learnable,
         ).to(self.device)
         self.model, self.sync_bn = distributed.convert_sync_bn(self.model, self.dist, cfg.model.sync_bn)
         if self.device.type == "cuda":
@@ -282,11 +283,10 @@ class Trainer:
         c = self.cfg
         if self.device.type == "cuda":  # the kNN (most of the clustering time) then runs on the GPU
             features = torch.from_numpy(features).to(self.device)
-        intra = intra_labels(features, self.modality, c.cluster, rng)
-        if stage == 1 or not c.train.global_association:
-            return Association(intra=intra)
-        labels, sub = global_labels(features, self.modality, c.cluster, c.loss.split_prototypes)
-        return Association(intra=intra, global_labels=labels, sub=sub)
+        return associate(
+            features, self.modality, c.cluster, rng,
+            global_association=stage == 2 and c.train.global_association, split=c.loss.split_prototypes,
+        )
 
     def _memories(self, features: np.ndarray, assoc: Association):
         loss = self.cfg.loss
@@ -418,10 +418,13 @@ class Trainer:
             if self.labelled:
                 stats[f"ari/{name}"] = label_quality(labels, self.pids[self.index[m]])["ari"]
         if assoc.global_labels is not None:
-            for key, value in cluster_counts(assoc.global_labels, self.modality).items():
+            seen = np.arange(len(self.modality)) if assoc.global_index is None else assoc.global_index
+            stats["global/images"] = int(len(seen))
+            stats["global/visible_images"] = int(np.sum(self.modality[seen] == VISIBLE))
+            for key, value in cluster_counts(assoc.global_labels[seen], self.modality[seen]).items():
                 stats[f"global/{key}"] = value
             if self.labelled:
-                quality = label_quality(assoc.global_labels, self.pids, self.modality)
+                quality = label_quality(assoc.global_labels[seen], self.pids[seen], self.modality[seen])
                 for key in ("ari", "nmi", "cross_precision", "cross_recall", "cross_pure_ratio"):
                     stats[f"global/{key}"] = quality[key]
         return stats

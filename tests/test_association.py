@@ -1,0 +1,101 @@
+"""One epoch's association (METHOD.md "What the release does", Clustering): the visible split,
+which images stage 2's global clustering sees, and ``global/images`` in metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from bmil.cluster import dbscan_labels, jaccard_distance, visible_subsets
+from bmil.config import ClusterConfig
+from bmil.data.records import INFRARED, VISIBLE
+from bmil.engine.association import associate, global_input
+
+
+def _features(n_visible: int, n_infrared: int, ids: int = 5, seed: int = 0):
+    """Unit features of ``ids`` people in both modalities (a modality offset), visible first
+    interleaved with infrared so that the modality order is not sorted."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(ids, 16))
+    modality = np.r_[np.zeros(n_visible, np.int64), np.ones(n_infrared, np.int64)]
+    order = rng.permutation(len(modality))
+    modality = modality[order]
+    pids = np.arange(len(modality)) % ids
+    x = centres[pids] + 0.1 * rng.normal(size=(len(modality), 16)) + 0.2 * modality[:, None]
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), modality
+
+
+def test_visible_subsets_are_the_first_two_slices_of_a_permutation():
+    # The release: shuffled = randperm(n); subset i = shuffled[i*int(r*n):(i+1)*int(r*n)].
+    for n, ratio in ((11, 0.5), (10, 0.5), (9, 0.3), (7, 1.0)):
+        order = np.random.default_rng(4).permutation(n)
+        size = int(ratio * n)
+        first, second = visible_subsets(n, ratio, np.random.default_rng(4))
+        assert np.array_equal(first, np.sort(order[:size]))
+        assert np.array_equal(second, np.sort(order[size: 2 * size]))
+        assert not set(first) & set(second)
+    first, second = visible_subsets(11, 0.5, np.random.default_rng(0))
+    assert len(first) == len(second) == 5  # int(5.5): one image in neither, as in the release
+
+
+@pytest.mark.parametrize("global_visible", ["left_out", "all"])
+def test_global_clustering_sees_the_left_out_visible_half_and_all_infrared(global_visible):
+    x, modality = _features(41, 30)
+    cfg = ClusterConfig(k1=8, k2=3, eps=0.6, subset_ratio=0.5, global_visible=global_visible)
+    assoc = associate(x, modality, cfg, np.random.default_rng(7), global_association=True, split=True)
+
+    # Independent re-computation: the same generator draws the visible permutation first.
+    visible = np.flatnonzero(modality == VISIBLE)
+    order = np.random.default_rng(7).permutation(len(visible))
+    clustered, left_out = np.sort(order[:20]), np.sort(order[20:40])
+    if global_visible == "left_out":
+        expected = np.sort(np.r_[visible[left_out], np.flatnonzero(modality == INFRARED)])
+    else:
+        expected = np.arange(len(modality))
+    assert np.array_equal(assoc.global_index, expected)
+
+    # Intra labels exist only on subset 0; global labels only on the images the global step saw.
+    assert np.all(assoc.intra[VISIBLE][np.setdiff1d(np.arange(41), clustered)] == -1)
+    unseen = np.setdiff1d(np.arange(len(modality)), expected)
+    assert np.all(assoc.global_labels[unseen] == -1)
+    # Its labels are DBSCAN on the modality-aware Jaccard distance of exactly those images.
+    direct = dbscan_labels(jaccard_distance(x[expected], k1=8, k2=3, modality=modality[expected]), 0.6, 4)
+    got = assoc.global_labels[expected]
+    assert np.array_equal(got < 0, direct < 0)
+    pairs = {(a, b) for a, b in zip(got[got >= 0], direct[direct >= 0], strict=True)}
+    assert len(pairs) == len(set(got[got >= 0])) == len(set(direct[direct >= 0]))  # same partition
+    assert np.any(got >= 0)
+    # The split prototypes carry -1 for every unseen image too.
+    assert np.all(assoc.sub.sub_labels[unseen] == -1)
+
+
+def test_global_input_without_a_subset_is_every_image():
+    modality = np.array([0, 1, 0, 1, 1])
+    cfg = ClusterConfig(subset_ratio=1.0)
+    assert np.array_equal(global_input(modality, cfg, None), np.arange(5))
+    assert np.array_equal(global_input(modality, cfg, np.array([], np.int64)), np.arange(5))
+    assert np.array_equal(global_input(modality, replace(cfg, global_visible="left_out"), np.array([1])),
+                          np.array([1, 2, 3, 4]))
+
+
+def test_metrics_log_the_images_the_global_clustering_saw(synthetic_root, tmp_path, make_config):
+    from bmil.data import sysu_train
+    from bmil.engine.trainer import Trainer
+
+    records = sysu_train(synthetic_root)
+    n_visible = sum(r.modality == VISIBLE for r in records)
+    n_infrared = len(records) - n_visible
+    for name, setting, visible in (("half", "left_out", int(0.5 * n_visible)), ("all", "all", n_visible)):
+        out = tmp_path / name
+        cfg = make_config(synthetic_root, out, "train.stage1_epochs=1", "train.stage2_epochs=1",
+                          "train.iterations=1", "train.eval_every=5", f"cluster.global_visible={setting}")
+        Trainer(cfg, progress=False).fit()
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        stage2 = [r for r in rows if r["stage"] == 2]
+        assert stage2 and all("global/images" not in r for r in rows if r["stage"] == 1)
+        assert stage2[0]["global/images"] == visible + n_infrared
+        assert stage2[0]["global/visible_images"] == visible
