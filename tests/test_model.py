@@ -6,13 +6,16 @@ import pytest
 import torch
 import torchvision
 
-from bmil.errors import CheckpointError
+from bmil import config as bmil_config
+from bmil.config import ModelConfig
+from bmil.errors import CheckpointError, ConfigError
 from bmil.model import (
     GeneralizedMeanPooling,
     NonLocalBlock,
     TwoStreamResNet,
     build_model,
     imagenet_weights_file,
+    model_from_config,
     model_signature,
 )
 
@@ -97,20 +100,25 @@ def test_last_stride_one_keeps_layer3_resolution(depth: int) -> None:
     assert sizes[2]["l4"][2:] == (2, 1)
 
 
-def test_non_local_block_is_identity_at_init() -> None:
+@pytest.mark.parametrize("width", ["release", "half"])
+def test_non_local_block_is_identity_at_init(width: str) -> None:
     torch.manual_seed(0)
-    block = NonLocalBlock(16)
+    block = NonLocalBlock(16, width)
     x = torch.randn(2, 16, 5, 3)
     torch.testing.assert_close(block.train()(x), x, rtol=0, atol=0)
     torch.testing.assert_close(block.eval()(x), x, rtol=0, atol=0)
 
 
-def test_non_local_block_matches_dot_product_formula() -> None:
+@pytest.mark.parametrize(("width", "inner"), [("release", 1), ("half", 4)])
+def test_non_local_block_matches_dot_product_formula(width: str, inner: int) -> None:
     torch.manual_seed(1)
-    block = NonLocalBlock(8).eval()
+    block = NonLocalBlock(8, width).eval()
+    assert block.inner_channels == inner
+    assert block.theta.out_channels == block.phi.out_channels == block.g.out_channels == inner
     with torch.no_grad():
         block.output[1].weight.fill_(1.0)  # eval BN with fresh stats (0, 1): ~identity
-    x = torch.randn(2, 8, 3, 2)
+    x = torch.randn(2, 8, 3, 2, dtype=torch.float64)
+    block = block.double()
     num_positions = 6
 
     def conv1x1(conv: torch.nn.Conv2d, t: torch.Tensor) -> torch.Tensor:
@@ -122,12 +130,49 @@ def test_non_local_block_matches_dot_product_formula() -> None:
     g = conv1x1(block.g, x).flatten(2)
     expected = torch.zeros_like(x)
     for b in range(2):
+        # f = theta^T phi / N, no softmax (a softmax would make each row sum to 1)
         affinity = theta[b].T @ phi[b] / num_positions  # [N, N]
         y = (affinity @ g[b].T).T.reshape(-1, 3, 2)  # [C', H, W]
         z = conv1x1(block.output[0], y[None])[0] / (1 + block.output[1].eps) ** 0.5
         expected[b] = x[b] + z
     with torch.no_grad():
-        torch.testing.assert_close(block(x), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(block(x), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_default_depth50_parameter_count_and_breakdown(resnet50_model: TwoStreamResNet) -> None:
+    """METHOD.md: 23,550,351 = trunk 23,508,032 + second stem 9,536 + non-local 28,687 + neck 4,096."""
+
+    def count(params) -> int:
+        return sum(p.numel() for p in params)
+
+    named = dict(resnet50_model.named_parameters())
+    groups = {"infrared_stem.": 0, "non_local.": 0, "neck.": 0, "pool.": 0}
+    trunk = 0
+    for name, p in named.items():
+        prefix = next((g for g in groups if name.startswith(g)), None)
+        if prefix is None:
+            trunk += p.numel()
+        else:
+            groups[prefix] += p.numel()
+    # Trunk (visible stem + layer1-4) = torchvision's ResNet-50 without its fc classifier.
+    reference = torchvision.models.resnet50(weights=None)
+    assert trunk == count(reference.parameters()) - count(reference.fc.parameters()) == 23_508_032
+    # Second stem: conv1 7x7x3 -> 64 without bias, bn1 weight + bias.
+    assert groups["infrared_stem."] == 64 * 3 * 7 * 7 + 2 * 64 == 9_536
+    # Non-local block on C channels, inner width 1: g, theta, phi (C + 1 each), W conv (C + C), W BN (2C).
+    def per_block(c: int) -> int:
+        return 3 * (c * 1 + 1) + (1 * c + c) + 2 * c
+
+    assert groups["non_local."] == 2 * per_block(512) + 3 * per_block(1024) == 28_687
+    assert groups["neck."] == 2 * 2048 and groups["pool."] == 0
+    assert count(resnet50_model.parameters()) == 23_550_351
+    # The C/2 switch adds about 7.3 million.
+    half = TwoStreamResNet(depth=50, non_local_width="half")
+    extra = count(half.parameters()) - 23_550_351
+    expected_extra = sum(
+        n * ((3 * (c * (c // 2) + c // 2) + (c // 2) * c + c + 2 * c) - per_block(c)) for n, c in ((2, 512), (3, 1024))
+    )
+    assert extra == expected_extra and 7.2e6 < extra < 7.4e6
 
 
 def test_non_local_placement_and_identity_in_model(resnet50_model: TwoStreamResNet) -> None:
@@ -151,20 +196,45 @@ def test_non_local_placement_and_identity_in_model(resnet50_model: TwoStreamResN
 
 def test_gem_pooling() -> None:
     x = torch.rand(2, 3, 4, 5) + 0.1
-    average = GeneralizedMeanPooling(p=1.0, learnable=False)(x)
-    torch.testing.assert_close(average, x.mean(dim=(2, 3)))
-    cubic = GeneralizedMeanPooling(p=3.0)(x)
-    torch.testing.assert_close(cubic, (x**3).mean(dim=(2, 3)) ** (1 / 3))
-    assert isinstance(GeneralizedMeanPooling(p=3.0).p, torch.nn.Parameter)
-    fixed = GeneralizedMeanPooling(p=3.0, learnable=False)
-    assert "p" in dict(fixed.named_buffers()) and not list(fixed.parameters())
+    # Learnable (AGW's GeneralizedMeanPoolingP, the model.gem_learnable switch).
+    learnable = GeneralizedMeanPooling(p=3.0, learnable=True)
+    torch.testing.assert_close(learnable(x), (x**3).mean(dim=(2, 3)) ** (1 / 3))
+    assert isinstance(learnable.p, torch.nn.Parameter)
+    average = GeneralizedMeanPooling(p=1.0)
+    torch.testing.assert_close(average(x), x.mean(dim=(2, 3)))
 
 
-def test_bn_neck_bias_frozen_at_zero() -> None:
+def test_gem_fixed_p3_is_the_release_formula_and_has_no_state() -> None:
+    torch.manual_seed(0)
     model = TwoStreamResNet(depth=18, non_local=False)
-    assert not model.neck.bias.requires_grad
-    assert torch.equal(model.neck.bias, torch.zeros(512))
-    assert model.neck.weight.requires_grad
+    pool = model.pool
+    assert pool.p == 3.0 and not pool.learnable
+    assert not list(pool.parameters()) and not list(pool.buffers()) and not pool.state_dict()
+    assert not any(name.startswith("pool.") for name in model.state_dict())
+    # ReLU output with exact zeros: the release adds 1e-12 after the mean, no clamp.
+    x = torch.relu(torch.randn(2, 4, 3, 5, dtype=torch.float64))
+    x[1, 2] = 0.0  # an all-zero channel pools to (1e-12) ** (1/3) = 1e-4
+    expected = torch.empty(2, 4, dtype=torch.float64)
+    for b in range(2):
+        for c in range(4):
+            values = [float(v) for v in x[b, c].flatten()]
+            expected[b, c] = (sum(v**3 for v in values) / len(values) + 1e-12) ** (1 / 3)
+    torch.testing.assert_close(pool(x), expected, rtol=1e-12, atol=0)
+    assert abs(float(pool(x)[1, 2]) - 1e-4) < 1e-12
+
+
+def test_bn_neck_init_and_frozen_bias() -> None:
+    torch.manual_seed(0)
+    model = TwoStreamResNet(depth=50, non_local=False)
+    weight = model.neck.weight.detach()
+    assert not model.neck.bias.requires_grad and model.neck.weight.requires_grad
+    assert torch.equal(model.neck.bias, torch.zeros(2048))
+    # weight ~ N(1, 0.01): 2048 draws, so mean within 5 standard errors, std within 10 %.
+    assert abs(float(weight.mean()) - 1.0) < 5 * 0.01 / 2048**0.5
+    assert 0.009 < float(weight.std()) < 0.011
+    assert not torch.equal(weight, torch.ones(2048))  # not the plain ones init
+    assert torch.equal(model.neck.running_mean, torch.zeros(2048))
+    assert torch.equal(model.neck.running_var, torch.ones(2048))
 
 
 def test_channels_last_and_inference_mode() -> None:
@@ -191,7 +261,34 @@ def test_invalid_modality_rejected() -> None:
 def test_build_model_and_signature() -> None:
     model = build_model(depth=18, non_local=False)
     assert isinstance(model, TwoStreamResNet)
-    assert model_signature(model) == {"depth": 18, "non_local": False, "feat_dim": 512}
+    assert model_signature(model) == {
+        "depth": 18, "non_local": False, "non_local_width": None, "gem_learnable": False, "feat_dim": 512,
+    }
+    half = build_model(depth=18, non_local=True, non_local_width="half", gem_learnable=True)
+    assert model_signature(half) == {
+        "depth": 18, "non_local": True, "non_local_width": "half", "gem_learnable": True, "feat_dim": 512,
+    }
+    cfg = ModelConfig(depth=18, non_local=True, non_local_width="half", pretrained="none")
+    assert model_signature(model_from_config(cfg)) == dict(model_signature(half), gem_learnable=False)
+    with pytest.raises(ConfigError, match="model.non_local_width"):
+        build_model(depth=18, non_local_width="quarter")
+
+
+def test_half_width_checkpoint_refused_by_release_width_config(tmp_path) -> None:
+    from bmil.engine.trainer import check_signature
+
+    torch.manual_seed(0)
+    half = build_model(depth=18, non_local=True, non_local_width="half")
+    release = build_model(depth=18, non_local=True)
+    state = {"model": half.state_dict(), "signature": model_signature(half)}
+    with pytest.raises(CheckpointError, match="half"):
+        check_signature(model_signature(release), state, tmp_path / "half.pt")
+    check_signature(model_signature(half), state, tmp_path / "half.pt")  # a matching config loads
+    with pytest.raises(RuntimeError, match="size mismatch"):  # and the weights could not fit anyway
+        release.load_state_dict(state["model"])
+    assert bmil_config.load_config(None, ["model.non_local_width=half"]).model.non_local_width == "half"
+    with pytest.raises(ConfigError, match="model.non_local_width"):
+        bmil_config.load_config(None, ["model.non_local_width=quarter"])
 
 
 # --- pretrained weights ---------------------------------------------------------------------

@@ -4,9 +4,10 @@ from bmil.model.backbone import (
     ModalityStem,
     TwoStreamResNet,
     build_model,
+    model_from_config,
     model_signature,
 )
-from bmil.model.non_local import NonLocalBlock
+from bmil.model.non_local import NON_LOCAL_WIDTHS, NonLocalBlock
 from bmil.model.pooling import GeneralizedMeanPooling
 from bmil.model.pretrained import (
     imagenet_cache_path,
@@ -15,6 +16,7 @@ from bmil.model.pretrained import (
 )
 
 __all__ = [
+    "NON_LOCAL_WIDTHS",
     "GeneralizedMeanPooling",
     "ModalityStem",
     "NonLocalBlock",
@@ -23,5 +25,6 @@ __all__ = [
     "imagenet_cache_path",
     "imagenet_weights_file",
     "load_imagenet_weights",
+    "model_from_config",
     "model_signature",
 ]

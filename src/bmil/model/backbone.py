@@ -5,15 +5,19 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torchvision
 from torch import nn
 
 from bmil.errors import ConfigError
-from bmil.model.non_local import NonLocalBlock
+from bmil.model.non_local import NON_LOCAL_WIDTHS, NonLocalBlock
 from bmil.model.pooling import GeneralizedMeanPooling
 from bmil.model.pretrained import load_imagenet_weights
+
+if TYPE_CHECKING:
+    from bmil.config import ModelConfig
 
 _RESNET_CONSTRUCTORS: dict[int, Callable[..., torchvision.models.ResNet]] = {
     18: torchvision.models.resnet18,
@@ -61,7 +65,9 @@ class TwoStreamResNet(nn.Module):
     parameters that start from the same weights), shared ``layer1``–``layer4`` with
     ``layer4``'s stride set to ``last_stride``, non-local blocks after the last 2 blocks of
     ``layer2`` and the last 3 of ``layer3`` (fewer where a layer has fewer blocks: ResNet-18
-    gets 2 + 2), GeM pooling and a BN neck (``BatchNorm1d`` with its bias frozen at 0).
+    gets 2 + 2), GeM pooling and a BN neck (``BatchNorm1d``, weight ~ N(1, 0.01) as the
+    release's ``weights_init_kaiming``, bias 0 and frozen). The default at depth 50 is the
+    release's network: 23,550,351 parameters (METHOD.md "What the release does").
 
     The trunk's parameter names are torchvision's (``layer2.0.conv1.weight`` ...), the stems'
     are ``visible_stem.conv1.weight`` / ``infrared_stem.conv1.weight`` ..., the non-local
@@ -70,12 +76,15 @@ class TwoStreamResNet(nn.Module):
     Args:
         depth: 18, 34 or 50.
         non_local: insert the non-local blocks.
+        non_local_width: ``"release"`` (inner width 1, the release's) or ``"half"`` (C/2);
+            see :mod:`bmil.model.non_local`.
         pretrained: ``"none"`` (random init), ``"imagenet"`` (torchvision ImageNet weights,
             from the torch hub cache or downloaded) or a path to a torchvision ResNet state
             dict of this depth; see :func:`bmil.model.pretrained.load_imagenet_weights`.
         last_stride: stride of ``layer4`` (1 as in AGW, 2 as in plain ResNet).
-        gem_p: initial GeM exponent.
-        gem_learnable: train the GeM exponent (AGW default) instead of fixing it.
+        gem_p: GeM exponent (3 in the release).
+        gem_learnable: train the GeM exponent (AGW's ``GeneralizedMeanPoolingP``) instead of
+            fixing it as the release does.
 
     Attributes:
         feat_dim: width of the output feature (2048 for depth 50, 512 for 18 / 34).
@@ -88,7 +97,8 @@ class TwoStreamResNet(nn.Module):
         pretrained: str | Path = "none",
         last_stride: int = 1,
         gem_p: float = 3.0,
-        gem_learnable: bool = True,
+        gem_learnable: bool = False,
+        non_local_width: str = "release",
     ) -> None:
         super().__init__()
         if depth not in _RESNET_CONSTRUCTORS:
@@ -97,11 +107,17 @@ class TwoStreamResNet(nn.Module):
             )
         if last_stride not in (1, 2):
             raise ConfigError(f"model.last_stride must be 1 or 2, got {last_stride!r}.")
+        if non_local_width not in NON_LOCAL_WIDTHS:
+            raise ConfigError(
+                f"model.non_local_width must be one of {', '.join(NON_LOCAL_WIDTHS)}, got {non_local_width!r}."
+            )
         resnet = _RESNET_CONSTRUCTORS[depth](weights=None)
         _set_first_block_stride(resnet.layer4, last_stride)
 
         self.depth = depth
         self.has_non_local = non_local
+        self.non_local_width = non_local_width
+        self.gem_learnable = gem_learnable
         self.last_stride = last_stride
         self.feat_dim = resnet.fc.in_features
 
@@ -116,12 +132,12 @@ class TwoStreamResNet(nn.Module):
                 first = max(len(layer) - count, 0)
                 width = _block_out_channels(layer[-1])
                 self.non_local[name] = nn.ModuleDict(
-                    {str(index): NonLocalBlock(width) for index in range(first, len(layer))}
+                    {str(index): NonLocalBlock(width, non_local_width) for index in range(first, len(layer))}
                 )
 
         self.pool = GeneralizedMeanPooling(p=gem_p, learnable=gem_learnable)
         self.neck = nn.BatchNorm1d(self.feat_dim)
-        nn.init.ones_(self.neck.weight)
+        nn.init.normal_(self.neck.weight, 1.0, 0.01)  # the release's BatchNorm1d init
         nn.init.zeros_(self.neck.bias)
         self.neck.bias.requires_grad_(False)  # BNNeck: the bias stays 0
 
@@ -207,9 +223,10 @@ def build_model(
     pretrained: str | Path = "none",
     last_stride: int = 1,
     gem_p: float = 3.0,
-    gem_learnable: bool = True,
+    gem_learnable: bool = False,
+    non_local_width: str = "release",
 ) -> TwoStreamResNet:
-    """Build a :class:`TwoStreamResNet` (same arguments)."""
+    """Build a :class:`TwoStreamResNet` (same arguments); the defaults are the release's network."""
     return TwoStreamResNet(
         depth=depth,
         non_local=non_local,
@@ -217,9 +234,31 @@ def build_model(
         last_stride=last_stride,
         gem_p=gem_p,
         gem_learnable=gem_learnable,
+        non_local_width=non_local_width,
     )
 
 
-def model_signature(model: TwoStreamResNet) -> dict[str, int | bool]:
-    """The architecture facts a checkpoint must match: depth, non_local, feat_dim."""
-    return {"depth": model.depth, "non_local": model.has_non_local, "feat_dim": model.feat_dim}
+def model_from_config(model_cfg: ModelConfig, pretrained: str | Path | None = None) -> TwoStreamResNet:
+    """The network a ``model:`` configuration section describes.
+
+    pretrained: overrides ``model_cfg.pretrained`` (``"none"`` when loading a checkpoint).
+    """
+    return build_model(
+        depth=model_cfg.depth,
+        non_local=model_cfg.non_local,
+        pretrained=model_cfg.pretrained if pretrained is None else pretrained,
+        gem_learnable=model_cfg.gem_learnable,
+        non_local_width=model_cfg.non_local_width,
+    )
+
+
+def model_signature(model: TwoStreamResNet) -> dict[str, int | bool | str | None]:
+    """The architecture facts a checkpoint must match: depth, non_local, non_local_width
+    (None without non-local blocks), gem_learnable and feat_dim."""
+    return {
+        "depth": model.depth,
+        "non_local": model.has_non_local,
+        "non_local_width": model.non_local_width if model.has_non_local else None,
+        "gem_learnable": model.gem_learnable,
+        "feat_dim": model.feat_dim,
+    }
