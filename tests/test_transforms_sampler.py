@@ -41,10 +41,11 @@ def colourful_image(height=20, width=10, seed=0):
 # ---------------------------------------------------------------- transforms
 
 
-@pytest.mark.parametrize("view", ["standard", "channel", "infrared"])
-def test_train_transform_output_shape(view):
+@pytest.mark.parametrize("augmentation", ["release", "legacy"])
+@pytest.mark.parametrize("view", ["standard", "channel", "infrared", "infrared_stage2"])
+def test_train_transform_output_shape(view, augmentation):
     torch.manual_seed(0)
-    out = train_transform(H, W, view)(colourful_image())
+    out = train_transform(H, W, view, augmentation=augmentation)(colourful_image())
     assert out.shape == (3, H, W) and out.dtype == torch.float32
 
 
@@ -65,20 +66,21 @@ def test_view_lists():
         train_transform(H, W, "thermal")
 
 
-def test_channel_exchange_replicates_one_channel_or_grayscale_on_pil():
+@pytest.mark.parametrize(("with_gray", "outcomes"), [(True, {0, 1, 2, 3}), (False, {0, 1, 2})])
+def test_channel_exchange_replicates_one_channel_or_grayscale_on_pil(with_gray, outcomes):
     image = colourful_image()
     rgb = np.asarray(image).astype(int)
     candidates = [rgb[..., 0], rgb[..., 1], rgb[..., 2], np.asarray(image.convert("L")).astype(int)]
     torch.manual_seed(1)
     seen = set()
     for _ in range(60):
-        out = np.asarray(ChannelExchange()(image)).astype(int)
+        out = np.asarray(ChannelExchange(with_gray=with_gray)(image)).astype(int)
         assert out.shape == rgb.shape
         assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 1], out[..., 2])
         matches = [i for i, c in enumerate(candidates) if np.array_equal(out[..., 0], c)]
         assert len(matches) == 1
         seen.add(matches[0])
-    assert seen == {0, 1, 2, 3}
+    assert seen == outcomes
 
 
 def test_channel_exchange_on_tensor_uses_itu_gray_weights():
@@ -87,7 +89,7 @@ def test_channel_exchange_on_tensor_uses_itu_gray_weights():
     torch.manual_seed(2)
     seen = set()
     for _ in range(60):
-        out = ChannelExchange()(tensor)
+        out = ChannelExchange(with_gray=True)(tensor)
         assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
         choices = [tensor[0], tensor[1], tensor[2], gray]
         seen.update(i for i, c in enumerate(choices) if torch.allclose(out[0], c, atol=1e-6))

@@ -66,6 +66,10 @@ class DataConfig:
     ``pad``: zero padding in pixels before the random crop (10 at 288×144).
     ``workers``: DataLoader worker processes per training process; the default is
     :func:`default_workers` (0 without CUDA, else up to 8 per GPU process).
+    ``augmentation``: ``release`` (the release's views: the visible second view replicates
+    one of R, G, B after normalisation and erasing; infrared 3/4 one channel, 1/8 grayscale,
+    1/8 unchanged, colour jitter in stage 1 only) or ``legacy`` (bmil's earlier views);
+    see :mod:`bmil.data.transforms`.
     """
 
     dataset: str = "synthetic"
@@ -74,6 +78,7 @@ class DataConfig:
     height: int = 288
     width: int = 144
     channel_aug: bool = True
+    augmentation: str = "release"
     pad: int = 10
     workers: int = field(default_factory=default_workers)
     cache_images: bool = False
@@ -190,6 +195,7 @@ _CHOICES = {
     "data.dataset": DATASETS,
     "cluster.lqe": ("release", "paper"),
     "model.non_local_width": ("release", "half"),
+    "data.augmentation": ("release", "legacy"),
     "cluster.backend": ("torch", "faiss"),
     "cluster.global_visible": ("left_out", "all"),
     "eval.mode": ("all", "indoor"),

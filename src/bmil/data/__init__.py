@@ -15,6 +15,7 @@ from bmil.data.sampler import PseudoIdentitySampler
 from bmil.data.synthetic import make_synthetic
 from bmil.data.sysu import sysu_gallery, sysu_query, sysu_train
 from bmil.data.transforms import (
+    ChannelAdaptiveGray,
     ChannelExchange,
     ChannelRandomErasing,
     RandomChannelOrGray,
@@ -30,6 +31,7 @@ __all__ = [
     "INFRARED",
     "PUBLISHED_COUNTS",
     "VISIBLE",
+    "ChannelAdaptiveGray",
     "ChannelExchange",
     "ChannelRandomErasing",
     "ImageDataset",

@@ -131,11 +131,17 @@ class TrainDataset(Dataset):
     ) -> None:
         self._source = _ImageSource(records, cache)
         self.records = self._source.records
-        self.transforms_by_modality = {m: list(ts) for m, ts in transforms_by_modality.items()}
+        self.set_transforms(transforms_by_modality)
+
+    def set_transforms(self, transforms_by_modality: Mapping[int, Sequence[Transform]]) -> None:
+        """Replace the views (e.g. stage 2's infrared view without jitter), keeping the image
+        cache. Loaders created afterwards use them (workers receive a copy of the dataset)."""
+        transforms = {m: list(ts) for m, ts in transforms_by_modality.items()}
         needed = {r.modality for r in self.records}
-        lacking = sorted(m for m in needed if not self.transforms_by_modality.get(m))
+        lacking = sorted(m for m in needed if not transforms.get(m))
         if lacking:
             raise ValueError(f"TrainDataset has records of modality {lacking} but no transforms for it.")
+        self.transforms_by_modality = transforms
 
     def __len__(self) -> int:
         return len(self._source)

@@ -157,14 +157,26 @@ class Trainer:
         self.train_model = distributed.wrap_ddp(self.model, self.dist)
 
     # ---------------------------------------------------------------- setup
+    def _views(self, stage: int) -> dict[int, list]:
+        """Training views per modality in ``stage`` (the infrared view drops its jitter in stage 2)."""
+        d = self.cfg.data
+        return {
+            VISIBLE: visible_views(d.height, d.width, d.channel_aug, d.pad, d.augmentation),
+            INFRARED: infrared_views(d.height, d.width, d.pad, stage=stage, augmentation=d.augmentation),
+        }
+
     def _build_datasets(self) -> dict[int, TrainDataset]:
-        h, w = self.cfg.data.height, self.cfg.data.width
-        pad = self.cfg.data.pad
-        views = {VISIBLE: visible_views(h, w, self.cfg.data.channel_aug, pad), INFRARED: infrared_views(h, w, pad)}
+        views = self._views(1)
         return {
             m: TrainDataset([self.records[i] for i in self.index[m]], views, cache=self.cfg.data.cache_images)
             for m in MODALITIES
         }
+
+    def _set_stage_views(self, stage: int) -> None:
+        """Give the training datasets the views of ``stage`` (called at the start of every epoch)."""
+        views = self._views(stage)
+        for dataset in self.datasets.values():
+            dataset.set_transforms(views)
 
     def _new_optimizer(self) -> None:
         t = self.cfg.train
@@ -502,6 +514,7 @@ class Trainer:
 
     def _run_epoch(self, epoch: int, logger: RunLogger | None) -> None:
         stage = self.stage_of(epoch)
+        self._set_stage_views(stage)
         if epoch == self.cfg.train.stage1_epochs and epoch > 0:
             self._start_stage2()
         rng = seed_everything(self.cfg.train.seed, epoch)
