@@ -37,6 +37,18 @@ def test_ablation_rows_are_switch_presets():
     assert [rows[i].loss.split_prototypes for i in range(2, 7)] == [False, False, False, True, True]
 
 
+def test_paper_presets_train_what_the_release_trains():
+    """METHOD.md "What the release does": flip-averaged clustering features, the left-out visible
+    half in global clustering, fp32, selection by test-set Rank-1 every 2 epochs (trial 0 in stage 1)."""
+    for name in ["sysu", "regdb", "llcm"] + [f"ablation/m{i}" for i in range(1, 7)]:
+        cfg = load_config(preset_path(name))
+        assert cfg.cluster.flip and cfg.cluster.global_visible == "left_out", name
+        assert not cfg.train.amp and cfg.train.bn_split == 1, name
+        assert (cfg.train.eval_every, cfg.train.select_by, cfg.train.stage1_eval_trials) == (2, "rank1", 1), name
+        assert cfg.model.non_local_width == "release" and not cfg.model.gem_learnable, name
+    assert load_config(preset_path("demo")).cluster.flip
+
+
 def test_overrides_are_typed():
     cfg = load_config(None, ["train.lr=1e-3", "model.depth=18", "cluster.modality_aware=false", "loss.temperature=1"])
     assert cfg.train.lr == pytest.approx(1e-3) and isinstance(cfg.train.lr, float)

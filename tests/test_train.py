@@ -60,7 +60,9 @@ def test_stage_two_adds_the_global_loss(finished_run):
 
 def test_optimiser_steps_lower_both_losses_on_a_fixed_batch(synthetic_root, tmp_path, make_config):
     """The trainer's own forward / loss / step path, both stages' losses, fixed memories."""
-    trainer = Trainer(make_config(synthetic_root, tmp_path, "train.lr=1e-3"), progress=False)
+    # Every visible image in the global clustering: the tiny data's left-out half alone gives one cluster.
+    trainer = Trainer(make_config(synthetic_root, tmp_path, "train.lr=1e-3", "cluster.global_visible=all"),
+                      progress=False)
     rng = trainer_mod.seed_everything(0, 0)
     features = trainer.extract(trainer.records, flip=False)
     assoc = trainer.associate(features, 2, rng)
@@ -143,23 +145,124 @@ def test_demo_summary_has_the_published_keys(synthetic_root, tmp_path, make_conf
     assert on_disk["stage2.rank1"] == pytest.approx(next(iter(history[2].values()))["rank1"])
     table = demo_table(summary)
     assert f"{100 * summary['stage2.mAP']:.1f}" in table
-    # The headline ARIs come from the best stage-1 model's flip-averaged test features.
-    from dataclasses import replace
+    # The headline ARIs come from the best stage-1 model's flip-averaged test features, which are
+    # also what training clusters (cluster.flip); recomputed here through the library's
+    # distance and DBSCAN and scikit-learn's ARI, not through the demo's own helpers.
+    from sklearn.metrics import adjusted_rand_score
 
-    from bmil.cluster import label_quality
+    from bmil.cluster import dbscan_labels, jaccard_distance
     from bmil.data.records import record_arrays
-    from bmil.engine.association import cluster_once
     from bmil.engine.datasets import train_records
     from bmil.engine.extract import extract_features
     from bmil.engine.inference import load_model
 
+    assert cfg.cluster.flip and summary["clustering_training_features"] == summary["clustering"]
     model, _ = load_model(tmp_path / "checkpoints" / "best_stage1.pt", "cpu")
     records = train_records(cfg)
     pids, _, modality = record_arrays(records)
-    for flip, part in ((True, summary["clustering"]), (False, summary["clustering_training_features"])):
-        features = extract_features(model, records, height=64, width=32, batch_size=64, device="cpu", flip=flip,
-                                    workers=0, amp=False, progress=False, desc="check")
-        for aware in (False, True):
-            labels = cluster_once(features, replace(cfg.cluster, modality_aware=aware), modality if aware else None)
-            key = "ari_modality_aware" if aware else "ari_plain"
-            assert part[key] == pytest.approx(label_quality(labels, pids, modality)["ari"], abs=1e-6)
+    features = extract_features(model, records, height=64, width=32, batch_size=64, device="cpu", flip=True,
+                                workers=0, amp=False, progress=False, desc="check")
+    c = cfg.cluster
+    for aware, key in ((False, "ari_plain"), (True, "ari_modality_aware")):
+        distance = jaccard_distance(features, k1=c.k1, k2=c.k2, modality=modality if aware else None)
+        labels = dbscan_labels(distance, c.eps, c.min_samples)
+        # DBSCAN outliers count as singletons, each its own cluster (label_quality's rule).
+        singletons = np.where(labels < 0, labels.max() + 1 + np.arange(len(labels)), labels)
+        assert summary["clustering"][key] == pytest.approx(adjusted_rand_score(pids, singletons), abs=1e-6)
+
+
+def test_best_model_is_selected_by_test_rank1_and_the_last_is_kept(synthetic_root, tmp_path, make_config,
+                                                                 monkeypatch):
+    """The release's selection: evaluate at a stage's first epoch and every 2 after it (and at its
+    last), stage 1 on one trial, keep the best test-set Rank-1; the last epoch's scores beside it."""
+    from types import SimpleNamespace
+
+    # Scripted scores where Rank-1 and mAP disagree on the best epoch.
+    scripted = iter([(0.3, 0.6), (0.5, 0.2), (0.4, 0.1), (0.2, 0.9), (0.7, 0.3)])
+    calls = []
+
+    def fake_evaluate(self, trials=None):
+        calls.append((self.current_epoch, trials))
+        rank1, mAP = next(scripted)
+        return [SimpleNamespace(setting="all", mean={"rank1": rank1, "mAP": mAP})]
+
+    monkeypatch.setattr(Trainer, "evaluate", fake_evaluate)
+    monkeypatch.setattr(Trainer, "current_epoch", -1, raising=False)
+    real_run_epoch = Trainer._run_epoch
+
+    def run_epoch(self, epoch, logger):
+        self.current_epoch = epoch
+        return real_run_epoch(self, epoch, logger)
+
+    monkeypatch.setattr(Trainer, "_run_epoch", run_epoch)
+    cfg = make_config(synthetic_root, tmp_path, "train.stage1_epochs=4", "train.stage2_epochs=3",
+                      "train.iterations=1", "train.eval_every=2", "eval.trials=3")
+    assert cfg.train.select_by == "rank1" and cfg.train.stage1_eval_trials == 1
+    summary = Trainer(cfg, progress=False).fit()
+    # Stage 1: epochs 0, 2 and its last (3), one trial; stage 2: its first (4) and last (6), eval.trials.
+    assert calls == [(0, 1), (2, 1), (3, 1), (4, None), (6, None)]
+    assert summary["stage1"]["epoch"] == 2 and summary["stage1"]["metrics"]["all"]["rank1"] == 0.5
+    assert summary["stage1"]["last"]["epoch"] == 3 and summary["stage1"]["last"]["metrics"]["all"]["rank1"] == 0.4
+    assert summary["stage2"]["epoch"] == 6 and summary["stage2"]["last"]["epoch"] == 6
+    assert "test set" in summary["stage1"]["selected_by"]
+    ckpt = tmp_path / "checkpoints"
+    assert torch.load(ckpt / "best_stage1.pt", weights_only=False)["epoch"] == 2
+    assert torch.load(ckpt / "last_stage1.pt", weights_only=False)["epoch"] == 3
+    assert torch.load(ckpt / "last_stage2.pt", weights_only=False)["epoch"] == 6
+
+
+def test_selection_by_map_is_an_option(synthetic_root, tmp_path, make_config, monkeypatch):
+    from types import SimpleNamespace
+
+    scripted = iter([(0.3, 0.6), (0.5, 0.2)])
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, trials=None: [
+        SimpleNamespace(setting="all", mean=dict(zip(("rank1", "mAP"), next(scripted), strict=True)))])
+    cfg = make_config(synthetic_root, tmp_path, "train.stage1_epochs=2", "train.stage2_epochs=0",
+                      "train.iterations=1", "train.eval_every=1", "train.select_by=mAP")
+    assert Trainer(cfg, progress=False).fit()["stage1"]["epoch"] == 0
+
+
+def test_bn_split_feeds_batchnorm_what_one_gpu_of_the_release_sees(synthetic_root, tmp_path, make_config):
+    """train.bn_split=2: pass 1 = every first visible view + the first half of the infrared batch,
+    pass 2 = the second views + the other half (the release's 2-GPU DataParallel scatter)."""
+    trainer = Trainer(make_config(synthetic_root, tmp_path, "train.bn_split=2"), progress=False)
+    b = 8
+    visible = torch.randn(b, 2, 3, 64, 32)
+    infrared = torch.randn(b, 1, 3, 64, 32)
+    batches = {0: (visible, torch.arange(b)), 1: (infrared, torch.arange(b))}
+    labels = {0: np.arange(b) + 100, 1: np.arange(b) + 200}
+    seen = []
+    inner = trainer.train_model
+
+    def recording(x, mods):
+        seen.append((x.clone(), mods.clone()))
+        return inner(x, mods)
+
+    trainer.train_model = recording
+    trainer.model.train()
+    out = trainer._forward(batches, labels)
+    assert len(seen) == 2
+    for j, (x, mods) in enumerate(seen):
+        expected = torch.cat([visible[:, j], infrared[j * b // 2:(j + 1) * b // 2, 0]])
+        assert torch.equal(x, expected)
+        assert torch.equal(mods, torch.tensor([0] * b + [1] * (b // 2)))
+    # Labels follow the view-major layout: view 1 of every image, then view 2.
+    assert torch.equal(out[0][1], torch.from_numpy(np.r_[labels[0], labels[0]]))
+    assert torch.equal(out[1][1], torch.from_numpy(labels[1]))
+    # Reassembly: with BatchNorm on running statistics, split and unsplit passes give the same features.
+    trainer.model.eval()
+    split = trainer._forward(batches, labels)
+    trainer.cfg.train.bn_split = 1
+    whole = trainer._forward(batches, labels)
+    for m in (0, 1):
+        torch.testing.assert_close(split[m][0], whole[m][0], atol=1e-5, rtol=1e-4)
+        expected = inner(torch.cat([visible[:, 0], visible[:, 1]]) if m == 0 else infrared[:, 0],
+                         torch.full((2 * b if m == 0 else b,), m))
+        torch.testing.assert_close(whole[m][0], torch.nn.functional.normalize(expected, dim=1), atol=1e-5, rtol=1e-4)
+
+
+def test_bn_split_must_divide_the_batch(make_config, synthetic_root, tmp_path):
+    from bmil.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.bn_split"):
+        make_config(synthetic_root, tmp_path, "train.bn_split=3")  # 4 × 4 = 16 images

@@ -18,6 +18,7 @@ The paper's ablation rows M1–M6 are presets of the switches below (``configs/a
 
 from __future__ import annotations
 
+import copy
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -26,8 +27,6 @@ from typing import Any
 import yaml
 
 from bmil.errors import ConfigError
-
-DATASETS = ("synthetic", "sysu", "regdb", "llcm", "folder")
 
 
 @dataclass
@@ -42,15 +41,14 @@ class SyntheticConfig:
     seed: int = 0
 
 
-def default_workers() -> int:
-    """DataLoader workers when ``data.workers`` is not set: 0 on a machine without CUDA
-    (decoding in the training process leaves the few cores to the model), else
-    min(8, CPU cores / GPU processes on this node) so decoding keeps up with the GPU."""
+def default_workers(cuda: bool) -> int:
+    """DataLoader workers when ``data.workers`` is not set: 0 without CUDA (decoding in
+    the training process leaves the few cores to the model), else min(8, CPU cores / GPU
+    processes on this node) so decoding keeps up with the GPU. ``cuda``: the run's device
+    is a GPU (the engine knows; this module does not import torch)."""
     import os
 
-    import torch
-
-    if not torch.cuda.is_available():
+    if not cuda:
         return 0
     local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, min(8, (os.cpu_count() or 1) // local_processes))
@@ -64,8 +62,10 @@ class DataConfig:
     ``trial``: RegDB split 1..10 the model is trained on.
     ``height``/``width``: network input in pixels.
     ``pad``: zero padding in pixels before the random crop (10 at 288×144).
-    ``workers``: DataLoader worker processes per training process; the default is
-    :func:`default_workers` (0 without CUDA, else up to 8 per GPU process).
+    ``workers``: DataLoader worker processes per training process; unset (null) means
+    :func:`default_workers` of the run's device (0 on a CPU, else up to 8 per GPU process).
+    ``ids_from_folders``: for ``folder``, read person ids from the layout
+    ROOT/{visible,infrared}/<camera>/<person id>/ (scored by ``bmil eval``, never trained on).
     ``augmentation``: ``release`` (the release's views: the visible second view replicates
     one of R, G, B after normalisation and erasing; infrared 3/4 one channel, 1/8 grayscale,
     1/8 unchanged, colour jitter in stage 1 only) or ``legacy`` (bmil's earlier views);
@@ -80,7 +80,8 @@ class DataConfig:
     channel_aug: bool = True
     augmentation: str = "release"
     pad: int = 10
-    workers: int = field(default_factory=default_workers)
+    workers: int | None = None
+    ids_from_folders: bool = False
     cache_images: bool = False
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -112,6 +113,9 @@ class ClusterConfig:
     ``global_visible``: which visible images stage 2's global clustering sees: ``left_out``
     (the release: the random visible subset intra clustering left out this epoch, plus all
     infrared images) or ``all`` (every visible image).
+    ``knn``: neighbours of the Jaccard distance: ``exact``, ``approximate`` (faiss IVF per
+    modality, ``bmil.cluster.knn``) or ``auto`` (approximate when a clustering has more than
+    ``approximate_above`` images).
     """
 
     k1: int = 30
@@ -126,6 +130,8 @@ class ClusterConfig:
     flip: bool = True
     global_visible: str = "left_out"
     memory_check: bool = True
+    knn: str = "exact"
+    approximate_above: int = 100_000
 
 
 @dataclass
@@ -143,13 +149,31 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     """The epoch loop. Stage 1 runs ``stage1_epochs``, then stage 2 ``stage2_epochs`` from
-    the best stage-1 model; ``init_from`` starts from a checkpoint's weights instead."""
+    the best stage-1 model; ``init_from`` starts from a checkpoint's weights instead.
+
+    ``amp``: bf16 autocast on CUDA (the release trains in fp32, the default).
+    ``bn_split``: forward each training batch in this many passes, as the release's
+    DataParallel over that many GPUs splits it (2 reproduces its per-BatchNorm batch on one
+    GPU; docs/recipes.md); one process only.
+    ``eval_every``: evaluate on the test set at the first epoch of a stage and every
+    ``eval_every`` epochs after it, and at its last epoch (the release: every 2 epochs).
+    ``select_by``: the best model of a stage is the one with the highest test-set ``rank1``
+    (the release) or ``mAP`` of the first protocol setting — selection on the test set, which
+    the results say; the last epoch's model and scores are kept beside it.
+    ``stage1_eval_trials``: gallery trials evaluated during stage 1 (the release: trial 0
+    only; 0 = ``eval.trials``); stage 2 evaluates ``eval.trials``.
+    ``sampler``: how a batch's images of each pseudo identity are drawn: ``camera`` (the
+    release: a random anchor, then images from other cameras than the anchor's; one pass over
+    the identities in random order) or ``uniform`` (bmil's earlier draw, cameras ignored);
+    see :mod:`bmil.data.sampler`.
+    """
 
     stage1_epochs: int = 50
     stage2_epochs: int = 50
     iterations: int = 200
     num_ids: int = 8
     num_instances: int = 16
+    sampler: str = "camera"
     lr: float = 3.5e-4
     weight_decay: float = 5e-4
     lr_step: int = 20
@@ -160,8 +184,11 @@ class TrainConfig:
     deterministic: bool = False
     init_from: str = ""
     device: str = "auto"
-    amp: bool = True
-    eval_every: int = 5
+    amp: bool = False
+    bn_split: int = 1
+    eval_every: int = 2
+    select_by: str = "rank1"
+    stage1_eval_trials: int = 1
     extract_batch: int = 128
 
 
@@ -192,14 +219,16 @@ class Config:
 
 
 _CHOICES = {
-    "data.dataset": DATASETS,
     "cluster.lqe": ("release", "paper"),
     "model.non_local_width": ("release", "half"),
     "data.augmentation": ("release", "legacy"),
+    "train.sampler": ("camera", "uniform"),
     "cluster.backend": ("torch", "faiss"),
+    "cluster.knn": ("exact", "approximate", "auto"),
     "cluster.global_visible": ("left_out", "all"),
+    "train.select_by": ("rank1", "mAP"),
     "eval.mode": ("all", "indoor"),
-    "eval.direction": ("both", "v2t", "t2v"),
+    "eval.direction": ("both", "v2t", "t2v", "v2i", "i2v"),
 }
 
 
@@ -208,7 +237,13 @@ def _article(tp: Any) -> str:
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against the field type ``tp``; ints are accepted for floats."""
+    """Check ``value`` against the field type ``tp``; ints are accepted for floats, and
+    ``None`` (YAML ``null``) for an optional field (``int | None``: unset)."""
+    args = typing.get_args(tp)
+    if type(None) in args:
+        if value is None:
+            return None
+        tp = next(a for a in args if a is not type(None))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -240,7 +275,26 @@ def _merge(node: Any, values: dict, prefix: str) -> None:
             setattr(node, key, _coerce(dotted, value, hints[key]))
 
 
+def _validate_dataset(cfg: Config) -> None:
+    """``data.dataset``, ``data.trial`` and ``eval.direction`` against the dataset registry
+    (imported here: ``bmil.data`` loads torch, which importing this module must not)."""
+    from bmil.data.registry import dataset_names, eval_direction, get_dataset
+
+    if cfg.data.dataset not in dataset_names():
+        raise ConfigError(
+            f"configuration key 'data.dataset' must be one of {', '.join(dataset_names())}, got {cfg.data.dataset!r}"
+        )
+    entry = get_dataset(cfg.data.dataset)
+    if entry.per_trial and cfg.data.trial not in entry.trials:
+        raise ConfigError(
+            f"configuration key 'data.trial' must be {entry.trials.start}..{entry.trials.stop - 1} for "
+            f"{entry.title}, got {cfg.data.trial}"
+        )
+    eval_direction(cfg)
+
+
 def _validate(cfg: Config) -> None:
+    _validate_dataset(cfg)
     for key, allowed in _CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -256,13 +310,18 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("configuration key 'cluster.eps' must be in (0, 1)")
     if cfg.train.stage1_epochs < 0 or cfg.train.stage2_epochs < 0:
         raise ConfigError("configuration keys 'train.stage1_epochs'/'train.stage2_epochs' must be >= 0")
-    if cfg.data.workers < 0:
+    if cfg.data.workers is not None and cfg.data.workers < 0:
         raise ConfigError(f"configuration key 'data.workers' must be >= 0, got {cfg.data.workers}")
-    for key in ("iterations", "num_ids", "num_instances", "extract_batch", "eval_every", "lr_step"):
+    for key in ("iterations", "num_ids", "num_instances", "extract_batch", "eval_every", "lr_step", "bn_split"):
         if getattr(cfg.train, key) < 1:
             raise ConfigError(f"configuration key 'train.{key}' must be >= 1")
-    if cfg.data.dataset == "regdb" and not 1 <= cfg.data.trial <= 10:
-        raise ConfigError(f"configuration key 'data.trial' must be 1..10 for RegDB, got {cfg.data.trial}")
+    if (cfg.train.num_ids * cfg.train.num_instances) % cfg.train.bn_split:
+        raise ConfigError(
+            f"configuration key 'train.bn_split' ({cfg.train.bn_split}) must divide the batch of "
+            f"train.num_ids × train.num_instances = {cfg.train.num_ids * cfg.train.num_instances} images"
+        )
+    if cfg.train.stage1_eval_trials < 0:
+        raise ConfigError("configuration key 'train.stage1_eval_trials' must be >= 0 (0: eval.trials)")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -319,11 +378,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = Config()
     for layer in _yaml_layers(path) if path else []:
         _merge(cfg, layer, "")
-    for text in overrides:
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: Config, items: list[str] | tuple[str, ...]) -> Config:
+    """A validated copy of ``cfg`` with the ``section.key=value`` ``items`` applied (e.g. a
+    checkpoint's saved configuration with ``data.root=/data``); ``cfg`` is left as it is."""
+    out = copy.deepcopy(cfg)
+    for text in items:
         key, value = parse_override(text)
-        _merge(cfg, _nest(key, value), "")
-    _validate(cfg)
-    return cfg
+        _merge(out, _nest(key, value), "")
+    _validate(out)
+    return out
 
 
 def _yaml_layers(path: str | Path, depth: int = 0) -> list[dict]:
@@ -365,6 +431,7 @@ __all__ = [
     "EvalConfig",
     "SyntheticConfig",
     "load_config",
+    "apply_overrides",
     "config_to_dict",
     "config_from_dict",
     "save_config",

@@ -44,7 +44,7 @@ def _headline(metrics: dict[str, Any]) -> dict[str, float]:
 def stage1_clustering(trainer: Trainer, checkpoint: str | Path) -> dict[str, dict[str, float]]:
     """:func:`clustering_ari` on the training images with ``checkpoint``'s weights, on its test
     features (flip-averaged, as METHOD.md defines a model's feature: ``"test"``) and on the
-    features training clusters (``cluster.flip``: ``"training"``)."""
+    features training clusters (``"training"``: the same ones unless ``cluster.flip`` is off)."""
     trainer.model.load_state_dict(load_checkpoint(checkpoint)["model"])
     test = trainer.extract(trainer.records, flip=True, desc="stage-1 test features")
     out = {"test": clustering_ari(trainer, test)}
@@ -67,6 +67,9 @@ def run_demo(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         "clustering_training_features": clustering["training"],
         "stage1_epoch": result["stage1"]["epoch"],
         "stage2_epoch": result["stage2"]["epoch"],
+        "selected_by": result["stage1"]["selected_by"],
+        "stage1_last": _headline(result["stage1"]["last"]["metrics"]),
+        "stage2_last": _headline(result["stage2"]["last"]["metrics"]),
     }
     flat = {
         "stage1.mAP": summary["stage1"]["mAP"], "stage1.rank1": summary["stage1"]["rank1"],
@@ -94,11 +97,20 @@ def demo_table(summary: dict[str, Any]) -> str:
         f"| visible–infrared pairs joined, plain: precision / recall | {_pairs(summary['clustering'], 'plain')} |",
         "| visible–infrared pairs joined, modality-aware: precision / recall | "
         f"{_pairs(summary['clustering'], 'modality_aware')} |",
-        "| the same ARI on the unflipped features training clusters: plain / modality-aware | "
-        f"{training['ari_plain']:.3f} / {training['ari_modality_aware']:.3f} |",
-    ]) + "\n\nStage-1 features: the best stage-1 model's test features (flip-averaged), all training images."
+        *([] if training == summary["clustering"] else [
+            "| the same ARI on the unflipped features training clusters (cluster.flip=false): plain / modality-aware | "
+            f"{training['ari_plain']:.3f} / {training['ari_modality_aware']:.3f} |"]),
+        f"| models kept | {summary['selected_by']}; last epoch: stage 1 {_scores(summary['stage1_last'])}, "
+        f"stage 2 {_scores(summary['stage2_last'])} |",
+    ]) + ("\n\nStage-1 features: the best stage-1 model's test features (flip-averaged, as training clusters them), "
+          "all training images.")
 
 
 def _pairs(clustering: dict[str, float], distance: str) -> str:
     """'precision / recall' of the visible-infrared pairs one clustering joins."""
     return f"{clustering[f'cross_precision_{distance}']:.2f} / {clustering[f'cross_recall_{distance}']:.2f}"
+
+
+def _scores(headline: dict[str, float]) -> str:
+    """'Rank-1 / mAP' in % of one evaluation."""
+    return f"{100 * headline['rank1']:.1f} / {100 * headline['mAP']:.1f}"

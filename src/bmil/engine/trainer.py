@@ -23,14 +23,22 @@ from bmil.data.records import INFRARED, MODALITY_NAMES, VISIBLE, Record, record_
 from bmil.engine import distributed
 from bmil.engine.association import Association, associate
 from bmil.engine.checkpoint import load_checkpoint, save_checkpoint
-from bmil.engine.datasets import has_labels, log_dataset_counts, run_protocol, train_records
-from bmil.engine.extract import FEATURE_DESCRIPTION, extract_features, resolve_device
+from bmil.engine.datasets import (
+    has_labels,
+    loader_workers,
+    log_dataset_counts,
+    one_cluster_hint,
+    run_protocol,
+    train_records,
+)
+from bmil.engine.extract import FEATURE_DESCRIPTION, resolve_device
+from bmil.engine.inference import feature_extractor
 from bmil.engine.memory_check import require_training_memory
 from bmil.engine.run_log import RunLogger, write_run_info
-from bmil.errors import BmilError, CheckpointError
+from bmil.errors import BmilError, CheckpointError, ConfigError
 from bmil.losses import global_loss, intra_loss
 from bmil.memory import PrototypeMemory, positive_mask
-from bmil.model import build_model, model_signature
+from bmil.model import model_from_config, model_signature
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +127,9 @@ class Trainer:
         self.progress = progress and self.dist.is_main
         self.per_rank_ids = distributed.per_rank_ids(cfg.train.num_ids, self.dist)
         distributed.require_one_forward_per_step(cfg.train.separate_global_step, self.dist)
+        if cfg.train.bn_split > 1 and self.dist.enabled:
+            raise ConfigError("train.bn_split > 1 emulates the release's multi-GPU BatchNorm batch in one process; "
+                              "with torchrun set train.bn_split=1 (each process already has its own BatchNorm batch)")
         set_deterministic(cfg.train.deterministic)
         seed_everything(cfg.train.seed, -1)
 
@@ -134,10 +145,7 @@ class Trainer:
             else "; the images have no person ids, so evaluation is skipped and no score will be reported",
         )
 
-        self.model = build_model(
-            depth=cfg.model.depth, non_local=cfg.model.non_local, pretrained=cfg.model.pretrained,
-            non_local_width=cfg.model.non_local_width, gem_learnable=cfg.model.gem_learnable,
-        ).to(self.device)
+        self.model = model_from_config(cfg.model).to(self.device)
         self.model, self.sync_bn = distributed.convert_sync_bn(self.model, self.dist, cfg.model.sync_bn)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -146,6 +154,7 @@ class Trainer:
         self.datasets = self._build_datasets()
         self.start_epoch = 0
         self.best = {1: StageBest(), 2: StageBest()}
+        self.last = {1: StageBest(), 2: StageBest()}
         self.history: list[dict[str, Any]] = []
         self._new_optimizer()
         if cfg.train.init_from and not resume:
@@ -203,6 +212,7 @@ class Trainer:
         self._apply_lr_override(state)
         self.start_epoch = int(state["epoch"]) + 1
         self.best = {int(k): StageBest(**v) for k, v in state["best"].items()}
+        self.last = {int(k): StageBest(**v) for k, v in state.get("last", {}).items()} or self.last
         self.history = list(state.get("history", []))
         log.info("resumed from %s at epoch %d", path, self.start_epoch)
 
@@ -218,45 +228,55 @@ class Trainer:
         """Features [N, D] of ``records`` with the current model (L2-normalised). When
         distributed, each rank extracts its shard and all ranks get all features, in order."""
         shard = records[distributed.shard_range(len(records), self.dist)] if self.dist.enabled else records
-        local = extract_features(
-            self.model, shard, height=self.cfg.data.height, width=self.cfg.data.width,
-            batch_size=self.cfg.train.extract_batch, device=self.device, flip=flip,
-            workers=self.cfg.data.workers, amp=self.cfg.train.amp, progress=self.progress, desc=desc,
-        )
-        return distributed.gather_shards(self.dist, local)
+        extract = feature_extractor(self.model, self.cfg, self.device, flip=flip, progress=self.progress, desc=desc)
+        return distributed.gather_shards(self.dist, extract(shard))
 
     def _loader(self, modality: int, labels: np.ndarray, seed: int) -> DataLoader:
         t = self.cfg.train
-        sampler = PseudoIdentitySampler(labels, t.num_ids, t.num_instances, t.iterations, seed=seed)
+        # The release's sampler draws each anchor's companions from other cameras.
+        cameras = self.camids[self.index[modality]] if t.sampler == "camera" else None
+        sampler = PseudoIdentitySampler(labels, t.num_ids, t.num_instances, t.iterations, seed=seed, cameras=cameras)
         if self.dist.enabled:  # this rank's num_ids / world_size identities of every batch
             sampler = distributed.IdentityShardSampler(sampler, self.dist)
         return DataLoader(
             self.datasets[modality], batch_size=self.per_rank_ids * t.num_instances, sampler=sampler, drop_last=True,
-            num_workers=self.cfg.data.workers, pin_memory=self.device.type == "cuda",
+            num_workers=loader_workers(self.cfg, self.device), pin_memory=self.device.type == "cuda",
             persistent_workers=False, worker_init_fn=seed_worker,
         )
 
     def _forward(self, batches: dict[int, tuple[torch.Tensor, torch.Tensor]], labels: dict[int, np.ndarray]):
-        """Features of the batches of both modalities in one pass (BN sees both), with the
-        labels repeated over each image's views."""
-        images, mods, targets, sizes = [], [], [], []
+        """Features of the batches of both modalities with the labels repeated over each
+        image's views. Each modality's images are laid out view-major (all first views, then
+        all second views), as the release concatenates them; with ``train.bn_split`` = g the
+        batch goes through the network in g passes, pass j taking the j-th contiguous g-th of
+        every modality, so each BatchNorm sees what one GPU of the release's g-GPU
+        DataParallel sees (g = 2: first-view visible + half the infrared, then the rest)."""
+        split = self.cfg.train.bn_split
+        images, targets = {}, {}
         for m, (views, index) in batches.items():
-            v = views.shape[1]
-            images.append(views.flatten(0, 1))
-            mods.append(torch.full((views.shape[0] * v,), m, dtype=torch.long))
-            targets.append(torch.from_numpy(labels[m][index.numpy()]).repeat_interleave(v))
-            sizes.append(views.shape[0] * v)
-        x = torch.cat(images).to(self.device, non_blocking=True)
+            images[m] = views.transpose(0, 1).flatten(0, 1)
+            targets[m] = torch.from_numpy(labels[m][index.numpy()]).repeat(views.shape[1])
+        chunks = {m: x.chunk(split) for m, x in images.items()}
+        parts = []
+        for j in range(split):
+            x = torch.cat([chunks[m][j] for m in images])
+            mods = torch.cat([torch.full((len(chunks[m][j]),), m, dtype=torch.long) for m in images])
+            parts.append(self._network(x, mods))
+        pieces = {m: [] for m in images}
+        for j, feats in enumerate(parts):
+            for m, f in zip(images, feats.split([len(chunks[m][j]) for m in images]), strict=True):
+                pieces[m].append(f)
+        return {m: (torch.cat(pieces[m]), targets[m].to(self.device)) for m in images}
+
+    def _network(self, x: torch.Tensor, mods: torch.Tensor) -> torch.Tensor:
+        """One training forward pass: L2-normalised float32 features [B, D] of images ``x``."""
+        x = x.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         amp = self.cfg.train.amp and self.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            feats = self.train_model(x, torch.cat(mods).to(self.device))
-        feats = F.normalize(feats.float(), dim=1)
-        out = {}
-        for (m, f), y in zip(zip(batches, feats.split(sizes), strict=True), targets, strict=True):
-            out[m] = (f, y.to(self.device))
-        return out
+            feats = self.train_model(x, mods.to(self.device))
+        return F.normalize(feats.float(), dim=1)
 
     def _step(self, loss: torch.Tensor, epoch: int, step: int) -> None:
         # Every rank must take the same branch, or the others would wait in DDP's all-reduce.
@@ -308,6 +328,7 @@ class Trainer:
             if num_clusters(labels) == 1:
                 log.warning("only one %s cluster this epoch: its intra-modality loss is skipped "
                             "(a contrastive loss needs two)", MODALITY_NAMES[m])
+                one_cluster_hint(self.cfg, len(self.records))
             elif np.any(labels >= 0):
                 intra[m] = PrototypeMemory.from_features(
                     torch.from_numpy(features[self.index[m]]), torch.from_numpy(labels),
@@ -320,6 +341,7 @@ class Trainer:
             if num_clusters(assoc.global_labels) == 1:
                 log.warning("only one global cluster this epoch: the cross-modality loss is skipped "
                             "(a contrastive loss needs two)")
+                one_cluster_hint(self.cfg, len(self.records))
             elif np.any(assoc.sub.sub_labels >= 0):
                 glob = PrototypeMemory.from_features(
                     torch.from_numpy(features), torch.from_numpy(assoc.sub.sub_labels),
@@ -442,12 +464,10 @@ class Trainer:
         return stats
 
     # ---------------------------------------------------------------- evaluation, checkpoints
-    def evaluate(self) -> list:
-        """The dataset's test protocol with the current model ([] without labels)."""
-        def extract(records: list[Record]) -> np.ndarray:
-            return self.extract(records, flip=True, desc="test features")
-
-        return run_protocol(self.cfg, extract)
+    def evaluate(self, trials: int | None = None) -> list:
+        """The dataset's test protocol with the current model ([] without labels);
+        ``trials`` gallery trials (default ``eval.trials``)."""
+        return run_protocol(self.cfg, lambda records: self.extract(records, flip=True, desc="test features"), trials)
 
     def _state(self, epoch: int) -> dict[str, Any]:
         return {
@@ -459,6 +479,7 @@ class Trainer:
             "config": config_to_dict(self.cfg),
             "signature": self.signature,
             "best": {k: vars(v) for k, v in self.best.items()},
+            "last": {k: vars(v) for k, v in self.last.items()},
             "history": self.history,
             "memories": getattr(self, "_memories_state", None),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
@@ -472,22 +493,31 @@ class Trainer:
         self._new_optimizer()
         log.info("stage 2 starts from %s", best if best.is_file() else "the last stage-1 model")
 
-    def _maybe_evaluate(self, epoch: int, stage: int) -> dict[str, Any] | None:
+    def _stage_bounds(self, stage: int) -> tuple[int, int]:
+        """First and last epoch of ``stage``."""
         t = self.cfg.train
-        first = 0 if stage == 1 else t.stage1_epochs
-        last = t.stage1_epochs - 1 if stage == 1 else self.total_epochs - 1
-        if not self.labelled or not ((epoch - first + 1) % t.eval_every == 0 or epoch == last):
+        return (0, t.stage1_epochs - 1) if stage == 1 else (t.stage1_epochs, self.total_epochs - 1)
+
+    def _maybe_evaluate(self, epoch: int, stage: int) -> dict[str, Any] | None:
+        """Evaluate at the first epoch of the stage, every ``eval_every`` after it and at its
+        last; keep the best model by ``train.select_by`` and the last epoch's model."""
+        t = self.cfg.train
+        first, last = self._stage_bounds(stage)
+        if not self.labelled or not ((epoch - first) % t.eval_every == 0 or epoch == last):
             return None
-        results = self.evaluate()
+        trials = (t.stage1_eval_trials or self.cfg.eval.trials) if stage == 1 else None
+        results = self.evaluate(trials)
         if not results:
             return None
         metrics = {r.setting: r.mean for r in results}
-        score = float(results[0].mean["mAP"])
+        score = float(results[0].mean[t.select_by])
         self.history.append({"epoch": epoch, "stage": stage, "metrics": metrics})
         if score > self.best[stage].score:
             self.best[stage] = StageBest(score=score, epoch=epoch, metrics=metrics)
             if self.dist.is_main:
                 save_checkpoint(self._state(epoch), self.ckpt_dir / f"best_stage{stage}.pt")
+        if epoch == last:
+            self.last[stage] = StageBest(score=score, epoch=epoch, metrics=metrics)
         return metrics
 
     # ---------------------------------------------------------------- the loop
@@ -499,7 +529,7 @@ class Trainer:
             save_config(self.cfg, self.out / "config.yaml")
             # Per process: this rank's share of the P×K identities, both modalities' views in one BN pass.
             batch = self.per_rank_ids * self.cfg.train.num_instances
-            bn_batch = batch * (2 if self.cfg.data.channel_aug else 1) + batch
+            bn_batch = (batch * (2 if self.cfg.data.channel_aug else 1) + batch) // self.cfg.train.bn_split
             write_run_info(self.out, device=str(self.device), world_size=self.dist.world_size,
                            per_process_batch=batch, bn_batch=bn_batch * (self.dist.world_size if self.sync_bn else 1),
                            sync_bn=self.sync_bn)
@@ -534,9 +564,19 @@ class Trainer:
         if self.dist.is_main:
             logger.log(record, step=epoch)
             save_checkpoint(self._state(epoch), self.ckpt_dir / "last.pt")
+            if epoch == self._stage_bounds(stage)[1]:
+                save_checkpoint(self._state(epoch), self.ckpt_dir / f"last_stage{stage}.pt")
         distributed.barrier(self.dist)  # the checkpoints exist for every rank (stage 2 reads best_stage1.pt)
         log.info("epoch %d (stage %d): %s", epoch, stage,
                  ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
 
     def summary(self) -> dict[str, Any]:
-        return {f"stage{k}": {"epoch": v.epoch, "metrics": v.metrics} for k, v in self.best.items()}
+        """Per stage: the selected model's epoch and metrics, how it was selected, and the
+        last epoch's metrics (``last``)."""
+        selection = (f"best test-set {self.cfg.train.select_by} among the evaluations of the stage "
+                     "(selection on the test set, as the authors' release does)")
+        return {
+            f"stage{k}": {"epoch": v.epoch, "metrics": v.metrics, "selected_by": selection,
+                          "last": {"epoch": self.last[k].epoch, "metrics": self.last[k].metrics}}
+            for k, v in self.best.items()
+        }
