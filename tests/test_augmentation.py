@@ -214,3 +214,19 @@ def test_trainer_uses_the_stage_two_infrared_view_in_stage_two(synthetic_root, t
     assert "ChannelAdaptiveGray" in infrared_steps()
     visible = trainer.datasets[VISIBLE].transforms_by_modality[VISIBLE]
     assert len(visible) == 2 and isinstance(visible[1].transforms[-1], ChannelExchange)
+
+
+def test_test_transform_resize_choices_match_pil():
+    from bmil.data.transforms import test_transform
+
+    rng = np.random.default_rng(7)
+    image = Image.fromarray(rng.integers(0, 256, size=(37, 19, 3), dtype=np.uint8))
+    for name, pil_filter in (("bicubic", Image.BICUBIC), ("lanczos", Image.LANCZOS)):
+        resized = np.asarray(image.resize((W, H), pil_filter), dtype=np.float64) / 255.0
+        expected = (resized - MEAN) / STD
+        out = test_transform(H, W, resize=name)(image).double().numpy().transpose(1, 2, 0)
+        np.testing.assert_allclose(out, expected, atol=1e-5)
+    lanczos = test_transform(H, W, resize="lanczos")(image)
+    assert not torch.allclose(lanczos, test_transform(H, W)(image), atol=1e-3)
+    with pytest.raises(ValueError, match="resize must be one of"):
+        test_transform(H, W, resize="nearest")

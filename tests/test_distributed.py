@@ -54,7 +54,9 @@ def _train_worker(rank: int, port: int, root: str, out: str, dump: str) -> None:
         if "batch" not in seen:
             seen["batch"] = loader.batch_size
             seen["mine"] = loader.sampler.indices()[: loader.batch_size].tolist()
-            full = PseudoIdentitySampler(labels, cfg.train.num_ids, cfg.train.num_instances, 1, seed=seed)
+            cameras = trainer.camids[trainer.index[modality]]  # train.sampler=camera, the default
+            full = PseudoIdentitySampler(labels, cfg.train.num_ids, cfg.train.num_instances, 1, seed=seed,
+                                         cameras=cameras)
             seen["full"] = full.indices().tolist()
         return loader
 

@@ -232,10 +232,20 @@ def train_transform(
     ])
 
 
-def test_transform(height: int, width: int) -> T.Compose:
-    """PIL image -> normalised tensor [3, height, width]: bicubic resize, no augmentation."""
+TEST_RESIZES = {"bicubic": T.InterpolationMode.BICUBIC, "lanczos": T.InterpolationMode.LANCZOS}
+
+
+def test_transform(height: int, width: int, resize: str = "bicubic") -> T.Compose:
+    """PIL image -> normalised tensor [3, height, width], no augmentation.
+
+    resize: ``"bicubic"`` (the release's clustering extractor, ``get_test_loader``) or
+    ``"lanczos"`` (PIL's Lanczos, ``Image.ANTIALIAS``, which the release's query and gallery
+    loader ``TestData`` uses when scoring).
+    """
+    if resize not in TEST_RESIZES:
+        raise ValueError(f"test_transform resize must be one of {', '.join(TEST_RESIZES)}, got {resize!r}.")
     return T.Compose([
-        T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC),
+        T.Resize((height, width), interpolation=TEST_RESIZES[resize]),
         T.ToTensor(),
         _normalize(),
     ])
