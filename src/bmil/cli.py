@@ -84,15 +84,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:
-    from bmil.data.check import check_dataset
+    from bmil.data.check import check_report
+    from bmil.data.registry import get_dataset
 
-    problems = check_dataset(args.dataset, args.root)
-    for line in problems:
+    entry = get_dataset(args.dataset, checkable=True)
+    report = check_report(args.dataset, args.root, ids_from_folders=args.ids_from_folders)
+    published = bool(entry.published_counts)
+    if not published:  # nothing to compare with: say what was found
+        for line in report.notes:
+            print(line)
+        for key, value in report.counts.items():
+            print(f"{key}: {value}")
+    for line in report.warnings:
+        print(f"warning: {line}")
+    for line in report.problems:
         print(line)
-    if problems:
-        print(f"{len(problems)} difference(s) from the published {args.dataset} dataset")
+    if report.problems:
+        what = f"difference(s) from the published {args.dataset} dataset" if published else f"problem(s) in {args.root}"
+        print(f"{len(report.problems)} {what}")
         return 1
-    print(f"{args.root}: matches the published {args.dataset} counts, every image readable")
+    if published:
+        print(f"{args.root}: matches the published {args.dataset} counts, every image readable")
+    else:
+        print(f"{args.root}: no problem found, every image readable")
     return 0
 
 
@@ -181,7 +195,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.run:
         written = analyze_run(args.run, args.out)
     else:
-        from bmil.config import load_config, save_config
+        from bmil.config import apply_overrides, load_config
         from bmil.data.records import record_arrays
         from bmil.engine.extract import resolve_device
         from bmil.engine.inference import load_model, train_set_features
@@ -193,10 +207,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         if args.config:
             cfg = load_config(preset_path(args.config), args.overrides)
         elif args.overrides:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            saved = Path(args.out) / "checkpoint_config.yaml"
-            save_config(cfg, saved)
-            cfg = load_config(saved, args.overrides)
+            cfg = apply_overrides(cfg, args.overrides)
         feats, records = train_set_features(model, cfg, device, progress=not args.quiet)
         pids, _, modality = record_arrays(records)
         written = analyze_features(feats, modality, pids, args.out, cfg.cluster, seed=cfg.train.seed)
@@ -241,8 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("check-data", help="compare a dataset folder with the published counts; list bad images")
-    p.add_argument("--dataset", required=True, choices=["sysu", "regdb", "llcm", "folder"])
+    p.add_argument("--dataset", required=True, help="a data.dataset name (not synthetic)")
     p.add_argument("root", help="dataset root folder")
+    p.add_argument("--ids-from-folders", action=argparse.BooleanOptionalAction, default=None,
+                   help="folder only: read <camera>/<person id>/ folders as ids (default: decided from the layout)")
     p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser("cluster-scan", help="cluster counts, outliers and ARI/NMI for a range of DBSCAN eps")

@@ -17,28 +17,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
+from bmil.data import folder as user_folder
 from bmil.data import llcm, regdb, sysu
-from bmil.data.folder import folder_train
 from bmil.data.images import image_error, list_image_names
-from bmil.data.records import INFRARED, VISIBLE, Record, record_arrays
+from bmil.data.records import INFRARED, MODALITIES, MODALITY_NAMES, VISIBLE, Record, record_arrays
+from bmil.data.registry import PUBLISHED_COUNTS, get_dataset
 from bmil.errors import DatasetError
 
-DATASET_NAMES = {"sysu": "SYSU-MM01", "regdb": "RegDB", "llcm": "LLCM", "folder": "folder dataset"}
-
-# Counts published with the data sets (METHOD.md). RegDB's "train ids" / "test ids" apply to
-# every trial; "images per id in each list" to every id of each of the 40 trial lists.
-PUBLISHED_COUNTS = {
-    "sysu": {
-        "train ids": 395,
-        "train visible images": 22258,
-        "train infrared images": 11909,
-        "test ids": 96,
-        "query images": 3803,
-    },
-    "regdb": {"train ids": 206, "test ids": 206, "images per id in each list": 10},
-    "llcm": {"train ids": 713, "test ids": 351},
-    "folder": {},
-}
 PER_ID_KEY = "images per id in each list"
 
 
@@ -48,7 +33,9 @@ class _Inspection:
 
     counts: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # worth knowing, not an error
     images: list[str] = field(default_factory=list)  # existing files to decode-check
+    notes: list[str] = field(default_factory=list)  # how the root was read
 
 
 def _existing_root(root: str | os.PathLike, dataset: str) -> str:
@@ -83,7 +70,7 @@ def _ids_without_images(dataset: str, split_file: str, ids: Iterable[int], with_
     return [f"{dataset} id {pid} named in {split_file} has no images" for pid in ids if pid not in with_images]
 
 
-def _inspect_sysu(root: str | os.PathLike) -> _Inspection:
+def inspect_sysu(root: str | os.PathLike) -> _Inspection:
     root = _existing_root(root, "SYSU-MM01")
     split_files = {name: sysu.split_ids(root, name) for name in ("train_id.txt", "val_id.txt", "test_id.txt")}
     train_ids = sorted(set(split_files["train_id.txt"]) | set(split_files["val_id.txt"]))
@@ -108,7 +95,7 @@ def _inspect_sysu(root: str | os.PathLike) -> _Inspection:
     return found
 
 
-def _inspect_regdb(root: str | os.PathLike, per_id: int | None) -> _Inspection:
+def inspect_regdb(root: str | os.PathLike, per_id: int | None) -> _Inspection:
     root = _existing_root(root, "RegDB")
     if not os.path.isdir(os.path.join(root, "idx")):
         raise DatasetError(f"{os.path.join(root, 'idx')} not found: is {root} the RegDB root?")
@@ -140,7 +127,7 @@ def _inspect_regdb(root: str | os.PathLike, per_id: int | None) -> _Inspection:
     return found
 
 
-def _inspect_llcm(root: str | os.PathLike) -> _Inspection:
+def inspect_llcm(root: str | os.PathLike) -> _Inspection:
     root = _existing_root(root, "LLCM")
     train = llcm.llcm_train(root)
     test_ids = llcm.llcm_test_ids(root)
@@ -173,23 +160,84 @@ def _inspect_llcm(root: str | os.PathLike) -> _Inspection:
     return found
 
 
-def _inspect_folder(root: str | os.PathLike) -> _Inspection:
-    records = folder_train(root)
+def looks_labelled(root: str | os.PathLike) -> bool:
+    """True when ROOT has a split file, or every image of both modalities lies exactly in
+    ROOT/<modality>/<camera>/<folder>/ (what ``data.ids_from_folders`` reads as person ids)."""
+    root = os.path.abspath(os.fspath(root))
+    if any(os.path.isfile(os.path.join(root, name)) for name in user_folder.SPLIT_FILES):
+        return True
+    depths = set()
+    for modality in MODALITIES:
+        top = os.path.join(root, MODALITY_NAMES[modality])
+        if os.path.isdir(top):
+            depths.update(path.count(os.sep) for path in user_folder._images_below(top))
+    return depths == {2}
+
+
+def inspect_folder(root: str | os.PathLike, ids_from_folders: bool | None = None) -> _Inspection:
+    """Counts and problems of a user folder; ``ids_from_folders`` None = :func:`looks_labelled`."""
+    labelled = looks_labelled(root) if ids_from_folders is None else ids_from_folders
+    if not labelled:
+        records = user_folder.folder_train(root)
+        visible, infrared = _modality_counts(records)
+        counts = {"visible images": visible, "infrared images": infrared, "cameras": len({r.camid for r in records})}
+        return _Inspection(counts=counts, images=[r.path for r in records])
+    return _inspect_labelled_folder(root, how="given" if ids_from_folders else "detected")
+
+
+def _inspect_labelled_folder(root: str | os.PathLike, how: str) -> _Inspection:
+    found = user_folder.scan_labelled(root)
+    records = found.records()
+    pids, camids, modality = record_arrays(records)
     visible, infrared = _modality_counts(records)
-    counts = {"visible images": visible, "infrared images": infrared, "cameras": len({r.camid for r in records})}
-    return _Inspection(counts=counts, images=[r.path for r in records])
+    ids = {m: found.ids_of(m) for m in MODALITIES}
+    per_id = np.bincount(pids, minlength=len(found.id_names)) if len(pids) else np.zeros(0, np.int64)
+    per_id = per_id[per_id > 0]
+    counts = {
+        "visible images": visible,
+        "infrared images": infrared,
+        "visible ids": len(ids[VISIBLE]),
+        "infrared ids": len(ids[INFRARED]),
+        "ids in both modalities": len(ids[VISIBLE] & ids[INFRARED]),
+        "fewest images per id": int(per_id.min()) if per_id.size else 0,
+        "most images per id": int(per_id.max()) if per_id.size else 0,
+        "visible cameras": len({c for (m, c, _) in found.images if m == VISIBLE}),
+        "infrared cameras": len({c for (m, c, _) in found.images if m == INFRARED}),
+    }
+    inspection = _Inspection(counts=counts, images=[r.path for r in records])
+    inspection.notes.append(
+        f"person ids read from folder names ({found.root}/<modality>/<camera>/<person id>/, layout {how})"
+    )
+    inspection.problems += found.layout_errors
+    inspection.problems += [f"empty id folder {path}" for path in found.empty_folders]
+    for name, listed in found.split.items():
+        missing = [i for i in listed if i not in set(found.id_names)]
+        if missing:
+            split_file = os.path.join(found.root, name)
+            inspection.problems.append(
+                f"{len(missing)} id(s) named in {split_file} have no images: {user_folder.named(missing)}"
+            )
+    for m, alone in found.one_modality_ids().items():
+        if alone:
+            inspection.warnings.append(
+                f"{len(alone)} id(s) have {MODALITY_NAMES[m]} images only and can never be matched across "
+                f"modalities: {user_folder.named(alone)}"
+            )
+    if found.split:
+        split = user_folder.split_ids(found)
+        counts["train ids"], counts["test ids"] = len(split["train"]), len(split["test"])
+        both = sorted(split["train"] & split["test"])
+        if both:
+            inspection.warnings.append(f"{len(both)} id(s) are in both train and test: {user_folder.named(both)}")
+    else:
+        inspection.notes.append("no train.txt / test.txt: training and test images would overlap")
+    return inspection
 
 
-def _inspect(name: str, root: str | os.PathLike, per_id: int | None = None) -> _Inspection:
-    if name == "sysu":
-        return _inspect_sysu(root)
-    if name == "regdb":
-        return _inspect_regdb(root, per_id)
-    if name == "llcm":
-        return _inspect_llcm(root)
-    if name == "folder":
-        return _inspect_folder(root)
-    raise DatasetError(f"unknown dataset {name!r}: expected one of {', '.join(DATASET_NAMES)}.")
+def _inspect(name: str, root: str | os.PathLike, per_id: int | None = None,
+             ids_from_folders: bool | None = None) -> _Inspection:
+    entry = get_dataset(name, checkable=True)
+    return entry.inspect(root, per_id=per_id, ids_from_folders=ids_from_folders)
 
 
 def dataset_counts(name: str, root: str | os.PathLike) -> dict[str, int]:
@@ -210,7 +258,7 @@ def compare_counts(name: str, counts: Mapping[str, int], expected: Mapping[str, 
     with the expected key "<what>" (RegDB's per-trial counts).
     """
     expected = PUBLISHED_COUNTS.get(name, {}) if expected is None else expected
-    dataset = DATASET_NAMES.get(name, name)
+    dataset = get_dataset(name).title if name in PUBLISHED_COUNTS else name
     lines = []
     for key, found in counts.items():
         generic = key.split(" ", 2)[2] if key.startswith("trial ") else key
@@ -231,6 +279,38 @@ def unreadable_images(paths: Iterable[str], workers: int = 8) -> list[str]:
     return [f"unreadable image {p}: {reason}" for p, reason in zip(paths, reasons, strict=True) if reason is not None]
 
 
+@dataclass
+class CheckReport:
+    """What ``bmil check-data`` prints: counts found, notes on how the root was read,
+    warnings (worth knowing, not errors) and problems (differences and broken files)."""
+
+    counts: dict[str, int]
+    notes: list[str]
+    warnings: list[str]
+    problems: list[str]
+
+
+def check_report(
+    name: str,
+    root: str | os.PathLike,
+    expected: Mapping[str, int] | None = None,
+    verify_images: bool = True,
+    workers: int = 8,
+    ids_from_folders: bool | None = None,
+) -> CheckReport:
+    """Everything :func:`check_dataset` finds, with the counts, notes and warnings.
+
+    ids_from_folders: for ``folder`` — True reads person-id folders, False does not, None
+    (default) decides with :func:`looks_labelled`.
+    """
+    expected = PUBLISHED_COUNTS.get(name, {}) if expected is None else expected
+    found = _inspect(name, root, expected.get(PER_ID_KEY), ids_from_folders)
+    problems = compare_counts(name, found.counts, expected) + found.problems
+    if verify_images:
+        problems += unreadable_images(found.images, workers)
+    return CheckReport(found.counts, found.notes, found.warnings, problems)
+
+
 def check_dataset(
     name: str,
     root: str | os.PathLike,
@@ -243,9 +323,4 @@ def check_dataset(
     name: sysu | regdb | llcm | folder. expected: counts to hold the data to (default
     PUBLISHED_COUNTS[name]). verify_images: decode every image (slow on full data sets).
     """
-    expected = PUBLISHED_COUNTS.get(name, {}) if expected is None else expected
-    found = _inspect(name, root, expected.get(PER_ID_KEY))
-    lines = compare_counts(name, found.counts, expected) + found.problems
-    if verify_images:
-        lines += unreadable_images(found.images, workers)
-    return lines
+    return check_report(name, root, expected, verify_images, workers).problems

@@ -1,4 +1,10 @@
-"""Plain image records: the one currency between readers, loaders and protocols."""
+"""Plain image records: the one currency between readers, loaders and protocols.
+
+The modality vocabulary lives here and nowhere else: the two constants ``VISIBLE`` /
+``INFRARED`` (the integers the model's stream switch, the records and every modality
+array use), ``MODALITIES`` (both, visible first), ``MODALITY_NAMES`` (index → name) and
+``MODALITY_INDEX`` (name → index; RegDB's "thermal" is the infrared modality).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,9 @@ import numpy as np
 
 VISIBLE = 0
 INFRARED = 1
+MODALITIES = (VISIBLE, INFRARED)
 MODALITY_NAMES = {VISIBLE: "visible", INFRARED: "infrared"}
+MODALITY_INDEX = {"visible": VISIBLE, "infrared": INFRARED, "thermal": INFRARED}
 
 
 @dataclass(frozen=True)
@@ -19,7 +27,7 @@ class Record:
     path: absolute or root-relative file path.
     pid: person id (dataset's own number), -1 when unknown.
     camid: camera id (dataset's own number, e.g. 1..6 for SYSU-MM01).
-    modality: 0 visible, 1 infrared.
+    modality: VISIBLE (0) or INFRARED (1).
     """
 
     path: str

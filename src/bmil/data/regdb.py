@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import os
 
-from bmil.data.records import INFRARED, VISIBLE, Record
+from bmil.data.records import INFRARED, MODALITY_INDEX, VISIBLE, Record
 from bmil.errors import DatasetError
 
 DATASET = "RegDB"
 TRIALS = range(1, 11)
 CAMERA = {VISIBLE: 1, INFRARED: 2}
-LIST_MODALITY = {"visible": VISIBLE, "thermal": INFRARED}
+LIST_MODALITY = {name: MODALITY_INDEX[name] for name in ("visible", "thermal")}  # list-file names
 
 
 def read_labelled_list(path: str, root: str, dataset: str) -> list[tuple[str, int]]:

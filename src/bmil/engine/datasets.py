@@ -1,5 +1,5 @@
-"""From a configuration to records and an evaluation: the one place that knows which
-reader and which protocol belong to which dataset."""
+"""From a configuration to records and an evaluation, through the dataset registry
+(``bmil.data.registry``): nothing here names a dataset."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from bmil import data
-from bmil.config import Config
-from bmil.data.records import INFRARED, VISIBLE, Record, record_arrays
+from bmil.config import Config, default_workers
+from bmil.data.records import MODALITIES, MODALITY_NAMES, Record, record_arrays
+from bmil.data.registry import get_dataset
 from bmil.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -19,15 +20,20 @@ log = logging.getLogger(__name__)
 Extractor = Callable[[list[Record]], np.ndarray]
 
 
+def loader_workers(cfg: Config, device: torch.device | str) -> int:
+    """DataLoader worker processes: ``data.workers`` when set, else the device default
+    (:func:`bmil.config.default_workers`: 0 on a CPU, min(8, cores / GPU processes) on CUDA)."""
+    if cfg.data.workers is not None:
+        return cfg.data.workers
+    return default_workers(torch.device(device).type == "cuda")
+
+
 def prepare_root(cfg: Config) -> Path:
-    """The dataset root; the synthetic dataset is generated there when absent."""
+    """The dataset root; a generated dataset (synthetic) is made there when absent."""
     root = Path(cfg.data.root).expanduser()
-    if cfg.data.dataset == "synthetic":
-        s = cfg.data.synthetic
-        data.make_synthetic(
-            root, num_ids=s.num_ids, num_train_ids=s.num_train_ids, images_per_camera=s.images_per_camera,
-            height=s.height, width=s.width, seed=s.seed,
-        )
+    entry = get_dataset(cfg.data.dataset)
+    if entry.generate is not None:
+        entry.generate(root, cfg)
     elif not root.is_dir():
         raise DatasetError(f"dataset root {root} not found: set data.root to the {cfg.data.dataset} folder")
     return root
@@ -36,34 +42,29 @@ def prepare_root(cfg: Config) -> Path:
 def train_records(cfg: Config) -> list[Record]:
     """Training records of the configured dataset, checked to hold both modalities."""
     root = prepare_root(cfg)
-    name = cfg.data.dataset
-    if name in ("synthetic", "sysu"):
-        records = data.sysu_train(root)
-    elif name == "regdb":
-        records = data.regdb_train(root, cfg.data.trial)
-    elif name == "llcm":
-        records = data.llcm_train(root)
-    else:
-        records = data.folder_train(root)
+    records = get_dataset(cfg.data.dataset).train(root, cfg)
     _, _, modality = record_arrays(records)
-    for mod, label in ((VISIBLE, "visible"), (INFRARED, "infrared")):
+    for mod in MODALITIES:
         if not np.any(modality == mod):
-            raise DatasetError(f"no {label} training images found under {root}: bmil needs both modalities")
+            raise DatasetError(
+                f"no {MODALITY_NAMES[mod]} training images found under {root}: bmil needs both modalities"
+            )
     return records
 
 
 def log_dataset_counts(cfg: Config) -> list[str]:
     """Log what the dataset root holds (INFO) and each difference from the published counts
     (WARNING, one line each, e.g. "SYSU-MM01 train ids: found 8, expected 395"); returns the
-    differences. Only file lists are read, no image is decoded; synthetic and folder data
-    have no published counts and are skipped."""
+    differences. Only file lists are read, no image is decoded; datasets without published
+    counts (synthetic, folder) are skipped."""
     from bmil.data.check import compare_counts, dataset_counts
 
     name = cfg.data.dataset
-    if name not in ("sysu", "regdb", "llcm"):
+    entry = get_dataset(name)
+    if not entry.published_counts or not entry.checkable:
         return []
     counts = dataset_counts(name, Path(cfg.data.root).expanduser())
-    if name == "regdb":  # the trained trial only
+    if entry.per_trial:  # the trained trial only
         counts = {k: v for k, v in counts.items() if k.startswith(f"trial {cfg.data.trial} ")}
     log.info("%s: %s", name, ", ".join(f"{k} {v}" for k, v in counts.items()))
     differences = compare_counts(name, counts)
@@ -78,19 +79,39 @@ def has_labels(records: list[Record]) -> bool:
     return bool(len(pids)) and bool(np.all(pids >= 0))
 
 
-def run_protocol(cfg: Config, extract: Extractor, trials: int | None = None) -> list:
-    """Evaluate with the dataset's test protocol; ``[]`` for unlabelled user folders."""
-    from bmil import evaluation
+def can_score(cfg: Config) -> bool:
+    """Whether the configured dataset has a test protocol for this configuration."""
+    entry = get_dataset(cfg.data.dataset)
+    return entry.test is not None and bool(entry.scorable(cfg))
 
+
+def run_protocol(cfg: Config, extract: Extractor, trials: int | None = None) -> list:
+    """Evaluate with the dataset's test protocol (``eval.trials`` galleries unless
+    ``trials``); ``[]`` with a log line when the dataset cannot be scored (an unlabelled folder)."""
+    if not can_score(cfg):
+        log.info("evaluation skipped: the %s has no person ids, so no score can be computed "
+                 "(a folder laid out as <camera>/<person id>/ is scored with data.ids_from_folders=true)",
+                 get_dataset(cfg.data.dataset).title)
+        return []
     root = Path(cfg.data.root).expanduser()
-    name = cfg.data.dataset
-    n_trials = cfg.eval.trials if trials is None else trials
-    if name in ("synthetic", "sysu"):
-        return [evaluation.evaluate_sysu(extract, root, mode=cfg.eval.mode, trials=n_trials, shots=cfg.eval.shots)]
-    if name == "regdb":
-        return evaluation.evaluate_regdb(extract, root, trial=cfg.data.trial, direction=cfg.eval.direction)
-    if name == "llcm":
-        direction = {"v2t": "v2i", "t2v": "i2v"}.get(cfg.eval.direction, cfg.eval.direction)
-        return evaluation.evaluate_llcm(extract, root, direction=direction, trials=n_trials)
-    log.info("evaluation skipped: the folder dataset has no person ids, so no score can be computed")
-    return []
+    return get_dataset(cfg.data.dataset).test(extract, root, cfg, cfg.eval.trials if trials is None else trials)
+
+
+_HINTED: set[tuple] = set()
+
+
+def one_cluster_hint(cfg: Config, images: int) -> None:
+    """Once per run (output folder and clustering settings): what to change when an epoch's
+    clustering gives a single cluster, which skips a loss (small user folders with the
+    SYSU-MM01 defaults k1 = 30, eps 0.6 do)."""
+    key = (cfg.output, cfg.cluster.k1, cfg.cluster.k2, cfg.cluster.eps)
+    if key in _HINTED:
+        return
+    _HINTED.add(key)
+    log.warning(
+        "clustering gave a single cluster on %d training images with cluster.k1=%d, cluster.eps=%g: lower "
+        "cluster.k1 (30 suits SYSU-MM01's 34,000 images; a folder of a few hundred wants about 5-15) and "
+        "choose cluster.eps with `bmil cluster-scan --config ... --checkpoint CKPT --eps 0.3:0.7:0.05`; "
+        "this hint is not repeated",
+        images, cfg.cluster.k1, cfg.cluster.eps,
+    )

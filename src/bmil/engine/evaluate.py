@@ -6,60 +6,48 @@ import logging
 from pathlib import Path
 
 from bmil.config import Config
-from bmil.data.records import Record
+from bmil.data.registry import get_dataset
 from bmil.engine.checkpoint import load_checkpoint
-from bmil.engine.datasets import run_protocol
-from bmil.engine.extract import extract_features, resolve_device
+from bmil.engine.datasets import can_score, run_protocol
+from bmil.engine.extract import resolve_device
+from bmil.engine.inference import feature_extractor, load_model
 from bmil.errors import CheckpointError
-from bmil.model import build_model, model_signature
 
 log = logging.getLogger(__name__)
 
 
-def check_regdb_trial(cfg: Config, state: dict, path: str | Path) -> None:
-    """A RegDB model trained on trial i must not be scored on trial j (its test ids would
-    be other people's training ids) unless ``eval.allow_trial_mismatch`` says so."""
+def check_trained_trial(cfg: Config, state: dict, path: str | Path) -> None:
+    """A model of a per-trial dataset (RegDB) trained on split i must not be scored on
+    split j (its test ids would be other people's training ids) unless
+    ``eval.allow_trial_mismatch`` says so."""
+    entry = get_dataset(cfg.data.dataset)
     trained = state.get("config", {}).get("data", {})
-    if cfg.data.dataset != "regdb" or trained.get("dataset") != "regdb":
+    if not entry.per_trial or trained.get("dataset") != entry.name:
         return
     if trained.get("trial") != cfg.data.trial and not cfg.eval.allow_trial_mismatch:
         raise CheckpointError(
-            f"checkpoint {path} was trained on RegDB trial {trained.get('trial')} but data.trial={cfg.data.trial}: "
-            f"evaluate with data.trial={trained.get('trial')}, or set eval.allow_trial_mismatch=true"
+            f"checkpoint {path} was trained on {entry.title} trial {trained.get('trial')} but "
+            f"data.trial={cfg.data.trial}: evaluate with data.trial={trained.get('trial')}, "
+            "or set eval.allow_trial_mismatch=true"
         )
+
+
+check_regdb_trial = check_trained_trial  # the name earlier releases used
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, *, progress: bool = True) -> tuple[list, Path | None]:
     """Results of ``checkpoint`` on the test protocol of ``cfg``'s dataset, and the JSON path
-    they were written to (``None`` when the dataset has no labels)."""
+    they were written to (``eval_<dataset>.json`` in ``cfg.output``; ``None`` when the
+    dataset cannot be scored)."""
     from bmil.evaluation import save_results
 
     state = load_checkpoint(checkpoint)
-    check_regdb_trial(cfg, state, checkpoint)
+    check_trained_trial(cfg, state, checkpoint)
     device = resolve_device(cfg.train.device)
-    model = build_model(depth=cfg.model.depth, non_local=cfg.model.non_local, pretrained="none")
-    expected = model_signature(model)
-    if state.get("signature") not in (None, expected):
-        raise CheckpointError(
-            f"checkpoint {checkpoint} was trained with {state['signature']}, but the configuration builds "
-            f"{expected}: set model.depth/model.non_local to match it"
-        )
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise CheckpointError(f"checkpoint {checkpoint} does not fit the configured model") from err
-    model.to(device)
-
-    def extract(records: list[Record]):
-        return extract_features(
-            model, records, height=cfg.data.height, width=cfg.data.width, batch_size=cfg.train.extract_batch,
-            device=device, flip=True, workers=cfg.data.workers, amp=cfg.train.amp, progress=progress,
-            desc="test features",
-        )
-
-    results = run_protocol(cfg, extract)
-    if not results:
-        return results, None
+    model, _ = load_model(checkpoint, device, expected=cfg.model, state=state)
+    if not can_score(cfg):
+        return run_protocol(cfg, lambda records: None), None
+    results = run_protocol(cfg, feature_extractor(model, cfg, device, progress=progress))
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"eval_{cfg.data.dataset}.json"

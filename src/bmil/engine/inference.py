@@ -1,5 +1,11 @@
-"""A trained model from a checkpoint alone: the architecture comes from the configuration
-saved inside it, so no configuration file is needed at inference time."""
+"""A trained model for inference, and the configured feature extractor.
+
+:func:`load_model` is the one way every command (eval, extract, search, export, analyze,
+cluster-scan) gets a model from a checkpoint: the architecture comes from the configuration
+saved inside it, so no configuration file is needed; ``bmil eval`` also passes the user's
+``model:`` section, which must describe the same network. :func:`feature_extractor` is
+the one place that turns a configuration into an ``extract_features`` call.
+"""
 
 from __future__ import annotations
 
@@ -9,22 +15,42 @@ import numpy as np
 import torch
 from torch import nn
 
-from bmil.config import Config, config_from_dict
+from bmil.config import Config, ModelConfig, config_from_dict
 from bmil.data.records import Record
 from bmil.engine.checkpoint import load_checkpoint
 from bmil.engine.extract import extract_features
 from bmil.errors import CheckpointError, ConfigError
-from bmil.model import build_model, model_signature
+from bmil.model import model_from_config, model_signature
 
 
-def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Config]:
+def signature_difference(found: dict | None, expected: dict) -> dict:
+    """{key: (found, expected)} for every architecture fact both signatures state and
+    that differs (a checkpoint written before a fact was recorded is not held to it)."""
+    if not found:
+        return {}
+    return {k: (found[k], expected[k]) for k in found.keys() & expected.keys() if found[k] != expected[k]}
+
+
+def _described(signature: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in signature.items())
+
+
+def load_model(
+    checkpoint: str | Path,
+    device: torch.device | str = "cpu",
+    expected: ModelConfig | None = None,
+    *,
+    state: dict | None = None,
+) -> tuple[nn.Module, Config]:
     """The model of ``checkpoint`` in eval mode on ``device``, and the run's configuration.
 
     The checkpoint must hold ``config`` (a dict from ``config_to_dict``), ``model`` (the
     state dict) and, when present, ``signature`` (checked against the rebuilt model).
+    expected: a ``model:`` section the checkpoint's network must equal (``bmil eval``
+    checks the user's configuration this way). state: the already loaded checkpoint dict.
     Raises CheckpointError for a missing, unreadable or mismatching file.
     """
-    state = load_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint) if state is None else state
     values = state.get("config")
     if not isinstance(values, dict):
         raise CheckpointError(f"checkpoint {checkpoint} holds no saved configuration: was it written by bmil train?")
@@ -32,17 +58,52 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> tu
         cfg = config_from_dict(values)
     except ConfigError as err:
         raise CheckpointError(f"checkpoint {checkpoint} holds a configuration this bmil cannot read ({err})") from err
-    model = build_model(depth=cfg.model.depth, non_local=cfg.model.non_local, pretrained="none")
-    expected = model_signature(model)
-    if state.get("signature") not in (None, expected):
+    model = model_from_config(cfg.model, pretrained="none")
+    built = model_signature(model)
+    if signature_difference(state.get("signature"), built):
         raise CheckpointError(
-            f"checkpoint {checkpoint} has signature {state['signature']} but its configuration builds {expected}"
+            f"checkpoint {checkpoint} has signature {state['signature']} but its configuration builds {built}"
         )
+    if expected is not None:
+        wanted = model_signature(model_from_config(expected, pretrained="none"))
+        differ = signature_difference(built, wanted)
+        if differ:
+            raise CheckpointError(
+                f"checkpoint {checkpoint} was trained with {_described({k: v[0] for k, v in differ.items()})}, "
+                f"but the configuration builds {_described({k: v[1] for k, v in differ.items()})}: "
+                f"set {', '.join(f'model.{k}' for k in differ if k != 'feat_dim')} to match it"
+            )
     try:
         model.load_state_dict(state["model"])
-    except RuntimeError as err:
+    except (RuntimeError, KeyError) as err:
         raise CheckpointError(f"checkpoint {checkpoint} does not fit the model its configuration describes") from err
     return model.to(torch.device(device)).eval(), cfg
+
+
+def feature_extractor(
+    model: nn.Module,
+    cfg: Config,
+    device: torch.device | str = "cpu",
+    *,
+    flip: bool = True,
+    progress: bool = True,
+    desc: str = "test features",
+):
+    """``extract(records) -> [N, D]`` float32 features of ``model`` as ``cfg`` configures
+    them: input ``data.height`` × ``data.width``, ``train.extract_batch`` images a batch,
+    :func:`~bmil.engine.datasets.loader_workers` loader workers, ``train.amp``;
+    flip-averaged (``flip``), L2-normalised (:func:`bmil.engine.extract.extract_features`)."""
+    from bmil.engine.datasets import loader_workers
+
+    workers = loader_workers(cfg, device)
+
+    def extract(records: list[Record], *, desc: str = desc) -> np.ndarray:
+        return extract_features(
+            model, records, height=cfg.data.height, width=cfg.data.width, batch_size=cfg.train.extract_batch,
+            device=device, flip=flip, workers=workers, amp=cfg.train.amp, progress=progress, desc=desc,
+        )
+
+    return extract
 
 
 def train_set_features(
@@ -53,9 +114,5 @@ def train_set_features(
     from bmil.engine.datasets import train_records
 
     records = train_records(cfg)
-    feats = extract_features(
-        model, records, height=cfg.data.height, width=cfg.data.width, batch_size=cfg.train.extract_batch,
-        device=device, flip=True, workers=cfg.data.workers, amp=cfg.train.amp, progress=progress,
-        desc="train features",
-    )
+    feats = feature_extractor(model, cfg, device, progress=progress, desc="train features")(records)
     return feats, records

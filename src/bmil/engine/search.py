@@ -21,14 +21,14 @@ from torch import nn
 
 from bmil.config import Config
 from bmil.data.images import is_image_name, load_image
-from bmil.data.records import INFRARED, VISIBLE, Record
-from bmil.engine.extract import extract_features
+from bmil.data.records import MODALITY_NAMES, Record
+from bmil.engine.inference import feature_extractor
 from bmil.errors import ConfigError, DatasetError
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-MODALITIES = {"visible": VISIBLE, "infrared": INFRARED}
+MODALITIES = {name: index for index, name in MODALITY_NAMES.items()}  # the --modality choices
 
 # Rank-list layout, in pixels.
 CELL_HEIGHT, CELL_WIDTH = 128, 64
@@ -97,10 +97,7 @@ def extract_folder(
     paths = folder_images(folder)
     pids = np.array([id_from_folder(p) for p in paths], np.int64) if ids_from_folders else None
     records = [Record(p, -1, -1, modality) for p in paths]
-    feats = extract_features(
-        model, records, height=cfg.data.height, width=cfg.data.width, batch_size=cfg.train.extract_batch,
-        device=device, flip=True, amp=cfg.train.amp, progress=progress, desc="features",
-    )
+    feats = feature_extractor(model, cfg, device, progress=progress, desc="features")(records)
     return FeatureSet(feats, paths, np.full(len(paths), modality, np.int64), pids)
 
 
@@ -202,9 +199,7 @@ def embed_image(
     if not Path(path).is_file():
         raise DatasetError(f"query image {path} not found")
     record = Record(str(path), -1, -1, modality)
-    return extract_features(
-        model, [record], height=cfg.data.height, width=cfg.data.width, device=device, progress=False
-    )[0]
+    return feature_extractor(model, cfg, device, progress=False)([record])[0]
 
 
 def query_modality(gallery: FeatureSet, name: str | None, source: str | Path) -> int:

@@ -7,6 +7,7 @@ from bmil.evaluation.metrics import PROTOCOLS, evaluate
 from bmil.evaluation.protocols import (
     ProtocolResult,
     evaluate_cross_modality,
+    evaluate_folder,
     evaluate_llcm,
     evaluate_regdb,
     evaluate_sysu,
@@ -18,6 +19,7 @@ __all__ = [
     "ProtocolResult",
     "evaluate",
     "evaluate_cross_modality",
+    "evaluate_folder",
     "evaluate_llcm",
     "evaluate_regdb",
     "evaluate_sysu",

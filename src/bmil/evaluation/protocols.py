@@ -1,4 +1,5 @@
-"""Test protocols of SYSU-MM01, RegDB and LLCM: query / gallery sets, trials, mean scores.
+"""Test protocols of SYSU-MM01, RegDB, LLCM and a labelled user folder: query / gallery
+sets, trials, mean scores.
 
 A runner reads the test records of every trial it needs, calls ``extract`` ONCE on their
 union (deduplicated by path) and scores each trial on rows of that one feature matrix, so
@@ -43,6 +44,10 @@ REGDB_DIRECTIONS = {
 LLCM_DIRECTIONS = {
     "v2i": ("visible", "infrared"),
     "i2v": ("infrared", "visible"),
+}
+FOLDER_DIRECTIONS = {
+    "i2v": ("infrared", "visible"),
+    "v2i": ("visible", "infrared"),
 }
 
 
@@ -173,7 +178,7 @@ def evaluate_llcm(
     the LLCM authors' release (gallery images of the query's identity and camera removed —
     LLCM cameras record both modalities — and Rank-k over distinct identities).
     """
-    from bmil.data.records import INFRARED, VISIBLE
+    from bmil.data.records import MODALITY_INDEX
 
     directions = _directions(direction, LLCM_DIRECTIONS, "LLCM")
     _check_positive("trials", trials)
@@ -183,10 +188,9 @@ def evaluate_llcm(
         query_reader = query_reader or data.llcm_query
         gallery_reader = gallery_reader or data.llcm_gallery
 
-    modality_of = {"visible": VISIBLE, "infrared": INFRARED}
     plans = {}
     for name in directions:
-        query_mod, gallery_mod = (modality_of[m] for m in LLCM_DIRECTIONS[name])
+        query_mod, gallery_mod = (MODALITY_INDEX[m] for m in LLCM_DIRECTIONS[name])
         galleries = [gallery_reader(root, gallery_mod, trial=t) for t in range(trials)]
         plans[name] = (query_reader(root, query_mod), galleries)
     features = _FeatureTable(extract, [s for queries, galleries in plans.values() for s in (queries, *galleries)])
@@ -201,6 +205,49 @@ def evaluate_llcm(
                 protocol="llcm",
                 mode=f"{q_name} queries → {g_name} gallery",
                 per_trial=per_trial,
+                feature=feature,
+            )
+        )
+    return results
+
+
+def evaluate_folder(
+    extract: Extract,
+    root: str,
+    direction: str = "both",
+    *,
+    feature: str = DEFAULT_FEATURE,
+    test_reader: Callable[..., list[Record]] | None = None,
+) -> list[ProtocolResult]:
+    """A labelled user folder (``ROOT/{visible,infrared}/<camera>/<person id>/``): every
+    test image of one modality as a query against every test image of the other as the
+    gallery, plain CMC / mAP / mINP (the ``"regdb"`` rule: nothing removed), one trial.
+
+    direction: "i2v" (infrared queries, visible gallery), "v2i" or "both" (i2v then v2i,
+    one ``extract`` call). The reader defaults to ``bmil.data.folder_test(root)`` (the
+    test split of ``ROOT/test.txt`` / ``ROOT/train.txt``, every labelled image without them).
+    """
+    from bmil.data.records import MODALITIES, MODALITY_NAMES
+
+    directions = _directions(direction, FOLDER_DIRECTIONS, "folder")
+    if test_reader is None:
+        from bmil import data
+
+        test_reader = data.folder_test
+    records = test_reader(root)
+    sets = {MODALITY_NAMES[m]: [r for r in records if r.modality == m] for m in MODALITIES}
+    features = _FeatureTable(extract, [records])
+    results = []
+    for name in directions:
+        query_name, gallery_name = FOLDER_DIRECTIONS[name]
+        scores = _score_trial(features, sets[query_name], sets[gallery_name], "regdb", trial=0)
+        results.append(
+            _result(
+                dataset="folder",
+                setting=f"{query_name}→{gallery_name}",
+                protocol="regdb",
+                mode=f"{query_name} queries → {gallery_name} gallery, every labelled test image",
+                per_trial=[scores],
                 feature=feature,
             )
         )

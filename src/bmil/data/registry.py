@@ -1,0 +1,219 @@
+"""The dataset registry: the one place that says, for each ``data.dataset`` name, how its
+training records are read, how it is scored, what the published counts are, whether a
+model is trained per split trial, and which eval directions it knows.
+
+Adding a dataset = writing its reader (and, to score it, a protocol in
+``bmil.evaluation.protocols``) and adding one :class:`Dataset` entry to ``DATASETS``
+below; ``config.py``, ``engine/`` and ``cli.py`` look everything up here.
+
+Functions stored in an entry receive ``cfg`` (a :class:`bmil.config.Config`; only its
+``data`` and ``eval`` sections are read) and import the readers and protocols when called,
+so this module imports neither torch nor the evaluation package.
+
+Direction names: RegDB calls the infrared modality "thermal", so its directions are
+``v2t`` / ``t2v``; LLCM's and the folder's are ``v2i`` / ``i2v``. :func:`eval_direction`
+maps one spelling onto the other (``v2t`` ≡ ``v2i``, ``t2v`` ≡ ``i2v``) for the dataset at
+hand and rejects a direction the dataset does not have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from bmil.errors import ConfigError, DatasetError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from bmil.data.records import Record
+
+    Extract = Callable[[list[Record]], np.ndarray]
+
+BOTH = "both"
+# The two spellings of each cross-modality direction ("t" = thermal, RegDB's infrared).
+DIRECTION_ALIASES = {"v2t": "v2i", "t2v": "i2v", "v2i": "v2t", "i2v": "t2v"}
+DIRECTIONS = (BOTH, *DIRECTION_ALIASES)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One registered dataset.
+
+    name: the ``data.dataset`` value. title: how messages and results name it.
+    train: ``(root, cfg) -> records`` of the training set.
+    test: ``(extract, root, cfg, trials) -> [ProtocolResult, …]`` — the test protocol
+    (trials: galleries to draw, for datasets that draw them); None when never scorable.
+    scorable: ``cfg -> bool``, whether ``test`` applies to this configuration.
+    published_counts: what ``bmil check-data`` and the start of training compare with.
+    per_trial: a model is trained on one split (``data.trial`` in ``trials``) and only
+    scored on that split's test set (RegDB).
+    trials: the valid ``data.trial`` values when per_trial.
+    directions: the eval direction names, in result order ("both" runs them all).
+    generate: ``(root, cfg) -> None`` makes the data at ``root`` when absent (synthetic).
+    inspect: ``(root, per_id=…, ids_from_folders=…) -> inspection`` for ``bmil check-data``
+    (``bmil.data.check``); None when check-data does not know the layout.
+    """
+
+    name: str
+    title: str
+    train: Callable[[Path, Any], list[Record]]
+    test: Callable[..., list] | None = None
+    scorable: Callable[[Any], bool] = lambda cfg: True
+    published_counts: Mapping[str, int] = field(default_factory=dict)
+    per_trial: bool = False
+    trials: range | None = None
+    directions: tuple[str, ...] = ()
+    generate: Callable[[Path, Any], None] | None = None
+    inspect: Callable[..., Any] | None = None
+
+    @property
+    def checkable(self) -> bool:
+        return self.inspect is not None
+
+
+# ---------------------------------------------------------------- the entries' functions
+
+
+def _sysu_train(root: Path, cfg) -> list[Record]:
+    from bmil.data.sysu import sysu_train
+
+    return sysu_train(root)
+
+
+def _sysu_test(extract: Extract, root: Path, cfg, trials: int) -> list:
+    from bmil.evaluation import evaluate_sysu
+
+    return [evaluate_sysu(extract, root, mode=cfg.eval.mode, trials=trials, shots=cfg.eval.shots)]
+
+
+def _regdb_train(root: Path, cfg) -> list[Record]:
+    from bmil.data.regdb import regdb_train
+
+    return regdb_train(root, cfg.data.trial)
+
+
+def _regdb_test(extract: Extract, root: Path, cfg, trials: int) -> list:
+    from bmil.evaluation import evaluate_regdb
+
+    return evaluate_regdb(extract, root, trial=cfg.data.trial, direction=eval_direction(cfg))
+
+
+def _llcm_train(root: Path, cfg) -> list[Record]:
+    from bmil.data.llcm import llcm_train
+
+    return llcm_train(root)
+
+
+def _llcm_test(extract: Extract, root: Path, cfg, trials: int) -> list:
+    from bmil.evaluation import evaluate_llcm
+
+    return evaluate_llcm(extract, root, direction=eval_direction(cfg), trials=trials)
+
+
+def _folder_train(root: Path, cfg) -> list[Record]:
+    from bmil.data.folder import folder_train
+
+    return folder_train(root, ids_from_folders=cfg.data.ids_from_folders)
+
+
+def _folder_test(extract: Extract, root: Path, cfg, trials: int) -> list:
+    from bmil.evaluation import evaluate_folder
+
+    return evaluate_folder(extract, root, direction=eval_direction(cfg))
+
+
+def _sysu_inspect(root: Path, **options):
+    from bmil.data.check import inspect_sysu
+
+    return inspect_sysu(root)
+
+
+def _regdb_inspect(root: Path, *, per_id: int | None = None, **options):
+    from bmil.data.check import inspect_regdb
+
+    return inspect_regdb(root, per_id)
+
+
+def _llcm_inspect(root: Path, **options):
+    from bmil.data.check import inspect_llcm
+
+    return inspect_llcm(root)
+
+
+def _folder_inspect(root: Path, *, ids_from_folders: bool | None = None, **options):
+    from bmil.data.check import inspect_folder
+
+    return inspect_folder(root, ids_from_folders)
+
+
+def _make_synthetic(root: Path, cfg) -> None:
+    from bmil.data.synthetic import make_synthetic
+
+    s = cfg.data.synthetic
+    make_synthetic(
+        root, num_ids=s.num_ids, num_train_ids=s.num_train_ids, images_per_camera=s.images_per_camera,
+        height=s.height, width=s.width, seed=s.seed,
+    )
+
+
+SYSU_COUNTS = MappingProxyType({
+    "train ids": 395,
+    "train visible images": 22258,
+    "train infrared images": 11909,
+    "test ids": 96,
+    "query images": 3803,
+})
+# RegDB's "train ids" / "test ids" apply to every trial; "images per id in each list" to
+# every id of each of the 40 trial lists.
+REGDB_COUNTS = MappingProxyType({"train ids": 206, "test ids": 206, "images per id in each list": 10})
+LLCM_COUNTS = MappingProxyType({"train ids": 713, "test ids": 351})
+
+_ENTRIES = (
+    Dataset("synthetic", "synthetic (SYSU-MM01 layout)", _sysu_train, _sysu_test, generate=_make_synthetic),
+    Dataset("sysu", "SYSU-MM01", _sysu_train, _sysu_test, published_counts=SYSU_COUNTS, inspect=_sysu_inspect),
+    Dataset("regdb", "RegDB", _regdb_train, _regdb_test, published_counts=REGDB_COUNTS, per_trial=True,
+            trials=range(1, 11), directions=("v2t", "t2v"), inspect=_regdb_inspect),
+    Dataset("llcm", "LLCM", _llcm_train, _llcm_test, published_counts=LLCM_COUNTS, directions=("v2i", "i2v"),
+            inspect=_llcm_inspect),
+    Dataset("folder", "folder dataset", _folder_train, _folder_test, scorable=lambda cfg: cfg.data.ids_from_folders,
+            directions=("i2v", "v2i"), inspect=_folder_inspect),
+)
+DATASETS: Mapping[str, Dataset] = MappingProxyType({d.name: d for d in _ENTRIES})
+PUBLISHED_COUNTS: Mapping[str, Mapping[str, int]] = MappingProxyType(
+    {d.name: d.published_counts for d in _ENTRIES if d.checkable}
+)
+
+
+def dataset_names(*, checkable: bool = False) -> tuple[str, ...]:
+    """The registered names (only those ``bmil check-data`` knows when ``checkable``)."""
+    return tuple(d.name for d in _ENTRIES if d.checkable or not checkable)
+
+
+def get_dataset(name: str, *, checkable: bool = False) -> Dataset:
+    """The entry called ``name``; DatasetError naming the known ones otherwise."""
+    entry = DATASETS.get(name)
+    if entry is None or (checkable and not entry.checkable):
+        known = ", ".join(dataset_names(checkable=checkable))
+        raise DatasetError(f"unknown dataset {name!r}: expected one of {known}.")
+    return entry
+
+
+def eval_direction(cfg) -> str:
+    """``cfg.eval.direction`` in the configured dataset's spelling ("both" stays "both").
+
+    ConfigError when the dataset has directions but not this one; a dataset without
+    directions (SYSU-MM01: infrared queries only) ignores the key and gets "both".
+    """
+    entry = get_dataset(cfg.data.dataset)
+    direction = cfg.eval.direction
+    if direction == BOTH or not entry.directions:
+        return BOTH
+    for name in (direction, DIRECTION_ALIASES.get(direction)):
+        if name in entry.directions:
+            return name
+    known = ", ".join((BOTH, *entry.directions))
+    raise ConfigError(f"configuration key 'eval.direction' must be one of {known} for {entry.title}, got {direction!r}")
