@@ -141,15 +141,13 @@ def cluster_scan(
     ``cluster.flip``),
     then :func:`scan_eps` with ``cfg.cluster``. ARI/NMI only when every image has an id."""
     from bmil.engine.datasets import has_labels, train_records
-    from bmil.engine.extract import extract_features
-    from bmil.engine.inference import load_model
+    from bmil.engine.inference import feature_extractor, load_model
 
     model, trained = load_model(checkpoint, device)
     records = train_records(cfg)
-    features = extract_features(
-        model, records, height=trained.data.height, width=trained.data.width, batch_size=cfg.train.extract_batch,
-        device=device, flip=cfg.cluster.flip, workers=cfg.data.workers, amp=cfg.train.amp, progress=progress,
-        desc="train features",
-    )
+    features = feature_extractor(
+        model, cfg, device, flip=cfg.cluster.flip, progress=progress, desc="train features",
+        size=(trained.data.height, trained.data.width),
+    )(records)
     pids, _, modality = record_arrays(records)
     return scan_eps(features, modality, eps_values, cfg.cluster, pids if has_labels(records) else None)

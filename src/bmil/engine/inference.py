@@ -88,18 +88,21 @@ def feature_extractor(
     flip: bool = True,
     progress: bool = True,
     desc: str = "test features",
+    size: tuple[int, int] | None = None,
 ):
     """``extract(records) -> [N, D]`` float32 features of ``model`` as ``cfg`` configures
-    them: input ``data.height`` × ``data.width``, ``train.extract_batch`` images a batch,
+    them: input ``data.height`` × ``data.width`` (or ``size`` = (height, width), e.g. the
+    checkpoint's own), ``train.extract_batch`` images a batch,
     :func:`~bmil.engine.datasets.loader_workers` loader workers, ``train.amp``;
     flip-averaged (``flip``), L2-normalised (:func:`bmil.engine.extract.extract_features`)."""
     from bmil.engine.datasets import loader_workers
 
     workers = loader_workers(cfg, device)
+    height, width = size if size is not None else (cfg.data.height, cfg.data.width)
 
     def extract(records: list[Record], *, desc: str = desc) -> np.ndarray:
         return extract_features(
-            model, records, height=cfg.data.height, width=cfg.data.width, batch_size=cfg.train.extract_batch,
+            model, records, height=height, width=width, batch_size=cfg.train.extract_batch,
             device=device, flip=flip, workers=workers, amp=cfg.train.amp, progress=progress, desc=desc,
         )
 
