@@ -57,9 +57,11 @@ def reference_jaccard(feats, k1, k2, modality=None, lqe="release") -> np.ndarray
         w = np.exp(-(2 - 2 * sim[i, e]))
         v[i, e] = w / w.sum()
     v_qe = np.zeros_like(v)
-    for i in range(n):  # step 5
+    for i in range(n):  # step 5; k2 = 1 means none, in both modes (METHOD.md, the release)
         lists = expand_over[i]
-        if len(lists) == 1 or lqe == "release":
+        if k2 == 1:
+            v_qe[i] = v[i]
+        elif len(lists) == 1 or lqe == "release":
             v_qe[i] = np.mean([v[lst].mean(axis=0) for lst in lists], axis=0)
         else:
             v_qe[i] = v[np.concatenate(lists)].mean(axis=0)
@@ -94,7 +96,7 @@ def dense(dist) -> np.ndarray:
 
 # ---------------------------------------------------------------- equality with the reference
 
-CASES = [(6, 2), (10, 4), (20, 6), (6, 6), (9, 3)]
+CASES = [(6, 2), (10, 4), (20, 6), (6, 6), (9, 3), (10, 1), (7, 1)]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -112,6 +114,18 @@ def test_modality_aware_matches_reference(seed, k1, k2, lqe):
     x, modality = blobs(120 + 40 * seed, seed)
     dist = jaccard_distance(x, k1, k2, modality=modality, lqe=lqe)
     np.testing.assert_allclose(dense(dist), reference_jaccard(x, k1, k2, modality, lqe), atol=1e-5)
+
+
+def test_k2_one_is_no_expansion_in_both_modes():
+    # Hand-checkable consequence: without expansion V[i] is the softmax over E(i) alone, so
+    # the modality-aware result with k2 = 1 must differ from averaging self with the nearest
+    # other-modality image (what bmil did before), and equal the reference without step 5.
+    x, modality = blobs(150, 11)
+    for mod in (None, modality):
+        ours = dense(jaccard_distance(x, 10, 1, modality=mod))
+        np.testing.assert_allclose(ours, reference_jaccard(x, 10, 1, mod), atol=1e-5)
+    averaged = reference_jaccard(x, 10, 2, modality, "paper")  # paper k2 = 2: self + nearest of the other
+    assert np.abs(dense(jaccard_distance(x, 10, 1, modality=modality)) - averaged).max() > 0.05
 
 
 def test_modes_differ():
@@ -192,6 +206,11 @@ def test_bad_input_sentences():
         (dict(features=x, k1=0), "k1 must be a positive integer"),
         (dict(features=x, k2=2.5), "k2 must be a positive integer"),
         (dict(features=x, backend="annoy"), "backend must be one of"),
+        (dict(features=x, max_distance=0), "max_distance must be a number in .0, 1., got 0."),
+        (dict(features=x, max_distance=1.5), "max_distance must be a number in .0, 1., got 1.5."),
+        (dict(features=x, max_distance=-0.2), "max_distance must be a number in .0, 1."),
+        (dict(features=x, max_distance="0.5"), "max_distance must be a number in .0, 1."),
+        (dict(features=x, knn="fast"), "knn must be one of .'exact', 'approximate'., got 'fast'."),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -208,3 +227,65 @@ def test_memory_estimate_is_monotone():
     assert estimate_jaccard_memory(20000, 30, 512) < estimate_jaccard_memory(20000, 30, 2048)
     # at least the normalised copy of the features
     assert estimate_jaccard_memory(20000, 30, 2048) > 4 * 20000 * 2048
+
+
+# ---------------------------------------------------------------- thresholded distance
+
+
+def weak_blobs(n: int, seed: int, d: int = 24, ids: int = 10):
+    """Blobs with large noise: many pairs share support, few are close (pruning matters)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(ids, d))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    pid = rng.integers(0, ids, n)
+    modality = (rng.random(n) < 0.35).astype(np.int64)
+    x = centres[pid] + 1.2 * rng.normal(size=(n, d)) / np.sqrt(d) + 0.3 * modality[:, None] * centres[0]
+    return x.astype(np.float32), modality
+
+
+def _within(full: np.ndarray, t: float) -> np.ndarray:
+    """The dense full result with entries above t set to 1 (absent)."""
+    return np.where(full <= t, full, 1.0)
+
+
+THRESHOLD_CASES = [  # (k1, k2, lqe, t)
+    (10, 4, "release", 0.6),
+    (12, 6, "release", 0.5),
+    (10, 1, "release", 0.6),
+    (10, 4, "paper", 0.6),
+    (9, 1, "paper", 0.75),
+    (20, 6, "release", 0.3),
+]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(("k1", "k2", "lqe", "t"), THRESHOLD_CASES)
+@pytest.mark.parametrize("make", [blobs, weak_blobs])
+def test_thresholded_equals_full_with_far_pairs_dropped(seed, k1, k2, lqe, t, make):
+    x, modality = make(150 + 30 * seed, seed)
+    for mod in (None, modality):
+        full = jaccard_distance(x, k1, k2, modality=mod, lqe=lqe)
+        thr = jaccard_distance(x, k1, k2, modality=mod, lqe=lqe, max_distance=t)
+        assert thr.format == "csr" and thr.has_sorted_indices and (thr != thr.T).nnz == 0
+        assert thr.data.max() <= t and np.all(thr.diagonal() == 0)
+        full_d, thr_d = dense(full), dense(thr)
+        # same stored pairs as the full result's within t (pairs at t itself may round either way)
+        near_t = np.abs(full_d - t) < 1e-6
+        assert np.array_equal((thr_d <= t) | near_t, (full_d <= t) | near_t)
+        np.testing.assert_allclose(thr_d[~near_t], _within(full_d, t)[~near_t], atol=1e-6)
+        if seed:
+            continue
+        # and against the dense reference, independently of the full sparse path
+        reference = reference_jaccard(x, k1, k2, mod, lqe)
+        ok = np.abs(reference - t) > 1e-5
+        np.testing.assert_allclose(thr_d[ok], _within(reference, t)[ok], atol=1e-5)
+
+
+def test_thresholding_prunes_on_weak_features():
+    # Guards the test above against a threshold that drops nothing: on weakly separated
+    # features most pairs share support but few are within t.
+    x, modality = weak_blobs(300, 5)
+    full = jaccard_distance(x, 10, 4, modality=modality)
+    thr = jaccard_distance(x, 10, 4, modality=modality, max_distance=0.5)
+    assert full.nnz > 5 * thr.nnz
+    assert thr.nnz > 300  # something beyond the diagonal is kept

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bmil.cluster import knn
+from bmil.cluster.knn import IVF_MIN_CANDIDATES, resolve_knn
 
 
 def brute_knn(feats: np.ndarray, k: int, candidates=None, queries=None):
@@ -88,3 +89,48 @@ def test_bad_arguments(feats):
         knn(feats, 2, candidates=[1, 97])
     with pytest.raises(ValueError, match="2-D array"):
         knn(feats[0], 1)
+    with pytest.raises(ValueError, match="knn method must be one of .'exact', 'approximate'., got 'fast'"):
+        knn(feats, 3, method="fast")
+    with pytest.raises(ValueError, match="nprobe must be a positive integer, got 0"):
+        knn(feats, 3, method="approximate", nprobe=0)
+
+
+# ---------------------------------------------------------------- approximate method
+
+
+def clustered(n: int, d: int = 32, ids: int = 150, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(ids, d))
+    return (centres[rng.integers(0, ids, n)] + 0.35 * rng.normal(size=(n, d))).astype(np.float32)
+
+
+def test_approximate_recall_on_a_small_case():
+    x = clustered(5000)
+    members = np.arange(0, 5000, 2)  # a candidate subset, as one modality
+    assert len(members) >= IVF_MIN_CANDIDATES  # the index is really used
+    exact_s, exact_i = brute_knn(x, 15, candidates=members)
+    approx_s, approx_i = knn(x, 15, candidates=members, method="approximate")
+    recall = np.mean([len(np.intersect1d(a, b)) / 15 for a, b in zip(approx_i, exact_i, strict=True)])
+    assert recall >= 0.95
+    assert np.all(np.isin(approx_i, members))
+    # similarities of what it returns are the true ones, sorted descending
+    f = x / np.linalg.norm(x, axis=1, keepdims=True)
+    true = np.einsum("qd,qkd->qk", f, f[approx_i])
+    np.testing.assert_allclose(approx_s, true, atol=1e-5)
+    assert np.all(np.diff(approx_s, axis=1) <= 1e-6)
+    # a single probed list misses neighbours: the parameter is used
+    _, few = knn(x, 15, candidates=members, method="approximate", nprobe=1)
+    assert np.mean([len(np.intersect1d(a, b)) / 15 for a, b in zip(few, exact_i, strict=True)]) < recall
+
+
+def test_approximate_below_the_index_size_is_exact(feats):
+    np.testing.assert_array_equal(knn(feats, 5, method="approximate")[1], brute_knn(feats, 5)[1])
+
+
+def test_resolve_knn():
+    assert resolve_knn("auto", 100_001, 100_000) == "approximate"
+    assert resolve_knn("auto", 100_000, 100_000) == "exact"
+    assert resolve_knn("exact", 10**7, 100) == "exact"
+    assert resolve_knn("approximate", 10, 100) == "approximate"
+    with pytest.raises(ValueError, match="knn must be one of .'exact', 'approximate', 'auto'., got 'ivf'"):
+        resolve_knn("ivf", 10, 100)

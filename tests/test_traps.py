@@ -220,7 +220,7 @@ def test_meminfo_parsing():
 
 def test_clustering_that_cannot_fit_stops_with_one_sentence():
     cfg = ClusterConfig(k1=30, block_size=2048)
-    estimate = estimate_jaccard_memory(34167, 30, 2048, 2048)
+    estimate = estimate_jaccard_memory(34167, 30, 2048, 2048, max_distance=cfg.eps)
     assert memory_check.require_clustering_memory(34167, 2048, 30, cfg, available=estimate) == estimate
     with pytest.raises(memory_check.ClusteringMemoryError) as err:
         memory_check.require_clustering_memory(34167, 2048, 30, cfg, available=estimate - 1)

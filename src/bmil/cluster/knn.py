@@ -1,8 +1,21 @@
-"""Exact k nearest neighbours by cosine similarity, blocked so that no N×N matrix exists.
+"""k nearest neighbours by cosine similarity: exact (blocked, so that no N×N matrix exists)
+or approximate (a faiss inverted-file index, for large N).
 
 Rows are L2-normalised first, so similarity = inner product in [-1, 1]. Results are sorted
 by similarity descending; equal similarities are ordered by the lower global index first
-(also at the k-th place: the k kept neighbours are the k first in that order).
+(for the exact method also at the k-th place: the k kept neighbours are the k first in
+that order).
+
+Approximate method (``method="approximate"``, CPU): an ``IndexIVFFlat`` (inner product)
+over the candidate rows with ``nlist = IVF_LISTS_PER_SQRT · sqrt(M)`` lists (M candidates;
+at least 1, at most M / 39 so that k-means has its 39 training points per list), trained on
+at most 64 points per list drawn with a fixed seed, searched with ``nprobe = IVF_NPROBE``
+lists per query. Similarities of the neighbours it returns are exact inner products; only
+the neighbour set can miss true neighbours (recall measured in benchmarks/knn_recall.py and
+docs/benchmarks.md, "Clustering at scale"). Rows for which the index returns fewer than k
+neighbours are searched exactly. Candidate sets smaller than ``IVF_MIN_CANDIDATES`` are
+searched exactly (an index would not be faster). On CUDA tensors the exact blocked product
+runs on the GPU instead: it is faster there than building an index at these sizes.
 """
 
 from __future__ import annotations
@@ -11,6 +24,15 @@ import numpy as np
 import torch
 
 _BACKENDS = ("torch", "faiss")
+METHODS = ("exact", "approximate")
+KNN_CHOICES = ("exact", "approximate", "auto")
+# IVF parameters of the approximate method (see the module docstring).
+IVF_LISTS_PER_SQRT = 4
+IVF_NPROBE = 32
+IVF_MIN_CANDIDATES = 2048
+_IVF_TRAIN_PER_LIST = 64
+_IVF_SEED = 0
+_IVF_ADD_CHUNK = 65536
 # Candidates per column block are this many times the query block: the block of
 # similarities is block_size × (_COLUMN_FACTOR · block_size) float32 (128 MiB at 2048).
 _COLUMN_FACTOR = 8
@@ -133,6 +155,48 @@ def _knn_faiss(
     return _order_ties(sims.astype(np.float32), c_rows[pos])
 
 
+def ivf_lists(m: int) -> int:
+    """Number of inverted lists of the approximate index over ``m`` candidates."""
+    return int(max(1, min(IVF_LISTS_PER_SQRT * np.sqrt(m), m // 39)))
+
+
+def _knn_ivf(
+    x: torch.Tensor, q_rows: np.ndarray, c_rows: np.ndarray, k: int, nprobe: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate top-k of the ``q_rows`` among the ``c_rows`` with a faiss IVF-Flat index."""
+    import faiss
+
+    feats = np.ascontiguousarray(x.cpu().numpy())
+    n, dim = feats.shape
+    nlist = ivf_lists(len(c_rows))
+    rng = np.random.default_rng(_IVF_SEED)
+    sample = rng.choice(len(c_rows), min(len(c_rows), _IVF_TRAIN_PER_LIST * nlist), replace=False)
+    train = feats[c_rows[np.sort(sample)]]
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = _IVF_SEED
+    index.train(train)
+    for c0 in range(0, len(c_rows), _IVF_ADD_CHUNK):  # chunks: no full copy of the candidates
+        index.add(np.ascontiguousarray(feats[c_rows[c0 : c0 + _IVF_ADD_CHUNK]]))
+    index.nprobe = min(nprobe, nlist)
+    sims, pos = index.search(feats if len(q_rows) == n else np.ascontiguousarray(feats[q_rows]), k)
+    short = np.flatnonzero((pos < 0).any(axis=1))
+    if len(short):  # too few candidates in the probed lists: search those rows exactly
+        s_exact, p_exact = _knn_torch(x, q_rows[short], c_rows, k, 2048)
+        sims[short] = s_exact
+        pos[short] = np.searchsorted(c_rows, p_exact)
+    return _order_ties(sims.astype(np.float32), c_rows[pos])
+
+
+def resolve_knn(choice: str, n: int, approximate_above: int) -> str:
+    """The kNN method for a clustering of ``n`` samples: ``choice`` ("exact", "approximate"
+    or "auto"; auto = "approximate" when n > ``approximate_above``, else "exact")."""
+    if choice not in KNN_CHOICES:
+        raise ValueError(f"knn must be one of {KNN_CHOICES}, got {choice!r}.")
+    if choice == "auto":
+        return "approximate" if n > approximate_above else "exact"
+    return choice
+
+
 def knn(
     features: np.ndarray | torch.Tensor,
     k: int,
@@ -141,8 +205,10 @@ def knn(
     queries: np.ndarray | torch.Tensor | None = None,
     backend: str = "torch",
     block_size: int = 2048,
+    method: str = "exact",
+    nprobe: int = IVF_NPROBE,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest neighbours by cosine similarity.
+    """k nearest neighbours by cosine similarity (exact unless ``method="approximate"``).
 
     features: float array or tensor [N, d] (CPU or CUDA; on CUDA the products run there).
         Rows are L2-normalised here, so they need not be unit length.
@@ -154,6 +220,8 @@ def knn(
         block_size × 8·block_size float32) or "faiss" (IndexFlatIP, CPU; equal similarities
         may be cut differently at the k-th place).
     block_size: query rows per block.
+    method: "exact" or "approximate" (faiss IVF on CPU features; see the module docstring).
+    nprobe: inverted lists searched per query by the approximate method.
 
     Returns (sims [Q, k] float32, idx [Q, k] int64): similarities descending, equal ones by
     lower index first; idx in the global 0..N-1 numbering. A query that is also a
@@ -161,7 +229,7 @@ def knn(
     """
     return knn_unit_rows(
         as_unit_tensor(features), k, candidates=candidates, queries=queries, backend=backend,
-        block_size=block_size,
+        block_size=block_size, method=method, nprobe=nprobe,
     )
 
 
@@ -173,13 +241,19 @@ def knn_unit_rows(
     queries: np.ndarray | torch.Tensor | None = None,
     backend: str = "torch",
     block_size: int = 2048,
+    method: str = "exact",
+    nprobe: int = IVF_NPROBE,
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`knn` on a float32 tensor ``x`` [N, d] whose rows are already unit length
     (as :func:`as_unit_tensor` returns), saving the copy that normalising makes."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}.")
+    if method not in METHODS:
+        raise ValueError(f"knn method must be one of {METHODS}, got {method!r}.")
     if block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size}.")
+    if isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or nprobe < 1:
+        raise ValueError(f"nprobe must be a positive integer, got {nprobe!r}.")
     n = x.shape[0]
     c_rows = _index_array(candidates, n, "candidates")
     q_rows = _index_array(queries, n, "queries")
@@ -188,6 +262,8 @@ def knn_unit_rows(
     if len(q_rows) == 0:
         return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
     with torch.no_grad():
+        if method == "approximate" and x.device.type == "cpu" and len(c_rows) >= IVF_MIN_CANDIDATES:
+            return _knn_ivf(x, q_rows, c_rows, k, nprobe)
         if backend == "faiss":
             return _knn_faiss(x, q_rows, c_rows, k)
         return _knn_torch(x, q_rows, c_rows, k, block_size)

@@ -61,7 +61,11 @@ def cluster_distance(
     features: np.ndarray, cfg: ClusterConfig, modality: np.ndarray | None = None
 ) -> sparse.csr_array | None:
     """The Jaccard distance (sparse [n, n]) :func:`cluster_once` clusters, or ``None`` when
-    there are too few samples to cluster; checks the memory it needs first."""
+    there are too few samples to cluster; checks the memory it needs first. Only pairs
+    within ``cfg.eps`` are stored (all DBSCAN looks at); ``cfg.knn`` picks the neighbours
+    (``auto``: approximate above ``cfg.approximate_above`` images)."""
+    from bmil.cluster.knn import resolve_knn
+
     n = len(features)
     if n < max(cfg.min_samples, 2):
         return None
@@ -78,7 +82,8 @@ def cluster_distance(
     k2 = max(1, min(cfg.k2, k1))
     require_clustering_memory(n, int(features.shape[1]), k1, cfg, getattr(features, "device", "cpu"))
     return jaccard_distance(
-        features, k1=k1, k2=k2, modality=modality, lqe=cfg.lqe, backend=cfg.backend, block_size=cfg.block_size
+        features, k1=k1, k2=k2, modality=modality, lqe=cfg.lqe, backend=cfg.backend, block_size=cfg.block_size,
+        max_distance=cfg.eps, knn=resolve_knn(cfg.knn, n, cfg.approximate_above),
     )
 
 

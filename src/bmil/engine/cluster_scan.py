@@ -12,6 +12,7 @@ one eps gives one answer.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -72,8 +73,8 @@ def scan_eps(
     """One row per eps of the clustering statistics of ``features`` [N, d] (L2-normalised).
 
     modality: int [N] (0 visible, 1 infrared). pids: true ids [N], or None when unknown
-    (then no ARI/NMI). The distances follow ``cfg`` (k1, k2, modality_aware, lqe, backend)
-    with the same small-data fallbacks as training.
+    (then no ARI/NMI). The distances follow ``cfg`` (k1, k2, modality_aware, lqe, backend,
+    knn) with the same small-data fallbacks as training, thresholded at the largest eps.
 
     Each row: ``eps``; ``<modality>/clusters``, ``<modality>/outliers`` (per-modality
     clustering); ``global/clusters``, ``global/outliers``, ``global/cross_clusters``,
@@ -82,6 +83,8 @@ def scan_eps(
     """
     modality = np.asarray(modality, dtype=np.int64)
     index = {m: np.flatnonzero(modality == m) for m in MODALITIES}
+    # the distances keep the pairs within the largest eps scanned: every DBSCAN run sees all it needs
+    cfg = dataclasses.replace(cfg, eps=max(float(e) for e in eps_values)) if len(eps_values) else cfg
     intra = {m: cluster_distance(features[index[m]], cfg) for m in MODALITIES}
     glob = cluster_distance(features, cfg, modality if cfg.modality_aware else None)
     rows = []

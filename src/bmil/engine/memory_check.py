@@ -15,6 +15,7 @@ import os
 import torch
 
 from bmil.cluster import estimate_jaccard_memory
+from bmil.cluster.knn import resolve_knn
 from bmil.config import ClusterConfig, Config
 from bmil.errors import BmilError
 
@@ -78,12 +79,17 @@ def require_clustering_memory(
     available: int | None = None,
 ) -> int:
     """Raise :class:`ClusteringMemoryError` when kNN + Jaccard on ``n`` features of width
-    ``dim`` (bytes: :func:`~bmil.cluster.estimate_jaccard_memory` with ``k1`` and
-    ``cfg.block_size``) exceeds ``available`` bytes (default: :func:`available_memory` of
-    ``device``). Returns the estimate in bytes. Skipped (estimate still returned) when
-    ``cfg.memory_check`` is false or the available memory cannot be read.
+    ``dim`` (bytes: :func:`~bmil.cluster.estimate_jaccard_memory` with ``k1``, ``cfg.k2``,
+    ``cfg.block_size``, the distance thresholded at ``cfg.eps`` as clustering computes it,
+    and the kNN method ``cfg.knn`` picks for ``n``) exceeds ``available`` bytes (default:
+    :func:`available_memory` of ``device``). Returns the estimate in bytes. Skipped
+    (estimate still returned) when ``cfg.memory_check`` is false or the available memory
+    cannot be read.
     """
-    estimate = estimate_jaccard_memory(max(n, 1), max(k1, 1), max(dim, 1), cfg.block_size)
+    estimate = estimate_jaccard_memory(
+        max(n, 1), max(k1, 1), max(dim, 1), cfg.block_size, k2=max(cfg.k2, 1), max_distance=cfg.eps,
+        knn=resolve_knn(cfg.knn, n, cfg.approximate_above),
+    )
     if not cfg.memory_check:
         return estimate
     if available is None:
