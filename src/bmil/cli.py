@@ -76,7 +76,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = _load(args)
     results, path = evaluate_checkpoint(cfg, args.checkpoint, progress=not args.quiet)
     if not results:
-        print("no evaluation: this dataset has no person ids, so no score can be computed")
+        print("no evaluation: this dataset has no person ids, so no score can be computed "
+              "(a folder laid out as <camera>/<person id>/ is scored with data.ids_from_folders=true)")
         return 0
     print(results_table(results))
     print(f"\nresults written to {path}")

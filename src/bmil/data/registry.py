@@ -18,6 +18,7 @@ hand and rejects a direction the dataset does not have.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from bmil.data.records import Record
 
     Extract = Callable[[list[Record]], np.ndarray]
+
+log = logging.getLogger(__name__)
 
 BOTH = "both"
 # The two spellings of each cross-modality direction ("t" = thermal, RegDB's infrared).
@@ -99,7 +102,7 @@ def _regdb_train(root: Path, cfg) -> list[Record]:
 def _regdb_test(extract: Extract, root: Path, cfg, trials: int) -> list:
     from bmil.evaluation import evaluate_regdb
 
-    return evaluate_regdb(extract, root, trial=cfg.data.trial, direction=eval_direction(cfg))
+    return evaluate_regdb(extract, root, trial=cfg.data.trial, direction=_logged_direction(cfg))
 
 
 def _llcm_train(root: Path, cfg) -> list[Record]:
@@ -111,7 +114,7 @@ def _llcm_train(root: Path, cfg) -> list[Record]:
 def _llcm_test(extract: Extract, root: Path, cfg, trials: int) -> list:
     from bmil.evaluation import evaluate_llcm
 
-    return evaluate_llcm(extract, root, direction=eval_direction(cfg), trials=trials)
+    return evaluate_llcm(extract, root, direction=_logged_direction(cfg), trials=trials)
 
 
 def _folder_train(root: Path, cfg) -> list[Record]:
@@ -123,7 +126,7 @@ def _folder_train(root: Path, cfg) -> list[Record]:
 def _folder_test(extract: Extract, root: Path, cfg, trials: int) -> list:
     from bmil.evaluation import evaluate_folder
 
-    return evaluate_folder(extract, root, direction=eval_direction(cfg))
+    return evaluate_folder(extract, root, direction=_logged_direction(cfg))
 
 
 def _sysu_inspect(root: Path, **options):
@@ -200,6 +203,14 @@ def get_dataset(name: str, *, checkable: bool = False) -> Dataset:
         known = ", ".join(dataset_names(checkable=checkable))
         raise DatasetError(f"unknown dataset {name!r}: expected one of {known}.")
     return entry
+
+
+def _logged_direction(cfg) -> str:
+    direction = eval_direction(cfg)
+    if direction != cfg.eval.direction:
+        log.info("eval.direction=%s is %s in %s's spelling", cfg.eval.direction, direction,
+                 get_dataset(cfg.data.dataset).title)
+    return direction
 
 
 def eval_direction(cfg) -> str:
