@@ -1,49 +1,74 @@
-"""Benchmark: time and peak memory of the sparse (modality-aware) Jaccard distance.
+"""Benchmark: time, peak memory, stored pairs, neighbour recall and DBSCAN agreement of the
+(modality-aware) Jaccard distance: full or thresholded, exact or approximate neighbours.
 
-For each N, clustered random unit features (about N/80 identities, visible:infrared about
-2:1, an offset between the modalities) are generated; each configuration runs in a fresh
-subprocess so that its peak RSS is its own. Prints a Markdown table.
+Features (``--features``):
+- ``clean``: about N/80 identities, visible:infrared about 2:1, same-identity cosine about
+  0.5, other identities 0 (the original benchmark's features);
+- ``well``: 16 images per identity, 35 % infrared, a modality offset, same-identity cosine
+  about 0.54 (DBSCAN at eps 0.6 recovers the identities);
+- ``weak``: the same with same-identity cosine about 0.25, as early in training.
 
-    python benchmarks/jaccard.py --sizes 5000 20000 34167 --dim 2048 --k1 30 --k2 6
+Each configuration runs in a fresh subprocess so that its peak RSS (the increase over the
+RSS after the features exist) is its own:
+- ``knn``: the bare kNN the modality-aware distance needs (k1//2 nearest of each modality
+  for every row), exact; ``knn_approx``: the same with the approximate method, and its
+  recall@k1//2 against exact search on 2,000 sampled query rows (also the recall of the
+  same-identity neighbours);
+- ``full``: jaccard_distance with max_distance 1 (every pair sharing support), exact kNN;
+- ``thr``: max_distance = eps, exact kNN; ``thr_approx``: max_distance = eps, approximate kNN.
+Both thresholded runs cluster with DBSCAN (eps, min_samples 4); the table gives the ARI of
+the approximate run's labels against the exact run's, and of each against the true ids.
+
+    python benchmarks/jaccard.py --features weak --sizes 20000 --configs knn full thr thr_approx
+    python benchmarks/jaccard.py --features well --sizes 34167 --configs knn knn_approx thr thr_approx
+    python benchmarks/jaccard.py --features well --sizes 200000 --configs knn_approx thr_approx
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
 
-CONFIGS = ("knn_plain", "plain", "knn_modality", "modality")
+CONFIGS = ("knn", "knn_approx", "full", "thr", "thr_approx")
+FEATURES = ("clean", "well", "weak")
+# noise norm per feature kind: same-identity cosine about 1 / (1 + noise²) (before the offset)
+_NOISE = {"well": 0.9, "weak": 1.73}
+_RECALL_QUERIES = 2000
 
 
-def make_features(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Unit float32 features [n, dim] around n/80 identity centres, and modality [n].
+def make_features(n: int, dim: int, kind: str = "clean", seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unit float32 features [n, dim], modality [n] (0 visible, 1 infrared) and ids [n].
 
-    Each sample = centre + noise (norm about 1) + modality shift (norm 0.5, infrared
-    only); two samples of one identity have cosine about 0.5, of two identities about 0.
-    Generated in chunks so that the only large allocation is the result.
+    clean: each sample = centre of one of n/80 identities + noise (norm about 1) + modality
+    shift (norm 0.5, infrared only), a third infrared. well / weak: n/16 identities of 16
+    images each, 35 % infrared, noise norm 0.9 / 1.73, the same shift. Generated in chunks
+    so that the only large allocation is the result.
     """
     rng = np.random.default_rng(seed)
-    ids = max(1, n // 80)
+    per_id, noise, infrared = (80, 1.0, 1 / 3) if kind == "clean" else (16, _NOISE[kind], 0.35)
+    ids = max(1, n // per_id)
     centres = rng.standard_normal((ids, dim), dtype=np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     shift = rng.standard_normal(dim, dtype=np.float32)
     shift *= 0.5 / np.linalg.norm(shift)
-    pid = rng.integers(0, ids, n)
-    modality = (rng.random(n) < 1 / 3).astype(np.int64)
+    pid = rng.integers(0, ids, n) if kind == "clean" else rng.permutation(np.arange(n) % ids)
+    modality = (rng.random(n) < infrared).astype(np.int64)
     feats = np.empty((n, dim), dtype=np.float32)
     for r0 in range(0, n, 4096):
         r1 = min(r0 + 4096, n)
-        chunk = rng.standard_normal((r1 - r0, dim), dtype=np.float32) / np.float32(np.sqrt(dim))
+        chunk = rng.standard_normal((r1 - r0, dim), dtype=np.float32) * np.float32(noise / np.sqrt(dim))
         chunk += centres[pid[r0:r1]]
         chunk += modality[r0:r1, None].astype(np.float32) * shift
         chunk /= np.linalg.norm(chunk, axis=1, keepdims=True)
         feats[r0:r1] = chunk
-    return feats, modality
+    return feats, modality, pid
 
 
 def _rss_kib(field: str) -> int:
@@ -54,40 +79,90 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def worker(config: str, n: int, dim: int, k1: int, k2: int) -> dict:
-    """Run one configuration on fresh features; time and peak-RSS increase (bytes)."""
+def _modality_knn(feats: np.ndarray, modality: np.ndarray, k: int, method: str, queries=None) -> np.ndarray:
+    """idx [Q, 2k]: the k nearest of each modality (exact or approximate)."""
+    from bmil.cluster import knn
+
+    parts = [
+        knn(feats, k, candidates=np.flatnonzero(modality == m), queries=queries, method=method)[1] for m in (0, 1)
+    ]
+    return np.concatenate(parts, axis=1)
+
+
+def _recall(feats, modality, pid, approx: np.ndarray, k: int) -> tuple[float, float]:
+    """recall@k per modality of ``approx`` [N, 2k] against exact search on sampled rows;
+    and the share of the exact same-identity neighbours found."""
+    rows = np.sort(np.random.default_rng(1).choice(len(feats), min(_RECALL_QUERIES, len(feats)), replace=False))
+    exact = _modality_knn(feats, modality, k, "exact", queries=rows)
+    found = [np.isin(e, a) for e, a in zip(exact, approx[rows], strict=True)]
+    same = pid[exact] == pid[rows, None]
+    hit = np.array(found)
+    return float(hit.mean()), float(hit[same].mean())
+
+
+def worker(config: str, n: int, args: argparse.Namespace) -> dict:
+    """Run one configuration on fresh features; time, peak-RSS increase (bytes) and more."""
     import torch  # noqa: F401  (imported before the baseline, like any caller would)
 
-    from bmil.cluster import jaccard_distance, knn
+    from bmil.cluster import dbscan_labels, jaccard_distance, label_quality
 
-    feats, modality = make_features(n, dim)
+    feats, modality, pid = make_features(n, args.dim, args.features)
     base = _rss_kib("VmRSS")
     try:  # reset the high-water mark to the current RSS where the kernel allows it
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
     except OSError:
         pass
+    out: dict = {}
     t0 = time.perf_counter()
-    nnz_per_row = None
-    if config == "knn_plain":
-        knn(feats, k1)
-    elif config == "knn_modality":
-        kk = max(k1 // 2, k2)
-        for m in (0, 1):
-            knn(feats, kk, candidates=np.flatnonzero(modality == m))
+    kk = max(args.k1 // 2, args.k2)
+    if config in ("knn", "knn_approx"):
+        lists = _modality_knn(feats, modality, kk, "exact" if config == "knn" else "approximate")
     else:
-        dist = jaccard_distance(feats, k1, k2, modality=modality if config == "modality" else None)
-        nnz_per_row = dist.nnz / n
-    seconds = time.perf_counter() - t0
-    peak = _rss_kib("VmHWM")
-    return {"seconds": seconds, "peak_bytes": (peak - base) * 1024, "nnz_per_row": nnz_per_row}
+        t = 1.0 if config == "full" else args.eps
+        dist = jaccard_distance(
+            feats, args.k1, args.k2, modality=modality, max_distance=t,
+            knn="approximate" if config == "thr_approx" else "exact",
+        )
+        out["pairs_per_row"] = dist.nnz / n
+    out["seconds"] = time.perf_counter() - t0
+    out["peak_bytes"] = (_rss_kib("VmHWM") - base) * 1024
+    if config == "knn_approx":
+        out["recall"], out["recall_same_id"] = _recall(feats, modality, pid, lists, kk)
+    if config in ("thr", "thr_approx"):
+        labels = dbscan_labels(dist, args.eps, 4)
+        np.save(os.path.join(args.out, f"labels_{config}_{n}.npy"), labels)
+        out["ari_ids"] = label_quality(labels, pid)["ari"]
+    return out
 
 
 def run_config(config: str, n: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", config, "--sizes", str(n), "--dim", str(args.dim),
-           "--k1", str(args.k1), "--k2", str(args.k2)]
+           "--k1", str(args.k1), "--k2", str(args.k2), "--eps", str(args.eps), "--features", args.features,
+           "--out", args.out]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _row(n: int, config: str, res: dict, args: argparse.Namespace, bare: float | None, ari: str) -> str:
+    from bmil.cluster import estimate_jaccard_memory
+
+    approximate = config in ("knn_approx", "thr_approx")
+    t = 1.0 if config == "full" else args.eps
+    method = "approximate" if approximate else "exact"
+    estimate = "–" if config.startswith("knn") else (
+        f"{estimate_jaccard_memory(n, args.k1, args.dim, k2=args.k2, max_distance=t, knn=method) / 2**30:.2f} GiB"
+    )
+    ratio = f"{res['seconds'] / bare:.2f}" if bare else "–"
+    pairs = f"{res['pairs_per_row']:.0f}" if "pairs_per_row" in res else "–"
+    recall = f"{res['recall']:.3f} ({res['recall_same_id']:.3f})" if "recall" in res else "–"
+    ari_ids = f"{res['ari_ids']:.3f}" if "ari_ids" in res else "–"
+    what = {"knn": "bare kNN", "knn_approx": "bare kNN", "full": "full", "thr": f"t = {args.eps}",
+            "thr_approx": f"t = {args.eps}"}[config]
+    return (
+        f"| {n:,} | {args.features} | {what} | {'approximate' if approximate else 'exact'} | {res['seconds']:.1f} | "
+        f"{ratio} | {res['peak_bytes'] / 2**30:.2f} GiB | {estimate} | {pairs} | {recall} | {ari} | {ari_ids} |"
+    )
 
 
 def main() -> None:
@@ -96,32 +171,38 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--k1", type=int, default=30)
     parser.add_argument("--k2", type=int, default=6)
+    parser.add_argument("--eps", type=float, default=0.6)
+    parser.add_argument("--features", choices=FEATURES, default="weak")
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    parser.add_argument("--bare-seconds", type=float, default=None,
+                        help="exact bare kNN seconds to divide by when --configs has no knn (e.g. N = 34,167's)")
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from bmil.cluster import estimate_jaccard_memory
-
     if args.worker:
-        print(json.dumps(worker(args.worker, args.sizes[0], args.dim, args.k1, args.k2)))
+        print(json.dumps(worker(args.worker, args.sizes[0], args)))
         return
-
-    print(f"k1 = {args.k1}, k2 = {args.k2}, d = {args.dim}, float32, torch backend\n")
-    print(
-        "| N | distance | Jaccard s | its kNN s | ratio | peak RSS increase | kNN alone peak "
-        "| estimate_jaccard_memory | nonzeros per row |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
+    args.out = args.out or tempfile.mkdtemp(prefix="bmil-jaccard-")
+    load = os.getloadavg()[0]
+    print(f"k1 = {args.k1}, k2 = {args.k2}, d = {args.dim}, float32, torch exact kNN, eps {args.eps}; "
+          f"load average at start {load:.2f}\n")
+    print("| N | features | distance | kNN | seconds | ratio to bare exact kNN | peak RSS increase | estimate "
+          "| pairs per row | recall@k1/2 (same id) | DBSCAN ARI approx vs exact | ARI vs true ids |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in args.sizes:
-        for mode in ("plain", "modality"):
-            bare = run_config(f"knn_{mode}", n, args)
-            full = run_config(mode, n, args)
-            name = "plain" if mode == "plain" else "modality-aware"
-            print(
-                f"| {n:,} | {name} | {full['seconds']:.1f} | {bare['seconds']:.1f} | "
-                f"{full['seconds'] / bare['seconds']:.2f} | {full['peak_bytes'] / 2**30:.2f} GiB | "
-                f"{bare['peak_bytes'] / 2**30:.2f} GiB | "
-                f"{estimate_jaccard_memory(n, args.k1, args.dim) / 2**30:.2f} GiB | {full['nnz_per_row']:.0f} |",
-                flush=True,
-            )
+        bare = args.bare_seconds
+        for config in args.configs:
+            res = run_config(config, n, args)
+            if config == "knn":
+                bare = res["seconds"]
+            ari = "–"
+            exact_path = os.path.join(args.out, f"labels_thr_{n}.npy")
+            if config == "thr_approx" and os.path.exists(exact_path):
+                from sklearn.metrics import adjusted_rand_score
+
+                approx_labels = np.load(os.path.join(args.out, f"labels_thr_approx_{n}.npy"))
+                ari = f"{adjusted_rand_score(np.load(exact_path), approx_labels):.4f}"
+            print(_row(n, config, res, args, bare, ari), f"<!-- load {os.getloadavg()[0]:.1f} -->", flush=True)
 
 
 if __name__ == "__main__":
