@@ -221,6 +221,10 @@ def test_evaluate_folder_both_directions_match_a_slow_recomputation(labelled):
             assert result.mean[key] == pytest.approx(expected[key], abs=1e-6), key
         assert result.per_trial[0]["num_valid_queries"] == expected["valid"]
     assert results[1].per_trial[0]["num_valid_queries"] == 7  # zed's visible query has no match
+    one = evaluate_folder(extract, str(labelled), direction="v2i")
+    assert [r.setting for r in one] == ["visible→infrared"] and one[0].mean == results[1].mean
+    with pytest.raises(ValueError, match="folder direction must be one of"):
+        evaluate_folder(extract, str(labelled), direction="v2t")
 
 
 # ---------------------------------------------------------------- bmil eval / bmil train

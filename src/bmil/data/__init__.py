@@ -10,7 +10,16 @@ from bmil.data.check import check_dataset, check_report, compare_counts, dataset
 from bmil.data.folder import folder_test, folder_train
 from bmil.data.images import IMAGE_EXTENSIONS, ImageDataset, TrainDataset, load_image
 from bmil.data.llcm import llcm_gallery, llcm_query, llcm_train
-from bmil.data.records import INFRARED, MODALITIES, MODALITY_INDEX, MODALITY_NAMES, VISIBLE, Record, record_arrays
+from bmil.data.records import (
+    INFRARED,
+    MODALITIES,
+    MODALITY_INDEX,
+    MODALITY_NAMES,
+    OTHER_MODALITY,
+    VISIBLE,
+    Record,
+    record_arrays,
+)
 from bmil.data.regdb import regdb_test, regdb_train
 from bmil.data.registry import DATASETS, PUBLISHED_COUNTS, Dataset, dataset_names, get_dataset
 from bmil.data.sampler import PseudoIdentitySampler
@@ -34,6 +43,7 @@ __all__ = [
     "MODALITIES",
     "MODALITY_INDEX",
     "MODALITY_NAMES",
+    "OTHER_MODALITY",
     "PUBLISHED_COUNTS",
     "VISIBLE",
     "ChannelAdaptiveGray",

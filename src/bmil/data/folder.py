@@ -35,7 +35,7 @@ import os
 from dataclasses import dataclass, field
 
 from bmil.data.images import is_image_name
-from bmil.data.records import MODALITIES, MODALITY_NAMES, Record
+from bmil.data.records import MODALITIES, MODALITY_NAMES, OTHER_MODALITY, Record
 from bmil.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ class LabelledFolder:
     def one_modality_ids(self) -> dict[int, list[str]]:
         """{modality: sorted id names with images in that modality only}."""
         ids = {m: self.ids_of(m) for m in MODALITIES}
-        return {m: sorted(ids[m] - ids[1 - m]) for m in MODALITIES}
+        return {m: sorted(ids[m] - ids[OTHER_MODALITY[m]]) for m in MODALITIES}
 
     def records(self, ids: set[str] | None = None) -> list[Record]:
         """Records of ``ids`` (default: all), ordered by modality, camera, id, path."""
@@ -277,7 +277,7 @@ def folder_test(root: str | os.PathLike) -> list[Record]:
     names = found.id_names
     by_modality = {m: {names[r.pid] for r in records if r.modality == m} for m in MODALITIES}
     for modality in MODALITIES:
-        alone = sorted(by_modality[modality] - by_modality[1 - modality])
+        alone = sorted(by_modality[modality] - by_modality[OTHER_MODALITY[modality]])
         if alone:
             _warn_once(f"{len(alone)} test id(s) of {found.root} have {MODALITY_NAMES[modality]} images only, "
                        f"so their queries have no match: {named(alone)}")

@@ -3,7 +3,8 @@
 The modality vocabulary lives here and nowhere else: the two constants ``VISIBLE`` /
 ``INFRARED`` (the integers the model's stream switch, the records and every modality
 array use), ``MODALITIES`` (both, visible first), ``MODALITY_NAMES`` (index → name) and
-``MODALITY_INDEX`` (name → index; RegDB's "thermal" is the infrared modality).
+``MODALITY_INDEX`` (name → index; RegDB's "thermal" is the infrared modality) and
+``OTHER_MODALITY`` (the cross-modality counterpart of each).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ INFRARED = 1
 MODALITIES = (VISIBLE, INFRARED)
 MODALITY_NAMES = {VISIBLE: "visible", INFRARED: "infrared"}
 MODALITY_INDEX = {"visible": VISIBLE, "infrared": INFRARED, "thermal": INFRARED}
+OTHER_MODALITY = {VISIBLE: INFRARED, INFRARED: VISIBLE}
 
 
 @dataclass(frozen=True)

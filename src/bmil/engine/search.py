@@ -21,7 +21,7 @@ from torch import nn
 
 from bmil.config import Config
 from bmil.data.images import is_image_name, load_image
-from bmil.data.records import MODALITY_NAMES, Record
+from bmil.data.records import MODALITY_NAMES, OTHER_MODALITY, Record
 from bmil.engine.inference import feature_extractor
 from bmil.errors import ConfigError, DatasetError
 
@@ -210,7 +210,7 @@ def query_modality(gallery: FeatureSet, name: str | None, source: str | Path) ->
     present = np.unique(gallery.modality)
     if present.size != 1:
         raise ConfigError(f"gallery {source} mixes modalities: give the query's with --query-modality")
-    return 1 - int(present[0])
+    return OTHER_MODALITY[int(present[0])]
 
 
 def match_flags(gallery: FeatureSet, order: np.ndarray, query_id: int | None) -> list[bool | None] | None:
