@@ -313,3 +313,16 @@ def test_folder_layout_without_the_switch_is_unlabelled(labelled):
     from bmil.engine.datasets import can_score, run_protocol
 
     assert not can_score(cfg) and run_protocol(cfg, lambda records: None) == []
+
+
+def test_one_cluster_hint_is_said_once_per_run(tmp_path, caplog):
+    from bmil.engine.datasets import one_cluster_hint
+
+    cfg = load_config(None, ["data.dataset=folder", f"output={tmp_path / 'a'}"])
+    with caplog.at_level(logging.WARNING, logger="bmil"):
+        for _ in range(3):  # three epochs with one cluster
+            one_cluster_hint(cfg, 100)
+        one_cluster_hint(load_config(None, ["data.dataset=folder", f"output={tmp_path / 'b'}"]), 100)
+    hints = [r.getMessage() for r in caplog.records]
+    assert len(hints) == 2  # once per run folder
+    assert "lower cluster.k1" in hints[0] and "bmil cluster-scan" in hints[0] and "cluster.k1=30" in hints[0]

@@ -54,6 +54,13 @@ def _distinct_ids(records: Iterable[Record]) -> int:
     return len({r.pid for r in records})
 
 
+def _train_counts(train: list[Record], test: list[Record]) -> dict[str, int]:
+    """train ids, train visible / infrared images, test ids."""
+    visible, infrared = _modality_counts(train)
+    return {"train ids": _distinct_ids(train), "train visible images": visible, "train infrared images": infrared,
+            "test ids": _distinct_ids(test)}
+
+
 def _empty_id_folders(camera_folders: Iterable[str]) -> list[str]:
     """"empty id folder <path>" for every sub-folder of the camera folders without images."""
     lines = []
@@ -79,14 +86,7 @@ def inspect_sysu(root: str | os.PathLike) -> _Inspection:
     query = sysu.id_records(root, test_ids, sysu.INFRARED_CAMERAS)
     test_visible = sysu.id_records(root, test_ids, sysu.VISIBLE_CAMERAS)
     found = _Inspection()
-    visible, infrared = _modality_counts(train)
-    found.counts = {
-        "train ids": _distinct_ids(train),
-        "train visible images": visible,
-        "train infrared images": infrared,
-        "test ids": _distinct_ids(query + test_visible),
-        "query images": len(query),
-    }
+    found.counts = {**_train_counts(train, query + test_visible), "query images": len(query)}
     with_images = {r.pid for r in train + query + test_visible}
     for name, ids in split_files.items():
         found.problems += _ids_without_images("SYSU-MM01", f"exp/{name}", ids, with_images)
@@ -131,15 +131,11 @@ def inspect_llcm(root: str | os.PathLike) -> _Inspection:
     root = _existing_root(root, "LLCM")
     train = llcm.llcm_train(root)
     test_ids = llcm.llcm_test_ids(root)
-    query = {m: llcm.llcm_query(root, m) for m in (VISIBLE, INFRARED)}
+    query = {m: llcm.llcm_query(root, m) for m in MODALITIES}
     test = query[VISIBLE] + query[INFRARED]
     found = _Inspection()
-    visible, infrared = _modality_counts(train)
     found.counts = {
-        "train ids": _distinct_ids(train),
-        "train visible images": visible,
-        "train infrared images": infrared,
-        "test ids": _distinct_ids(test),
+        **_train_counts(train, test),
         "test visible images": len(query[VISIBLE]),
         "test infrared images": len(query[INFRARED]),
     }

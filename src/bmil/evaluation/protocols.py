@@ -143,17 +143,32 @@ def evaluate_regdb(
         test_reader = data.regdb_test
     visible, thermal = test_reader(root, trial)
     sets = {"visible": visible, "thermal": thermal}
-    features = _FeatureTable(extract, [visible, thermal])
+    return _every_image_directions(
+        extract, sets, [REGDB_DIRECTIONS[name] for name in directions], "RegDB", f"split {trial}", feature, trial
+    )
+
+
+def _every_image_directions(
+    extract: Extract,
+    sets: dict[str, list[Record]],
+    directions: list[tuple[str, str]],
+    dataset: str,
+    which: str,
+    feature: str,
+    trial: int,
+) -> list[ProtocolResult]:
+    """One ``"regdb"``-rule result per (query set, gallery set) name pair of ``sets``,
+    every image of one set against every image of the other; one ``extract`` call."""
+    features = _FeatureTable(extract, list(sets.values()))
     results = []
-    for name in directions:
-        query_name, gallery_name = REGDB_DIRECTIONS[name]
+    for query_name, gallery_name in directions:
         scores = _score_trial(features, sets[query_name], sets[gallery_name], "regdb", trial)
         results.append(
             _result(
-                dataset="RegDB",
+                dataset=dataset,
                 setting=f"{query_name}→{gallery_name}",
                 protocol="regdb",
-                mode=f"{query_name} queries → {gallery_name} gallery, split {trial}",
+                mode=f"{query_name} queries → {gallery_name} gallery, {which}",
                 per_trial=[scores],
                 feature=feature,
             )
@@ -236,22 +251,10 @@ def evaluate_folder(
         test_reader = data.folder_test
     records = test_reader(root)
     sets = {MODALITY_NAMES[m]: [r for r in records if r.modality == m] for m in MODALITIES}
-    features = _FeatureTable(extract, [records])
-    results = []
-    for name in directions:
-        query_name, gallery_name = FOLDER_DIRECTIONS[name]
-        scores = _score_trial(features, sets[query_name], sets[gallery_name], "regdb", trial=0)
-        results.append(
-            _result(
-                dataset="folder",
-                setting=f"{query_name}→{gallery_name}",
-                protocol="regdb",
-                mode=f"{query_name} queries → {gallery_name} gallery, every labelled test image",
-                per_trial=[scores],
-                feature=feature,
-            )
-        )
-    return results
+    return _every_image_directions(
+        extract, sets, [FOLDER_DIRECTIONS[name] for name in directions], "folder", "every labelled test image",
+        feature, trial=0,
+    )
 
 
 def evaluate_cross_modality(
