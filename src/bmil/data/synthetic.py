@@ -28,6 +28,7 @@ generator per image keyed by (seed, id, camera, n)), so a seed gives identical f
 
 from __future__ import annotations
 
+import colorsys
 import itertools
 import json
 import logging
@@ -132,11 +133,8 @@ class Identity:
 
 
 def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[float, float, float]:
-    """HSV in [0, 1]^3 → RGB in [0, 1]^3."""
-    i = int(h * 6.0) % 6
-    f = h * 6.0 - int(h * 6.0)
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    r, g, b = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
+    """HSV in [0, 1]^3 → RGB in [0, 1]^3 (:func:`colorsys.hsv_to_rgb`, as Python floats)."""
+    r, g, b = colorsys.hsv_to_rgb(h, s, v)
     return (float(r), float(g), float(b))
 
 
