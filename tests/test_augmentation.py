@@ -209,7 +209,7 @@ def test_trainer_uses_the_stage_two_infrared_view_in_stage_two(synthetic_root, t
         return [type(t).__name__ for t in view.transforms]
 
     assert "ColorJitter" in infrared_steps()
-    trainer._set_stage_views(2)
+    trainer.run.set_stage_views(2)
     assert "ColorJitter" not in infrared_steps()
     assert "ChannelAdaptiveGray" in infrared_steps()
     visible = trainer.datasets[VISIBLE].transforms_by_modality[VISIBLE]

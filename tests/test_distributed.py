@@ -47,7 +47,7 @@ def _train_worker(rank: int, port: int, root: str, out: str, dump: str) -> None:
     trainer = Trainer(cfg, progress=False)
     assert trainer.dist.world_size == WORLD and trainer.dist.rank == rank
     seen = {}
-    original = trainer._loader
+    original = trainer.run.loader
 
     def recording_loader(modality, labels, seed):
         loader = original(modality, labels, seed)
@@ -60,13 +60,13 @@ def _train_worker(rank: int, port: int, root: str, out: str, dump: str) -> None:
             seen["full"] = full.indices().tolist()
         return loader
 
-    trainer._loader = recording_loader
+    trainer.run.loader = recording_loader
     trainer.fit()
     sharded = trainer.extract(trainer.records[:10], flip=False)
     whole = extract_features(trainer.model, trainer.records[:10], height=cfg.data.height, width=cfg.data.width,
                              batch_size=64, flip=False, amp=False, progress=False)
     torch.save({
-        "model": trainer.model.state_dict(), "memories": trainer._memories_state, "seen": seen,
+        "model": trainer.model.state_dict(), "memories": trainer.memory_state, "seen": seen,
         "sharded": sharded, "whole": whole,
     }, Path(dump) / f"rank{rank}.pt")
     dist.destroy_process_group()

@@ -17,6 +17,7 @@ from bmil.data.images import ImageDataset
 from bmil.data.records import Record
 from bmil.engine.association import Association
 from bmil.engine.checkpoint import save_checkpoint
+from bmil.engine.run import Run
 from bmil.engine.run_log import read_metrics
 from bmil.engine.trainer import Trainer, TrainingError
 from bmil.errors import DatasetError
@@ -24,10 +25,10 @@ from bmil.model import build_model, model_signature
 
 
 # ------------------------------------------------------------------ degenerate clustering
-@pytest.fixture(scope="module")
-def trainer(synthetic_root, tmp_path_factory, make_config):
-    cfg = make_config(synthetic_root, tmp_path_factory.mktemp("degenerate"), "train.iterations=1")
-    return Trainer(cfg, progress=False)
+@pytest.fixture
+def trainer(synthetic_root, tmp_path, make_config):
+    """A fresh trainer per test (the tests step its model)."""
+    return Trainer(make_config(synthetic_root, tmp_path, "train.iterations=1"), progress=False)
 
 
 def _features(trainer: Trainer) -> np.ndarray:
@@ -49,7 +50,7 @@ def _two_per_modality(trainer: Trainer) -> dict[int, np.ndarray]:
 
 def _run(trainer, assoc, caplog) -> tuple[dict[str, float], str]:
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="bmil.engine.trainer"):
+    with caplog.at_level(logging.WARNING, logger="bmil.engine"):
         losses = trainer.train_epoch(2, _features(trainer), assoc)
     return losses, caplog.text
 
@@ -101,12 +102,12 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_resumes(synthetic_root, t
     cfg = make_config(synthetic_root, tmp_path / "run", *small)
     config_file = tmp_path / "tiny.yaml"
     save_config(cfg, config_file)
-    original = Trainer._step
+    original = Run.step
 
     def poisoned(self, loss, epoch, step):
         return original(self, loss * float("nan") if (epoch, step) == (1, 1) else loss, epoch, step)
 
-    monkeypatch.setattr(Trainer, "_step", poisoned)
+    monkeypatch.setattr(Run, "step", poisoned)
     code = cli.main(["-q", "train", "--config", str(config_file)])
     err = capsys.readouterr().err
     assert code != 0 and "Traceback" not in err
@@ -126,10 +127,11 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_resumes(synthetic_root, t
     assert [r["epoch"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [0, 1]
 
 
-def test_non_finite_loss_in_the_first_epoch_says_nothing_was_saved(trainer, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer, "ckpt_dir", tmp_path / "none")
+def test_non_finite_loss_in_the_first_epoch_says_nothing_was_saved(trainer):
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     with pytest.raises(TrainingError, match=r"epoch 0 step 3; no epoch has finished yet"):
-        trainer._step(torch.tensor(float("inf")), 0, 3)
+        trainer.run.step(torch.tensor(float("inf")), 0, 3)
+    assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())  # no step taken
 
 
 # ------------------------------------------------------------------ bad input through the CLI

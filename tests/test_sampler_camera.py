@@ -168,10 +168,10 @@ def test_trainer_loader_passes_each_images_camera(synthetic_root, tmp_path, make
     trainer = Trainer(make_config(synthetic_root, tmp_path), progress=False)
     count = len(trainer.index[INFRARED])
     labels = np.arange(count) % 3  # three pseudo identities over the infrared images
-    sampler = trainer._loader(INFRARED, labels, seed=0).sampler
+    sampler = trainer.run.loader(INFRARED, labels, seed=0).sampler
     cameras = trainer.camids[trainer.index[INFRARED]]
     assert sampler.member_cameras is not None
     for members, member_cameras in zip(sampler.members, sampler.member_cameras, strict=True):
         assert np.array_equal(member_cameras, cameras[members])
     trainer.cfg.train.sampler = "uniform"  # the earlier draw, cameras ignored
-    assert trainer._loader(INFRARED, labels, seed=0).sampler.member_cameras is None
+    assert trainer.run.loader(INFRARED, labels, seed=0).sampler.member_cameras is None

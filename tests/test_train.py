@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bmil.engine import trainer as trainer_mod
+from bmil.engine.objectives import group_loss
 from bmil.engine.run_log import read_metrics
 from bmil.engine.trainer import Trainer
 from bmil.errors import CheckpointError
@@ -59,25 +60,24 @@ def test_stage_two_adds_the_global_loss(finished_run):
 
 
 def test_optimiser_steps_lower_both_losses_on_a_fixed_batch(synthetic_root, tmp_path, make_config):
-    """The trainer's own forward / loss / step path, both stages' losses, fixed memories."""
+    """The trainer's own objectives, forward and step, both stages' losses, fixed memories."""
     # Every visible image in the global clustering: the tiny data's left-out half alone gives one cluster.
     trainer = Trainer(make_config(synthetic_root, tmp_path, "train.lr=1e-3", "cluster.global_visible=all"),
                       progress=False)
     rng = trainer_mod.seed_everything(0, 0)
     features = trainer.extract(trainer.records, flip=False)
     assoc = trainer.associate(features, 2, rng)
-    intra_mem, glob_mem = trainer._memories(features, assoc)
-    glob = trainer_mod._GlobalTargets.of(assoc, trainer.index, trainer.device)
-    batches = {("intra", m): next(iter(trainer._loader(m, assoc.intra[m], 0))) for m in intra_mem}
-    batches.update({("global", m): next(iter(trainer._loader(m, glob.labels[m], 1))) for m in (0, 1)})
-    assert len(intra_mem) == 2 and glob_mem is not None
+    objectives = trainer.objectives(0, features, assoc)
+    assert [(o.name, o.group) for o in objectives] == [
+        ("intra/visible", "intra"), ("intra/infrared", "intra"), ("global", "global")]
+    batches = {(o.name, m): next(iter(dl)) for o in objectives for m, dl in o.loaders.items()}
+    intra, glob = objectives[:2], objectives[2:]
     trainer.model.train()
     history = []
     for step in range(6):
-        intra, _ = trainer._intra_loss(batches, assoc, intra_mem)
-        cross, _ = trainer._global_loss(batches, glob, glob_mem)
-        history.append((float(intra), float(cross)))
-        trainer._step(intra + cross, 0, step)
+        losses = [group_loss(group, batches, trainer.run.forward) for group in (intra, glob)]
+        history.append(tuple(float(v) for v in losses))
+        trainer.run.step(losses[0] + losses[1], 0, step)
     assert history[-1][0] < 0.8 * history[0][0]
     assert history[-1][1] < 0.8 * history[0][1]
 
@@ -232,15 +232,15 @@ def test_bn_split_feeds_batchnorm_what_one_gpu_of_the_release_sees(synthetic_roo
     batches = {0: (visible, torch.arange(b)), 1: (infrared, torch.arange(b))}
     labels = {0: np.arange(b) + 100, 1: np.arange(b) + 200}
     seen = []
-    inner = trainer.train_model
+    inner = trainer.run.train_model
 
     def recording(x, mods):
         seen.append((x.clone(), mods.clone()))
         return inner(x, mods)
 
-    trainer.train_model = recording
+    trainer.run.train_model = recording
     trainer.model.train()
-    out = trainer._forward(batches, labels)
+    out = trainer.run.forward(batches, labels)
     assert len(seen) == 2
     for j, (x, mods) in enumerate(seen):
         expected = torch.cat([visible[:, j], infrared[j * b // 2:(j + 1) * b // 2, 0]])
@@ -251,9 +251,9 @@ def test_bn_split_feeds_batchnorm_what_one_gpu_of_the_release_sees(synthetic_roo
     assert torch.equal(out[1][1], torch.from_numpy(labels[1]))
     # Reassembly: with BatchNorm on running statistics, split and unsplit passes give the same features.
     trainer.model.eval()
-    split = trainer._forward(batches, labels)
+    split = trainer.run.forward(batches, labels)
     trainer.cfg.train.bn_split = 1
-    whole = trainer._forward(batches, labels)
+    whole = trainer.run.forward(batches, labels)
     for m in (0, 1):
         torch.testing.assert_close(split[m][0], whole[m][0], atol=1e-5, rtol=1e-4)
         expected = inner(torch.cat([visible[:, 0], visible[:, 1]]) if m == 0 else infrared[:, 0],
