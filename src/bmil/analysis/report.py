@@ -13,7 +13,7 @@ from bmil.analysis.distances import distance_summary, identity_pair_distances
 from bmil.analysis.figures import plot_curves, plot_distance_histograms, plot_neighbour_share, plot_tsne
 from bmil.analysis.neighbours import neighbour_modality_share, share_summary
 from bmil.analysis.tsne import tsne_points
-from bmil.cluster import jaccard_distance
+from bmil.cluster import clustering_k1, jaccard_distance
 from bmil.config import ClusterConfig
 from bmil.errors import DatasetError
 
@@ -40,7 +40,8 @@ def analyze_features(
 
     modality: [N] 0/1. pids: [N] person ids (-1 unknown) or None: figures 3 and the t-SNE
     need ids and are skipped without them. cluster: k1, k2, eps, lqe of the Jaccard
-    distances (defaults: METHOD.md's), k1 shrunk to fit small sets.
+    distances (defaults: METHOD.md's), k1 shrunk to fit small sets as training shrinks it
+    (:func:`bmil.cluster.clustering_k1`).
     Files: neighbours.{png,json}, distances.{png,json}, tsne.{png,json}.
     """
     out = Path(out_dir)
@@ -60,8 +61,10 @@ def analyze_features(
         log.info("no person ids: the distance histograms and the t-SNE are skipped")
         return written
     pids = np.asarray(pids)
-    smallest = int(np.bincount(modality, minlength=2).min())
-    k1 = max(2, min(cluster.k1, 2 * smallest, len(features) - 1))
+    k1 = clustering_k1(cluster.k1, len(features), modality)  # training's rule, for both distances
+    if k1 < 2:
+        log.warning("a modality has fewer than 2 images: the distance histograms and the t-SNE are skipped")
+        return written
     k2 = max(1, min(cluster.k2, k1))
     pairs, numbers = {}, {"k1": k1, "k2": k2, "eps": cluster.eps}
     for name, mod in (("plain", None), ("modality-aware", modality)):

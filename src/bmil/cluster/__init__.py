@@ -12,16 +12,18 @@ from bmil.cluster.labels import (
     cluster_counts,
     num_clusters,
     random_subset,
-    visible_subsets,
     relabel,
     split_by_modality,
     subset_labels,
+    visible_subsets,
 )
+from bmil.cluster.policy import clustering_k1
 from bmil.cluster.quality import label_quality
 
 __all__ = [
     "SubClusters",
     "cluster_counts",
+    "clustering_k1",
     "dbscan_labels",
     "estimate_jaccard_memory",
     "jaccard_distance",

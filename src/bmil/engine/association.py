@@ -11,6 +11,7 @@ from scipy import sparse
 
 from bmil.cluster import (
     SubClusters,
+    clustering_k1,
     dbscan_labels,
     jaccard_distance,
     relabel,
@@ -69,14 +70,12 @@ def cluster_distance(
     n = len(features)
     if n < max(cfg.min_samples, 2):
         return None
-    k1 = cfg.k1
     if modality is not None:
         smallest = int(min(np.sum(modality == VISIBLE), np.sum(modality == INFRARED)))
         if smallest < 2:
             log.warning("a modality has %d image(s) in this clustering step: no cross-modality clustering", smallest)
             return None
-        k1 = min(k1, 2 * (smallest - 1))
-    k1 = min(k1, n - 1)
+    k1 = clustering_k1(cfg.k1, n, modality)
     if k1 < cfg.k1:
         log.warning("only %d samples: clustering with k1=%d instead of %d", n, k1, cfg.k1)
     k2 = max(1, min(cfg.k2, k1))
