@@ -147,6 +147,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from bmil.analysis.rank_list import draw_rank_list
     from bmil.engine import search
     from bmil.engine.extract import resolve_device
     from bmil.engine.inference import load_model
@@ -166,7 +167,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         pid = f"  id {gallery.pids[i]}" if gallery.pids is not None else ""
         mark = {True: "  match", False: "  wrong", None: ""}[flags[rank]] if flags else ""
         print(f"{rank + 1:3d}  {score:.4f}{pid}  {gallery.paths[i]}{mark}")
-    out = search.draw_rank_list(args.query, [gallery.paths[i] for i in order], scores, flags, args.out)
+    out = draw_rank_list(args.query, [gallery.paths[i] for i in order], scores, flags, args.out)
     print(f"\nrank list written to {out}")
     return 0
 
