@@ -31,7 +31,11 @@ from bmil.errors import ConfigError
 
 @dataclass
 class SyntheticConfig:
-    """Size of the embedded synthetic dataset (``data.dataset=synthetic``)."""
+    """Size of the embedded synthetic dataset (``data.dataset=synthetic``).
+
+    ``num_ids``: the population, every person the generator draws (``num_train_ids`` of them
+    train, the rest are the test set); not ``train.num_ids``, the identities per batch.
+    """
 
     num_ids: int = 120
     num_train_ids: int = 80
@@ -136,7 +140,12 @@ class ClusterConfig:
 
 @dataclass
 class LossConfig:
-    """Prototype memories and contrastive losses."""
+    """Prototype memories and contrastive losses.
+
+    ``split_prototypes`` is a clustering switch despite its section: it splits every global
+    cluster of stage 2 into one sub-cluster per modality (one global-memory prototype each,
+    the split-and-contrast of METHOD.md); false keeps one prototype per global cluster.
+    """
 
     temperature: float = 0.05
     momentum: float = 0.1
@@ -162,6 +171,8 @@ class TrainConfig:
     the results say; the last epoch's model and scores are kept beside it.
     ``stage1_eval_trials``: gallery trials evaluated during stage 1 (the release: trial 0
     only; 0 = ``eval.trials``); stage 2 evaluates ``eval.trials``.
+    ``num_ids``: P, the pseudo identities per training batch, ``num_instances`` (K) images
+    each; not ``synthetic.num_ids``, the synthetic population.
     ``sampler``: how a batch's images of each pseudo identity are drawn: ``camera`` (the
     release: a random anchor, then images from other cameras than the anchor's; one pass over
     the identities in random order) or ``uniform`` (bmil's earlier draw, cameras ignored);
