@@ -309,8 +309,13 @@ def test_cluster_scan_cli(synthetic_root, tmp_path, make_config, capsys):
     table = [line for line in out.splitlines() if re.match(r"^\| 0\.\d", line)]
     assert [line.split("|")[1].strip() for line in table] == ["0.5", "0.6", "0.7"]
     rows = json.loads((tmp_path / "scan.json").read_text())
-    assert all(r["visible/clusters"] + 0 >= 0 and r["visible/outliers"] <= 96 for r in rows)
-    assert all(r["infrared/outliers"] <= 48 and "global/ari" in r for r in rows)
+    assert [r["eps"] for r in rows] == pytest.approx([0.5, 0.6, 0.7])
+    for name, images in (("visible", 96), ("infrared", 48)):
+        outliers = [r[f"{name}/outliers"] for r in rows]
+        # DBSCAN on one distance: a larger eps keeps every core point, so never more outliers
+        assert outliers == sorted(outliers, reverse=True) and outliers[-1] >= 0 and outliers[0] <= images
+        assert all(0 <= r[f"{name}/clusters"] <= images - r[f"{name}/outliers"] for r in rows)  # ≥ 1 image each
+    assert all(-1.0 <= r["global/ari"] <= 1.0 for r in rows)
     code, _, err = run_cli(capsys, "cluster-scan", "--config", str(tmp_path / "tiny.yaml"), "--checkpoint",
                            str(tmp_path / "model.pt"), "--eps", "0.7:0.3:0.1")
     assert code == 2 and "--eps" in err
