@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,9 +53,9 @@ def _replicate(image: torch.Tensor, channel: int) -> torch.Tensor:
 
 
 def _grayscale(image: torch.Tensor) -> torch.Tensor:
-    """ITU-R 601 luma of a [3, H, W] tensor, replicated into three channels."""
-    weights = torch.tensor(GRAY_WEIGHTS, dtype=image.dtype, device=image.device)
-    return (image * weights[:, None, None]).sum(dim=0).unsqueeze(0).repeat(3, 1, 1)
+    """ITU-R 601 luma (``GRAY_WEIGHTS``, torchvision's ``rgb_to_grayscale``) of a [3, H, W]
+    tensor, replicated into three channels (a copy, not a view: later steps write into it)."""
+    return F.rgb_to_grayscale(image, num_output_channels=1).repeat(3, 1, 1)
 
 
 class ChannelExchange:
