@@ -266,3 +266,28 @@ def test_bn_split_must_divide_the_batch(make_config, synthetic_root, tmp_path):
 
     with pytest.raises(ConfigError, match="train.bn_split"):
         make_config(synthetic_root, tmp_path, "train.bn_split=3")  # 4 × 4 = 16 images
+
+
+def test_scoring_resizes_with_lanczos_and_clustering_with_bicubic(synthetic_root, tmp_path, make_config, monkeypatch):
+    """The release scores query/gallery images resized with PIL Lanczos (TestData) and clusters
+    features of bicubic-resized images (get_test_loader): eval.resize and the clustering path."""
+    from bmil.engine import extract as extract_mod
+    from bmil.engine import inference
+
+    seen = []
+    real = extract_mod.extract_features
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["resize"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "extract_features", recording)
+    trainer = Trainer(make_config(synthetic_root, tmp_path), progress=False)
+    trainer.extract(trainer.records[:8], flip=True)
+    assert seen == ["bicubic"]
+    trainer.evaluate(trials=1)
+    assert seen[1:] and set(seen[1:]) == {"lanczos"}
+    seen.clear()
+    trainer.cfg.eval.resize = "bicubic"
+    trainer.evaluate(trials=1)
+    assert seen and set(seen) == {"bicubic"}

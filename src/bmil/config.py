@@ -205,7 +205,12 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Test protocol options (METHOD.md "Datasets and protocols")."""
+    """Test protocol options (METHOD.md "Datasets and protocols").
+
+    ``resize``: how query and gallery images are resized to the network input when scored:
+    ``lanczos`` (the release's ``TestData``, PIL ``ANTIALIAS``) or ``bicubic`` (what the
+    release, and bmil, use for the clustering features).
+    """
 
     mode: str = "all"
     trials: int = 10
@@ -213,6 +218,7 @@ class EvalConfig:
     direction: str = "both"
     trial: int = 0
     allow_trial_mismatch: bool = False
+    resize: str = "lanczos"
 
 
 @dataclass
@@ -239,6 +245,7 @@ _CHOICES = {
     "cluster.global_visible": ("left_out", "all"),
     "train.select_by": ("rank1", "mAP"),
     "eval.mode": ("all", "indoor"),
+    "eval.resize": ("lanczos", "bicubic"),
     "eval.direction": ("both", "v2t", "t2v", "v2i", "i2v"),
 }
 

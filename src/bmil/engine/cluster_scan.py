@@ -144,13 +144,13 @@ def cluster_scan(
     ``cluster.flip``),
     then :func:`scan_eps` with ``cfg.cluster``. ARI/NMI only when every image has an id."""
     from bmil.engine.datasets import has_labels, train_records
-    from bmil.engine.inference import feature_extractor, load_model
+    from bmil.engine.inference import CLUSTERING_RESIZE, feature_extractor, load_model
 
     model, trained = load_model(checkpoint, device)
     records = train_records(cfg)
     features = feature_extractor(
         model, cfg, device, flip=cfg.cluster.flip, progress=progress, desc="train features",
-        size=(trained.data.height, trained.data.width),
+        size=(trained.data.height, trained.data.width), resize=CLUSTERING_RESIZE,
     )(records)
     pids, _, modality = record_arrays(records)
     return scan_eps(features, modality, eps_values, cfg.cluster, pids if has_labels(records) else None)

@@ -47,17 +47,21 @@ def extract_features(
     amp: bool = True,
     progress: bool = True,
     desc: str = "extract",
+    resize: str = "bicubic",
 ) -> np.ndarray:
     """L2-normalised features [N, D] float32 of ``records``, in order.
 
     With ``flip`` the feature is the mean of the image's and its mirror's features
-    (METHOD.md test feature). Runs under ``inference_mode`` with channels_last; on CUDA
-    under bf16 autocast when ``amp``. The model's train/eval mode is restored afterwards.
+    (METHOD.md test feature). ``resize``: the interpolation to ``height`` × ``width``,
+    ``"bicubic"`` (the release's clustering features) or ``"lanczos"`` (the release's
+    scoring of query and gallery images, ``eval.resize``). Runs under ``inference_mode``
+    with channels_last; on CUDA under bf16 autocast when ``amp``. The model's train/eval
+    mode is restored afterwards.
     """
     device = torch.device(device)
     _, _, modality = record_arrays(records)
     loader = DataLoader(
-        ImageDataset(list(records), test_transform(height, width)),
+        ImageDataset(list(records), test_transform(height, width, resize)),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

@@ -80,6 +80,9 @@ def load_model(
     return model.to(torch.device(device)).eval(), cfg
 
 
+CLUSTERING_RESIZE = "bicubic"  # the release's clustering extractor (get_test_loader, interpolation 3)
+
+
 def feature_extractor(
     model: nn.Module,
     cfg: Config,
@@ -89,11 +92,13 @@ def feature_extractor(
     progress: bool = True,
     desc: str = "test features",
     size: tuple[int, int] | None = None,
+    resize: str | None = None,
 ):
     """``extract(records) -> [N, D]`` float32 features of ``model`` as ``cfg`` configures
     them: input ``data.height`` × ``data.width`` (or ``size`` = (height, width), e.g. the
-    checkpoint's own), ``train.extract_batch`` images a batch,
-    :func:`~bmil.engine.datasets.loader_workers` loader workers, ``train.amp``;
+    checkpoint's own), resized with ``resize`` (default ``eval.resize``, the scoring resize;
+    pass ``"bicubic"`` for the features clustering sees), ``train.extract_batch`` images a
+    batch, :func:`~bmil.engine.datasets.loader_workers` loader workers, ``train.amp``;
     flip-averaged (``flip``), L2-normalised (:func:`bmil.engine.extract.extract_features`)."""
     from bmil.engine.datasets import loader_workers
 
@@ -104,6 +109,7 @@ def feature_extractor(
         return extract_features(
             model, records, height=height, width=width, batch_size=cfg.train.extract_batch,
             device=device, flip=flip, workers=workers, amp=cfg.train.amp, progress=progress, desc=desc,
+            resize=resize or cfg.eval.resize,
         )
 
     return extract
@@ -117,5 +123,6 @@ def train_set_features(
     from bmil.engine.datasets import train_records
 
     records = train_records(cfg)
-    feats = feature_extractor(model, cfg, device, progress=progress, desc="train features")(records)
+    feats = feature_extractor(model, cfg, device, progress=progress, desc="train features", resize=CLUSTERING_RESIZE)(
+        records)
     return feats, records

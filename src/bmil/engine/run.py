@@ -71,7 +71,7 @@ def check_signature(expected: dict, state: dict, path: str | Path) -> None:
     if found is not None and found != expected:
         raise CheckpointError(
             f"checkpoint {path} was trained with {found}, but the configuration builds {expected}: "
-            "set model.depth/model.non_local to match it"
+            "set model.depth, model.non_local, model.non_local_width and model.gem_learnable to match it"
         )
 
 

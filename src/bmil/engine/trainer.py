@@ -20,7 +20,7 @@ from bmil.engine.association import Association, associate
 from bmil.engine.checkpoint import save_checkpoint
 from bmil.engine.datasets import run_protocol
 from bmil.engine.epoch_stats import association_stats
-from bmil.engine.inference import feature_extractor
+from bmil.engine.inference import CLUSTERING_RESIZE, feature_extractor
 from bmil.engine.objectives import Objective, build_objectives, group_loss, step_plan
 from bmil.engine.run import (  # noqa: F401  (seed_worker, check_signature, TrainingError: public here too)
     StageBest,
@@ -74,11 +74,15 @@ class Trainer:
         return (0, t.stage1_epochs - 1) if stage == 1 else (t.stage1_epochs, self.total_epochs - 1)
 
     # ---------------------------------------------------------------- one epoch
-    def extract(self, records: list[Record], *, flip: bool = True, desc: str = "extract") -> np.ndarray:
-        """Features [N, D] of ``records`` with the current model (L2-normalised). When
-        distributed, each rank extracts its shard and all ranks get all features, in order."""
+    def extract(
+        self, records: list[Record], *, flip: bool = True, desc: str = "extract", resize: str = CLUSTERING_RESIZE
+    ) -> np.ndarray:
+        """Features [N, D] of ``records`` with the current model (L2-normalised), resized as
+        clustering sees them unless ``resize`` says otherwise. When distributed, each rank
+        extracts its shard and all ranks get all features, in order."""
         shard = records[distributed.shard_range(len(records), self.dist)] if self.dist.enabled else records
-        extract = feature_extractor(self.model, self.cfg, self.device, flip=flip, progress=self.progress, desc=desc)
+        extract = feature_extractor(self.model, self.cfg, self.device, flip=flip, progress=self.progress, desc=desc,
+                                    resize=resize)
         return distributed.gather_shards(self.dist, extract(shard))
 
     def associate(self, features: np.ndarray, stage: int, rng: np.random.Generator) -> Association:
@@ -136,7 +140,10 @@ class Trainer:
     def evaluate(self, trials: int | None = None) -> list:
         """The dataset's test protocol with the current model ([] without labels);
         ``trials`` gallery trials (default ``eval.trials``)."""
-        return run_protocol(self.cfg, lambda records: self.extract(records, flip=True, desc="test features"), trials)
+        def extract(records: list[Record]) -> np.ndarray:
+            return self.extract(records, flip=True, desc="test features", resize=self.cfg.eval.resize)
+
+        return run_protocol(self.cfg, extract, trials)
 
     def _save(self, epoch: int, name: str) -> None:
         save_checkpoint(self.run.state(epoch, self.stage_of(epoch), self.memory_state), self.run.ckpt_dir / name)
