@@ -291,3 +291,20 @@ def test_scoring_resizes_with_lanczos_and_clustering_with_bicubic(synthetic_root
     trainer.cfg.eval.resize = "bicubic"
     trainer.evaluate(trials=1)
     assert seen and set(seen) == {"bicubic"}
+
+
+def test_extraction_memory_format_changes_speed_not_features(synthetic_root):
+    """train.channels_last only picks the memory format (docs/benchmarks.md: slower for the demo's
+    ResNet-18 at 64×32 on a CPU): the features agree with the contiguous pass."""
+    from bmil.data import sysu_train
+    from bmil.engine.extract import extract_features
+    from bmil.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(depth=18, non_local=False, pretrained="none")
+    records = sysu_train(synthetic_root)[:12]
+    common = dict(height=64, width=32, batch_size=8, device="cpu", workers=0, amp=False, progress=False)
+    a = extract_features(model, records, channels_last=True, **common)
+    b = extract_features(model, records, channels_last=False, **common)
+    assert a.shape == (12, model.feat_dim)
+    np.testing.assert_allclose(a, b, atol=1e-5)

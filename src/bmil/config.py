@@ -161,6 +161,9 @@ class TrainConfig:
     the best stage-1 model; ``init_from`` starts from a checkpoint's weights instead.
 
     ``amp``: bf16 autocast on CUDA (the release trains in fp32, the default).
+    ``channels_last``: extract features in channels_last memory format (faster for ResNet-50
+    at 288×144 on a CPU, slower for ResNet-18 at 64×32: docs/benchmarks.md; training on
+    CUDA always uses it).
     ``bn_split``: forward each training batch in this many passes, as the release's
     DataParallel over that many GPUs splits it (2 reproduces its per-BatchNorm batch on one
     GPU; docs/recipes.md); one process only.
@@ -196,6 +199,7 @@ class TrainConfig:
     init_from: str = ""
     device: str = "auto"
     amp: bool = False
+    channels_last: bool = True
     bn_split: int = 1
     eval_every: int = 2
     select_by: str = "rank1"

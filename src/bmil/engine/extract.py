@@ -48,15 +48,16 @@ def extract_features(
     progress: bool = True,
     desc: str = "extract",
     resize: str = "bicubic",
+    channels_last: bool = True,
 ) -> np.ndarray:
     """L2-normalised features [N, D] float32 of ``records``, in order.
 
     With ``flip`` the feature is the mean of the image's and its mirror's features
     (METHOD.md test feature). ``resize``: the interpolation to ``height`` × ``width``,
     ``"bicubic"`` (the release's clustering features) or ``"lanczos"`` (the release's
-    scoring of query and gallery images, ``eval.resize``). Runs under ``inference_mode``
-    with channels_last; on CUDA under bf16 autocast when ``amp``. The model's train/eval
-    mode is restored afterwards.
+    scoring of query and gallery images, ``eval.resize``). Runs under ``inference_mode``,
+    in channels_last memory format when ``channels_last``; on CUDA under bf16 autocast when
+    ``amp``. The model's train/eval mode is restored afterwards.
     """
     device = torch.device(device)
     _, _, modality = record_arrays(records)
@@ -73,7 +74,9 @@ def extract_features(
     chunks = []
     with torch.inference_mode(), _autocast(device, amp):
         for images, index in tqdm(loader, desc=desc, disable=not progress, leave=False):
-            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            images = images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             mods = modality_t[index].to(device)
             feats = model(images, mods).float()
             if flip:

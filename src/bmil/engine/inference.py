@@ -109,7 +109,7 @@ def feature_extractor(
         return extract_features(
             model, records, height=height, width=width, batch_size=cfg.train.extract_batch,
             device=device, flip=flip, workers=workers, amp=cfg.train.amp, progress=progress, desc=desc,
-            resize=resize or cfg.eval.resize,
+            resize=resize or cfg.eval.resize, channels_last=cfg.train.channels_last,
         )
 
     return extract
