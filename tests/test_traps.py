@@ -1,9 +1,9 @@
-"""Traps users of this field fall into (issue 9), each made impossible or loud: run.json
-and recipes (1), dataset counts (3), RegDB trials and directions (4), out-of-memory before
-clustering (6), the eps scan (7), extreme modality ratios in the components (8).
+"""Traps users of this field fall into (issue 9), each made impossible or loud; sections by
+the module they test: run.json and recipes, dataset counts, RegDB trials and directions,
+memory before clustering, the eps scan, the clustering / memory / loss components at
+extreme modality ratios, hard-coded paths.
 
-Training-run traps (2, 8, 9) are in test_traps_training.py; see the issue note for the
-tests of items 5, 10 and 11 elsewhere."""
+The traps that need a training run are in test_traps_training.py."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def clustered_features(sizes: dict[int, int], ids: int = 4, dim: int = 32, seed:
     return x, np.concatenate(mods).astype(np.int64), np.concatenate(pids).astype(np.int64)
 
 
-# ---------------------------------------------------------------- item 1: run.json, recipes, SyncBN
+# ------------------------ engine/run_log.py run.json, configs/ vs docs/recipes.md, distributed SyncBN
 
 
 def test_run_json_records_everything_needed_to_reproduce(tmp_path, monkeypatch):
@@ -125,7 +125,7 @@ def test_sync_bn_conversion_for_torchrun():
     assert set(converted.state_dict()) == keys
 
 
-# ---------------------------------------------------------------- item 3: dataset counts
+# ------------------------ data/check.py: published dataset counts
 
 
 def test_check_data_names_the_published_counts(synthetic_root, capsys):
@@ -155,7 +155,7 @@ def test_train_logs_the_counts_it_read_and_warns_on_differences(synthetic_root, 
     assert not any("expected" in r.getMessage() for r in caplog.records)  # no published counts
 
 
-# ---------------------------------------------------------------- item 4: RegDB trials, directions
+# ------------------------ engine/evaluate.py, data/registry.py: RegDB trials, eval directions
 
 
 def _regdb_checkpoint(tmp_path: Path, trial: int) -> Path:
@@ -208,7 +208,7 @@ def test_eval_direction_reaches_the_protocol(dataset, direction, passed, monkeyp
         load_config(None, ["eval.direction=sideways"])
 
 
-# ---------------------------------------------------------------- item 6: memory before clustering
+# ------------------------ engine/memory_check.py: memory before clustering
 
 
 def test_meminfo_parsing():
@@ -257,7 +257,7 @@ def test_training_that_cannot_cluster_stops_before_the_first_epoch(synthetic_roo
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
 
 
-# ---------------------------------------------------------------- item 7: eps scan
+# ------------------------ engine/cluster_scan.py: the eps scan
 
 
 def test_parse_eps():
@@ -328,7 +328,7 @@ def test_cluster_scan_help(capsys):
     assert "--eps" in capsys.readouterr().out
 
 
-# ---------------------------------------------------------------- item 8: components at extreme ratios
+# ------------------------ engine/association.py, memory.py, losses.py at extreme modality ratios
 
 
 @pytest.mark.parametrize("sizes", [{VISIBLE: 60, INFRARED: 6}, {VISIBLE: 6, INFRARED: 60}], ids=["10to1", "1to10"])
@@ -393,7 +393,7 @@ def test_losses_when_every_global_cluster_holds_one_modality():
     assert torch.isfinite(loss) and loss > 0
 
 
-# ---------------------------------------------------------------- item 11: no hard-coded paths
+# ------------------------ the package: no hard-coded paths
 
 
 def test_no_absolute_path_is_hard_coded_in_the_package():
