@@ -1,5 +1,5 @@
-"""Traps that need a training run (issue 9): seeds (item 2), extreme modality ratios
-(item 8), the user's own unlabelled folders (item 9)."""
+"""Traps that need a training run (issue 9), sections by the module they test: seeds, extreme
+modality ratios, the user's own unlabelled folders."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def _same_labels(a: list[Association], b: list[Association]) -> bool:
     return True
 
 
-# ---------------------------------------------------------------- item 2: fixed seeds
+# ------------------------ engine/run.py, trainer.py: fixed seeds
 
 
 def test_same_seed_is_bit_identical_and_another_seed_differs(synthetic_root, tmp_path, make_config,
@@ -85,7 +85,7 @@ def test_same_seed_is_bit_identical_and_another_seed_differs(synthetic_root, tmp
     w3, l3 = _recording_run(make_config(synthetic_root, tmp_path / "c", *common, "train.seed=4"))
     assert not _same_labels(l1, l3)
     assert any(not torch.equal(value, w3[key]) for key, value in w1.items())
-    # the per-epoch cluster counts of item 7 are logged too
+    # the per-epoch cluster counts are logged too
     for record in read_metrics(tmp_path / "a" / "metrics.jsonl"):
         assert {"clusters/visible", "outliers/visible", "clusters/infrared", "outliers/infrared"} <= set(record)
     assert "global/cross_clusters" in read_metrics(tmp_path / "a" / "metrics.jsonl")[1]
@@ -117,7 +117,7 @@ def test_loader_workers_follow_the_epoch_seed_not_the_parent_state():
     assert not torch.equal(a[0], a[1])  # the two workers draw differently
 
 
-# ---------------------------------------------------------------- item 8: extreme modality ratios
+# ------------------------ trainer.py, objectives.py: extreme modality ratios
 
 
 def _subsample(records, visible: int, infrared: int):
@@ -144,9 +144,10 @@ def _finite_losses(out: Path) -> list[float]:
 @pytest.mark.parametrize(("visible", "infrared"), [(96, 9), (5, 48)], ids=["10to1", "1to10"])
 def test_training_survives_extreme_modality_ratios(visible, infrared, synthetic_root, tmp_path, make_config,
                                                    monkeypatch, caplog, no_evaluation):
-    real = trainer_mod.train_records
-    monkeypatch.setattr(trainer_mod, "train_records",
-                        lambda cfg: _subsample(real(cfg), visible, infrared))
+    from bmil.engine import run as run_mod
+
+    real = run_mod.train_records
+    monkeypatch.setattr(run_mod, "train_records", lambda cfg: _subsample(real(cfg), visible, infrared))
     cfg = make_config(synthetic_root, tmp_path, *SHORT, "train.stage1_epochs=0", "train.iterations=2")
     with caplog.at_level(logging.WARNING):
         trainer = Trainer(cfg, progress=False)
@@ -185,7 +186,7 @@ def test_epoch_whose_global_clusters_each_hold_one_modality(synthetic_root, tmp_
     assert "no global cluster holds both modalities" in caplog.text
 
 
-# ---------------------------------------------------------------- item 9: the user's own folders
+# ------------------------ data/folder.py through training, eval, extract, search: the user's own folders
 
 
 PEOPLE = 4
@@ -260,7 +261,9 @@ def test_folder_preset_trains_with_finite_losses_and_reports_no_metric(folder_ru
     losses = _finite_losses(out)
     assert "loss/intra" in records[0] and len(losses) >= 2
     assert not any(key.startswith("eval/") or key.endswith("/ari") for r in records for key in r)
-    assert summary == {"stage1": {"epoch": -1, "metrics": {}}, "stage2": {"epoch": -1, "metrics": {}}}
+    # no model is selected and no last score kept: nothing was evaluated
+    assert {k: (v["epoch"], v["metrics"], v["last"]) for k, v in summary.items()} == {
+        stage: (-1, {}, {"epoch": -1, "metrics": {}}) for stage in ("stage1", "stage2")}
     assert "no person ids" in " ".join(messages)
     assert not (out / "checkpoints" / "best_stage1.pt").exists()
 
