@@ -234,7 +234,7 @@ TINY = ["data.height=64", "data.width=32", "data.workers=0", "model.depth=18", "
 
 
 def by_hand(model, paths, modality) -> np.ndarray:
-    transform = test_transform(64, 32)
+    transform = test_transform(64, 32, "lanczos")  # bmil eval scores Lanczos-resized images (eval.resize)
     images = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
     with torch.no_grad():
         feats = model(images, modality) + model(torch.flip(images, dims=[3]), modality)

@@ -80,6 +80,17 @@ def test_optimiser_steps_lower_both_losses_on_a_fixed_batch(synthetic_root, tmp_
         trainer.run.step(losses[0] + losses[1], 0, step)
     assert history[-1][0] < 0.8 * history[0][0]
     assert history[-1][1] < 0.8 * history[0][1]
+    # Every row of the global memory update moves a prototype of its own global cluster and modality.
+    (global_objective,) = glob
+    outputs = trainer.run.forward({m: batches[("global", m)] for m in (0, 1)}, global_objective.labels)
+    global_objective.loss(outputs)
+    sub_to_cluster = global_objective.sub_to_cluster.cpu().numpy()
+    for m, (features, sub) in zip((0, 1), global_objective._pending, strict=True):
+        y = outputs[m][1].cpu().numpy()
+        assert len(sub) == len(features) == len(y)
+        assert np.array_equal(sub_to_cluster[sub.cpu().numpy()], y)
+        mod = np.asarray(assoc.sub.sub_modality)[sub.cpu().numpy()]
+        assert np.all(mod == m)
 
 
 def test_resume_across_the_stage_boundary_is_bit_for_bit(synthetic_root, tmp_path, monkeypatch, make_config):

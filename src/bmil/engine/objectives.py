@@ -102,9 +102,8 @@ class GlobalObjective(Objective):
         parts, self._pending = [], []
         for m in MODALITIES:
             f, y, index, views = outputs[m]
-            # NOTE: repeat_interleave (image-major) while the rows are view-major; kept as the
-            # trainer had it (behaviour unchanged), see the issue note on this objective.
-            sub = torch.from_numpy(self.sub_labels[m][index.numpy()]).repeat_interleave(views)
+            # Rows are view-major (all first views, then all second views), as the labels y.
+            sub = torch.from_numpy(self.sub_labels[m][index.numpy()]).repeat(views)
             parts.append(global_loss(f, self.memory, positive_mask(y, self.sub_to_cluster),
                                      self.temperature, self.num_candidates))
             self._pending.append((f.detach(), sub.to(f.device)))
