@@ -22,11 +22,9 @@ import torch
 
 from bmil.cluster import cluster_counts, dbscan_labels, label_quality, num_clusters, relabel
 from bmil.config import ClusterConfig, Config
-from bmil.data.records import INFRARED, MODALITY_NAMES, VISIBLE, record_arrays
+from bmil.data.records import MODALITIES, MODALITY_NAMES, record_arrays
 from bmil.engine.association import cluster_distance
 from bmil.errors import ConfigError
-
-MODALITIES = (VISIBLE, INFRARED)
 
 
 def parse_eps(text: str) -> list[float]:

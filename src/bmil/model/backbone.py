@@ -11,6 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
+from bmil.data.records import INFRARED, VISIBLE
 from bmil.errors import ConfigError
 from bmil.model.non_local import NON_LOCAL_WIDTHS, NonLocalBlock
 from bmil.model.pooling import GeneralizedMeanPooling
@@ -29,8 +30,6 @@ _RESNET_CONSTRUCTORS: dict[int, Callable[..., torchvision.models.ResNet]] = {
 _NON_LOCAL_COUNTS = {"layer2": 2, "layer3": 3}
 _TRUNK_LAYERS = ("layer1", "layer2", "layer3", "layer4")
 
-VISIBLE_STREAM = 0
-INFRARED_STREAM = 1
 
 
 class ModalityStem(nn.Module):
@@ -169,8 +168,8 @@ class TwoStreamResNet(nn.Module):
             raise ValueError(
                 f"modality must have shape [{images.shape[0]}], got {tuple(modality.shape)}"
             )
-        is_infrared = modality == INFRARED_STREAM
-        if bool(((modality != VISIBLE_STREAM) & ~is_infrared).any()):
+        is_infrared = modality == INFRARED
+        if bool(((modality != VISIBLE) & ~is_infrared).any()):
             raise ValueError("modality values must be 0 (visible) or 1 (infrared)")
         num_infrared = int(is_infrared.sum())
         if num_infrared == 0:
@@ -193,9 +192,9 @@ class TwoStreamResNet(nn.Module):
         return merged
 
     def _stem_for(self, modality: int) -> ModalityStem:
-        if modality == VISIBLE_STREAM:
+        if modality == VISIBLE:
             return self.visible_stem
-        if modality == INFRARED_STREAM:
+        if modality == INFRARED:
             return self.infrared_stem
         raise ValueError(f"modality must be 0 (visible) or 1 (infrared), got {modality!r}")
 
