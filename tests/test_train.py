@@ -76,7 +76,7 @@ def test_optimiser_steps_lower_both_losses_on_a_fixed_batch(synthetic_root, tmp_
     history = []
     for step in range(6):
         losses = [group_loss(group, batches, trainer.run.forward) for group in (intra, glob)]
-        history.append(tuple(float(v) for v in losses))
+        history.append(tuple(float(v.detach()) for v in losses))
         trainer.run.step(losses[0] + losses[1], 0, step)
     assert history[-1][0] < 0.8 * history[0][0]
     assert history[-1][1] < 0.8 * history[0][1]
