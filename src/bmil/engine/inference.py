@@ -118,8 +118,8 @@ def feature_extractor(
 def train_set_features(
     model: nn.Module, cfg: Config, device: torch.device | str = "cpu", *, progress: bool = True
 ) -> tuple[np.ndarray, list[Record]]:
-    """Test features [N, D] (flip-averaged, L2-normalised) of ``cfg``'s training images, and
-    their records (person ids -1 where the dataset has none)."""
+    """The features clustering sees [N, D] (flip-averaged, bicubic resize, L2-normalised) of
+    ``cfg``'s training images, and their records (person ids -1 where the dataset has none)."""
     from bmil.engine.datasets import train_records
 
     records = train_records(cfg)

@@ -77,7 +77,8 @@ def check_signature(expected: dict, state: dict, path: str | Path) -> None:
 
 @dataclass
 class StageBest:
-    """Best evaluation score (mAP of the first setting) and its metrics, per stage."""
+    """One evaluation kept for a stage (the selected or the last): its ``train.select_by``
+    score of the first setting, epoch and metrics."""
 
     score: float = -1.0
     epoch: int = -1
