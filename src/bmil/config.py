@@ -117,8 +117,8 @@ class ClusterConfig:
     ``global_visible``: which visible images stage 2's global clustering sees: ``left_out``
     (the release: the random visible subset intra clustering left out this epoch, plus all
     infrared images) or ``all`` (every visible image).
-    ``knn``: neighbours of the Jaccard distance: ``exact``, ``approximate`` (faiss IVF per
-    modality, ``bmil.cluster.knn``) or ``auto`` (approximate when a clustering has more than
+    ``knn``: neighbours of the Jaccard distance: ``exact``, ``approximate`` (an inverted file
+    per modality, ``bmil.cluster.knn``) or ``auto`` (approximate when a clustering has more than
     ``approximate_above`` images).
     """
 

@@ -1,21 +1,23 @@
 """k nearest neighbours by cosine similarity: exact (blocked, so that no N×N matrix exists)
-or approximate (a faiss inverted-file index, for large N).
+or approximate (an inverted file written in torch, for large N).
 
 Rows are L2-normalised first, so similarity = inner product in [-1, 1]. Results are sorted
 by similarity descending; equal similarities are ordered by the lower global index first
 (for the exact method also at the k-th place: the k kept neighbours are the k first in
 that order).
 
-Approximate method (``method="approximate"``, CPU): an ``IndexIVFFlat`` (inner product)
-over the candidate rows with ``nlist = IVF_LISTS_PER_SQRT · sqrt(M)`` lists (M candidates;
-at least 1, at most M / 39 so that k-means has its 39 training points per list), trained on
-at most 64 points per list drawn with a fixed seed, searched with ``nprobe = IVF_NPROBE``
-lists per query. Similarities of the neighbours it returns are exact inner products; only
-the neighbour set can miss true neighbours (recall measured in benchmarks/knn_recall.py and
-docs/benchmarks.md, "Clustering at scale"). Rows for which the index returns fewer than k
-neighbours are searched exactly. Candidate sets smaller than ``IVF_MIN_CANDIDATES`` are
-searched exactly (an index would not be faster). On CUDA tensors the exact blocked product
-runs on the GPU instead: it is faster there than building an index at these sizes.
+Approximate method (``method="approximate"``): an inverted file over the candidate rows,
+``nlist = IVF_LISTS_PER_SQRT · sqrt(M)`` lists (M candidates; at least 1, at most M / 39),
+their centroids from spherical k-means (``_IVF_ITERATIONS`` rounds on at most
+``_IVF_TRAIN_PER_LIST`` points per list drawn with a fixed seed, bfloat16 scoring); each
+query searches its ``nprobe = IVF_NPROBE`` nearest lists, and each list is searched for all
+the queries probing it with one matrix product, on the features' device (CPU or CUDA).
+faiss's ``IndexIVFFlat`` was slower than the exact product at d = 2048 on a 2-core CPU.
+Similarities of the neighbours it returns are exact inner products; only the neighbour set
+can miss true neighbours (recall measured by benchmarks/jaccard.py, docs/benchmarks.md,
+"Clustering at scale"). Rows for which the probed lists hold fewer than k candidates are
+searched exactly. Candidate sets smaller than ``IVF_MIN_CANDIDATES`` are searched exactly
+(an index would not be faster).
 """
 
 from __future__ import annotations
@@ -272,7 +274,7 @@ def knn(
         block_size × 8·block_size float32) or "faiss" (IndexFlatIP, CPU; equal similarities
         may be cut differently at the k-th place).
     block_size: query rows per block.
-    method: "exact" or "approximate" (faiss IVF on CPU features; see the module docstring).
+    method: "exact" or "approximate" (the inverted file; see the module docstring).
     nprobe: inverted lists searched per query by the approximate method.
 
     Returns (sims [Q, k] float32, idx [Q, k] int64): similarities descending, equal ones by
