@@ -8,6 +8,9 @@ import pytest
 
 from bmil.config import Config, load_config
 
+# tests/helpers.py holds plain functions that assert: report their failures as in a test.
+pytest.register_assert_rewrite("helpers")
+
 TINY_SYNTHETIC = {"num_ids": 12, "num_train_ids": 8, "images_per_camera": 3, "height": 64, "width": 32, "seed": 0}
 
 

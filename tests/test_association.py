@@ -1,5 +1,7 @@
 """One epoch's association (METHOD.md "What the release does", Clustering): the visible split,
-which images stage 2's global clustering sees, and ``global/images`` in metrics.jsonl."""
+which images stage 2's global clustering sees, and ``global/images`` in metrics.jsonl; the intra
+and global labels, and the memories, sampler and losses built on them, at extreme modality
+ratios (10:1, 1:10), with a modality smaller than k1 and with a modality of one image."""
 
 from __future__ import annotations
 
@@ -8,11 +10,14 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from bmil.cluster import dbscan_labels, jaccard_distance, visible_subsets
 from bmil.config import ClusterConfig
 from bmil.data.records import INFRARED, VISIBLE
+from bmil.engine import association
 from bmil.engine.association import associate, global_input
+from helpers import clustered_features
 
 
 def _features(n_visible: int, n_infrared: int, ids: int = 5, seed: int = 0):
@@ -80,6 +85,53 @@ def test_global_input_without_a_subset_is_every_image():
     assert np.array_equal(global_input(modality, cfg, np.array([], np.int64)), np.arange(5))
     assert np.array_equal(global_input(modality, replace(cfg, global_visible="left_out"), np.array([1])),
                           np.array([1, 2, 3, 4]))
+
+
+@pytest.mark.parametrize("sizes", [{VISIBLE: 60, INFRARED: 6}, {VISIBLE: 6, INFRARED: 60}], ids=["10to1", "1to10"])
+def test_clustering_memories_sampler_and_losses_at_extreme_ratios(sizes):
+    from bmil.data import PseudoIdentitySampler
+    from bmil.losses import global_loss, intra_loss
+    from bmil.memory import PrototypeMemory, positive_mask
+
+    x, modality, _ = clustered_features(sizes, ids=3)
+    cfg = ClusterConfig(k1=30, k2=6, eps=0.6)  # k1 above the smaller modality's size
+    intra = association.intra_labels(x, modality, cfg, np.random.default_rng(0))
+    labels, sub = association.global_labels(x, modality, cfg, split=True)
+    assert labels.shape == (66,) and sub.sub_labels.shape == (66,)
+    assert np.any(labels >= 0)
+    feats = torch.from_numpy(x)
+    memory = PrototypeMemory.from_features(feats, torch.from_numpy(sub.sub_labels))
+    assert memory.num_clusters == len(sub.sub_to_cluster)
+    for m in (VISIBLE, INFRARED):
+        rows = np.flatnonzero(modality == m)
+        if np.any(intra[m] >= 0):
+            mem = PrototypeMemory.from_features(feats[rows], torch.from_numpy(intra[m]))
+            kept = intra[m] >= 0
+            loss = intra_loss(feats[rows][kept], mem, torch.from_numpy(intra[m][kept]))
+            assert torch.isfinite(loss)
+        clustered = rows[labels[rows] >= 0]
+        if clustered.size == 0:
+            continue
+        sampler = PseudoIdentitySampler(labels[rows], num_ids=8, num_instances=16, iterations=2, seed=0)
+        picked = rows[np.asarray(list(sampler))]
+        assert picked.size == 2 * 8 * 16 and np.all(labels[picked] >= 0)
+        mask = positive_mask(torch.from_numpy(labels[picked]), torch.from_numpy(sub.sub_to_cluster))
+        loss = global_loss(feats[picked], memory, mask)
+        assert torch.isfinite(loss)
+        memory.update(feats[picked], torch.from_numpy(sub.sub_labels[picked]))
+        assert torch.isfinite(memory.hard).all()
+
+
+def test_modality_with_fewer_images_than_k1_and_with_one_image():
+    x, modality, _ = clustered_features({VISIBLE: 40, INFRARED: 5})
+    cfg = ClusterConfig(k1=30, k2=6, subset_ratio=1.0)
+    intra = association.intra_labels(x, modality, cfg, np.random.default_rng(0))
+    assert intra[INFRARED].shape == (5,) and intra[VISIBLE].shape == (40,)
+    labels, sub = association.global_labels(x, modality, cfg, split=True)
+    assert labels.shape == (45,)
+    lone = np.r_[np.zeros(40, dtype=np.int64), [1]]
+    labels, sub = association.global_labels(x[:41], lone, cfg, split=True)
+    assert np.all(labels == -1) and sub.sub_to_cluster.size == 0
 
 
 def test_metrics_log_the_images_the_global_clustering_saw(synthetic_root, tmp_path, make_config):

@@ -1,8 +1,11 @@
-"""check_dataset / dataset_counts on small fake trees whose differences are worked out by hand."""
+"""check_dataset / dataset_counts on small fake trees whose differences are worked out by hand;
+the published counts named by ``bmil check-data`` and logged when training starts."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 
 import pytest
@@ -10,6 +13,7 @@ from PIL import Image
 
 from bmil.data import PUBLISHED_COUNTS, check_dataset, compare_counts, dataset_counts
 from bmil.errors import DatasetError
+from helpers import run_cli
 
 
 def write_image(path, color=(200, 100, 50)):
@@ -196,3 +200,30 @@ def test_unknown_dataset_name(tmp_path):
     with pytest.raises(DatasetError) as error:
         dataset_counts("market", tmp_path)
     assert str(error.value) == "unknown dataset 'market': expected one of sysu, regdb, llcm, folder."
+
+
+def test_check_data_names_the_published_counts(synthetic_root, capsys):
+    """The synthetic tree has the SYSU-MM01 layout but far fewer ids and images."""
+    code, out, _ = run_cli(capsys, "check-data", "--dataset", "sysu", str(synthetic_root))
+    assert code == 1
+    assert "SYSU-MM01 train ids: found 8, expected 395" in out
+    assert re.search(r"train visible images: found \d+, expected 22258", out)
+    assert re.search(r"train infrared images: found \d+, expected 11909", out)
+    assert re.search(r"query images: found \d+, expected 3803", out)
+
+
+def test_train_logs_the_counts_it_read_and_warns_on_differences(synthetic_root, tmp_path, make_config, caplog):
+    from bmil.engine.trainer import Trainer
+
+    cfg = make_config(synthetic_root, tmp_path, "data.dataset=sysu")
+    with caplog.at_level(logging.INFO, logger="bmil"):
+        Trainer(cfg, progress=False)
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(m.startswith("sysu: train ids 8, train visible images") for m in infos)
+    assert any("SYSU-MM01 train ids: found 8, expected 395" in m for m in warnings)
+    assert any("expected 22258" in m for m in warnings)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="bmil"):
+        Trainer(make_config(synthetic_root, tmp_path / "synthetic"), progress=False)
+    assert not any("expected" in r.getMessage() for r in caplog.records)  # no published counts

@@ -1,12 +1,16 @@
-"""Configuration: presets, overrides and their validation sentences."""
+"""Configuration: presets, overrides and their validation sentences; each preset against its
+row of docs/recipes.md (batch, lr, BatchNorm batch)."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
 from bmil.cli import preset_path
 from bmil.config import config_from_dict, config_to_dict, load_config, parse_override
 from bmil.errors import ConfigError
+from helpers import REPO
 
 PRESETS = ["sysu", "regdb", "llcm", "folder", "demo"] + [f"ablation/m{i}" for i in range(1, 7)]
 
@@ -93,3 +97,27 @@ def test_yaml_base_and_bad_files(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="neither a YAML file nor a preset"):
         preset_path("nosuchpreset")
+
+
+def _recipe_rows() -> dict[str, tuple[int, int, float, int]]:
+    """{preset: (ids, instances, lr, bn batch)} from the table of docs/recipes.md."""
+    rows = {}
+    pattern = re.compile(r"^\| `([^`]+)`(?: … `[^`]+`)? \| (\d+) × (\d+) \| ([0-9.e-]+) \| (\d+) \|")
+    for line in (REPO / "docs" / "recipes.md").read_text().splitlines():
+        match = pattern.match(line)
+        if match:
+            name, ids, instances, lr, bn = match.groups()
+            rows[name] = (int(ids), int(instances), float(lr), int(bn))
+    return rows
+
+
+def test_recipes_give_each_preset_its_batch_lr_and_bn_batch():
+    rows = _recipe_rows()
+    presets = sorted(p.stem for p in (REPO / "src" / "bmil" / "configs").glob("*.yaml"))
+    assert set(presets) <= set(rows), f"presets without a recipe: {set(presets) - set(rows)}"
+    for name, (ids, instances, lr, bn) in rows.items():
+        cfg = load_config(preset_path(name))
+        t = cfg.train
+        assert (t.num_ids, t.num_instances, t.lr) == (ids, instances, lr), name
+        views = 2 if cfg.data.channel_aug else 1
+        assert bn == (views + 1) * ids * instances, name

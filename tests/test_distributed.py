@@ -1,5 +1,6 @@
 """Data-parallel training: two gloo processes on the CPU end with identical weights and
-memories; the collectives keep rank order; each rank trains on its share of the batch."""
+memories; the collectives keep rank order; each rank trains on its share of the batch; under
+torchrun every BatchNorm becomes SyncBatchNorm."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch.multiprocessing as mp
 
 from bmil.engine import distributed
 from bmil.errors import ConfigError
+from bmil.model import build_model
 
 WORLD = 2
 
@@ -177,3 +179,21 @@ def test_single_process_helpers_are_identities():
     assert distributed.broadcast_object(ctx, "labels") == "labels"
     assert distributed.shard_range(5, ctx) == slice(0, 5)
     assert not ctx.enabled and ctx.is_main
+
+
+def test_sync_bn_conversion_for_torchrun():
+    """The helper the trainer calls under torchrun: every BatchNorm becomes SyncBatchNorm
+    with the same state-dict keys; a CPU or single-process job keeps BatchNorm."""
+    from bmil.engine.distributed import DistContext, convert_sync_bn
+
+    model = build_model(depth=18, non_local=False, pretrained="none")
+    keys = set(model.state_dict())
+    bn_count = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    same, synced = convert_sync_bn(model, DistContext(world_size=1), enabled=True)
+    assert same is model and not synced
+    same, synced = convert_sync_bn(model, DistContext(world_size=2, device=torch.device("cpu")), enabled=True)
+    assert not synced
+    converted, synced = convert_sync_bn(model, DistContext(world_size=2, device=torch.device("cuda", 0)), True)
+    assert synced
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in converted.modules()) == bn_count
+    assert set(converted.state_dict()) == keys

@@ -1,13 +1,21 @@
-"""bmil.evaluation.evaluate: hand-worked cases per protocol and a slow reference loop."""
+"""bmil.evaluation.evaluate: hand-worked cases per protocol and a slow reference loop; the
+RegDB trial check of engine/evaluate.py (a model trained on one trial is not scored on another)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
+from bmil.config import config_to_dict, load_config
+from bmil.engine.checkpoint import save_checkpoint
 from bmil.evaluation import evaluate
 from bmil.evaluation import metrics as metrics_module
 from bmil.evaluation.metrics import stable_ranking
+from bmil.model import build_model, model_signature
+from helpers import run_cli
 
 DTYPES = [np.float32, np.float64, np.int64]
 
@@ -255,3 +263,31 @@ def test_matches_slow_reference_on_random_data(protocol, dtype, small_blocks, mo
     assert r["mINP"] == pytest.approx(m_inp, abs=1e-12)
     assert r["num_valid_queries"] == valid
     assert 0 < valid < num_q
+
+
+def _regdb_checkpoint(tmp_path: Path, trial: int) -> Path:
+    cfg = load_config(None, ["data.dataset=regdb", f"data.trial={trial}", "model.depth=18",
+                             "model.non_local=false", "model.pretrained=none"])
+    model = build_model(depth=18, non_local=False, pretrained="none")
+    path = tmp_path / "regdb.pt"
+    save_checkpoint({"config": config_to_dict(cfg), "signature": model_signature(model),
+                     "model": model.state_dict()}, path)
+    return path
+
+
+def test_regdb_model_refuses_another_trial(tmp_path, capsys):
+    path = _regdb_checkpoint(tmp_path, trial=1)
+    (tmp_path / "RegDB").mkdir()
+    code, out, err = run_cli(capsys, "eval", "--config", "regdb", "--checkpoint", str(path),
+                             f"data.root={tmp_path / 'RegDB'}", "model.depth=18", "model.non_local=false",
+                             "model.pretrained=none", f"output={tmp_path / 'out'}", "data.trial=2")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "trained on RegDB trial 1 but data.trial=2" in err and "eval.allow_trial_mismatch=true" in err
+
+    from bmil.engine.evaluate import check_regdb_trial
+
+    state = torch.load(path, weights_only=False)
+    allowed = load_config(None, ["data.dataset=regdb", "data.trial=2", "eval.allow_trial_mismatch=true"])
+    check_regdb_trial(allowed, state, path)  # the explicit override
+    check_regdb_trial(load_config(None, ["data.dataset=regdb", "data.trial=1"]), state, path)

@@ -1,15 +1,20 @@
-"""Tests for the contrastive losses against hand computations and a dense reference."""
+"""Tests for the contrastive losses against hand computations and a dense reference, and the
+global loss when every global cluster holds one modality."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from bmil.cluster import split_by_modality
+from bmil.data.records import INFRARED, VISIBLE
 from bmil.losses import global_loss, info_nce, intra_loss, multi_positive_loss
-from bmil.memory import PrototypeMemory
+from bmil.memory import PrototypeMemory, positive_mask
+from helpers import clustered_features
 
 
 def _memory(banks: dict[str, torch.Tensor]) -> PrototypeMemory:
@@ -171,3 +176,15 @@ def test_gradients_reach_features_not_memory(hybrid: bool) -> None:
     assert raw.grad is not None and raw.grad.abs().sum() > 0 and torch.isfinite(raw.grad).all()
     for buffer in memory.buffers():
         assert not buffer.requires_grad and buffer.grad is None
+
+
+def test_losses_when_every_global_cluster_holds_one_modality():
+    x, modality, pids = clustered_features({VISIBLE: 12, INFRARED: 12}, ids=3)
+    labels = pids + 3 * modality  # six clusters, none mixed
+    sub = split_by_modality(labels, modality)
+    assert np.array_equal(sub.sub_to_cluster, np.arange(6))
+    memory = PrototypeMemory.from_features(torch.from_numpy(x), torch.from_numpy(sub.sub_labels))
+    mask = positive_mask(torch.from_numpy(labels), torch.from_numpy(sub.sub_to_cluster))
+    assert torch.equal(mask.sum(1), torch.ones(24, dtype=torch.long))
+    loss = global_loss(torch.from_numpy(x), memory, mask)
+    assert torch.isfinite(loss) and loss > 0

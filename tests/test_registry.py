@@ -1,5 +1,6 @@
-"""The dataset registry, eval directions, the device default of data.workers, apply_overrides,
-and the one model loader's mismatch sentences."""
+"""The dataset registry, eval directions (their spellings, and what reaches the protocol
+runner), the device default of data.workers, apply_overrides, and the one model loader's
+mismatch sentences."""
 
 from __future__ import annotations
 
@@ -58,6 +59,28 @@ def test_eval_direction_spellings(dataset, asked, passed):
 
 def test_eval_direction_outside_the_choices_is_refused():
     with pytest.raises(ConfigError, match="'eval.direction' must be one of both, v2t, t2v, v2i, i2v"):
+        load_config(None, ["eval.direction=sideways"])
+
+
+@pytest.mark.parametrize(("dataset", "direction", "passed"), [
+    ("regdb", "v2t", "v2t"), ("regdb", "t2v", "t2v"), ("regdb", "both", "both"),
+    ("llcm", "v2t", "v2i"), ("llcm", "t2v", "i2v"),
+])
+def test_eval_direction_reaches_the_protocol(dataset, direction, passed, monkeypatch):
+    from bmil import evaluation
+    from bmil.engine.datasets import run_protocol
+
+    seen = {}
+
+    def fake(extract, root, **kwargs):
+        seen.update(kwargs)
+        return ["result"]
+
+    monkeypatch.setattr(evaluation, f"evaluate_{dataset}", fake)
+    cfg = load_config(None, [f"data.dataset={dataset}", f"eval.direction={direction}"])
+    assert run_protocol(cfg, lambda records: None) == ["result"]
+    assert seen["direction"] == passed
+    with pytest.raises(ConfigError, match="eval.direction"):
         load_config(None, ["eval.direction=sideways"])
 
 

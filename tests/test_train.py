@@ -1,18 +1,25 @@
-"""End to end on the CPU: both stages, the files a run writes, learning, exact resume."""
+"""End to end on the CPU: both stages, the files a run writes, learning, exact resume; fixed
+seeds (bit-identical runs, DataLoader worker seeds), extreme modality ratios and an epoch whose
+global clusters each hold one modality."""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 
 import numpy as np
 import pytest
 import torch
 
+from bmil.data.records import INFRARED, VISIBLE
 from bmil.engine import trainer as trainer_mod
+from bmil.engine.association import Association
 from bmil.engine.objectives import group_loss
 from bmil.engine.run_log import read_metrics
 from bmil.engine.trainer import Trainer
 from bmil.errors import CheckpointError
+from helpers import SHORT, finite_losses
 
 
 @pytest.fixture(scope="module")
@@ -319,3 +326,152 @@ def test_extraction_memory_format_changes_speed_not_features(synthetic_root):
     b = extract_features(model, records, channels_last=False, **common)
     assert a.shape == (12, model.feat_dim)
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+# ------------------------ fixed seeds (engine/run.py, trainer.py)
+
+
+@pytest.fixture
+def no_evaluation(monkeypatch):
+    """These tests are about training; the test-set evaluation would only cost time."""
+    monkeypatch.setattr(Trainer, "_maybe_evaluate", lambda self, epoch, stage: None)
+
+
+@pytest.fixture
+def restore_determinism():
+    """train.deterministic switches a process-wide torch flag: put it back afterwards."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def _recording_run(cfg) -> tuple[dict[str, torch.Tensor], list[Association]]:
+    """Train ``cfg``; returns the final weights and every epoch's pseudo labels."""
+    trainer = Trainer(cfg, progress=False)
+    seen: list[Association] = []
+    associate = trainer.associate
+
+    def record(features, stage, rng):
+        assoc = associate(features, stage, rng)
+        seen.append(assoc)
+        return assoc
+
+    trainer.associate = record
+    trainer.fit()
+    return trainer.model.state_dict(), seen
+
+
+def _same_labels(a: list[Association], b: list[Association]) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if any(not np.array_equal(x.intra[m], y.intra[m]) for m in (VISIBLE, INFRARED)):
+            return False
+        if (x.global_labels is None) != (y.global_labels is None):
+            return False
+        if x.global_labels is not None and not np.array_equal(x.global_labels, y.global_labels):
+            return False
+    return True
+
+
+def test_same_seed_is_bit_identical_and_another_seed_differs(synthetic_root, tmp_path, make_config,
+                                                              restore_determinism, no_evaluation):
+    """Two CPU runs with one DataLoader worker (so worker seeding is exercised)."""
+    common = (*SHORT, "train.deterministic=true", "data.workers=1")
+    w1, l1 = _recording_run(make_config(synthetic_root, tmp_path / "a", *common, "train.seed=3"))
+    w2, l2 = _recording_run(make_config(synthetic_root, tmp_path / "b", *common, "train.seed=3"))
+    assert len(l1) == 2 and l1[1].global_labels is not None
+    assert _same_labels(l1, l2)
+    for key, value in w1.items():
+        assert torch.equal(value, w2[key]), key
+    w3, l3 = _recording_run(make_config(synthetic_root, tmp_path / "c", *common, "train.seed=4"))
+    assert not _same_labels(l1, l3)
+    assert any(not torch.equal(value, w3[key]) for key, value in w1.items())
+    # the per-epoch cluster counts are logged too
+    for record in read_metrics(tmp_path / "a" / "metrics.jsonl"):
+        assert {"clusters/visible", "outliers/visible", "clusters/infrared", "outliers/infrared"} <= set(record)
+    assert "global/cross_clusters" in read_metrics(tmp_path / "a" / "metrics.jsonl")[1]
+
+
+def test_loader_workers_follow_the_epoch_seed_not_the_parent_state():
+    """As the trainer builds its loaders: numpy / random inside workers follow the torch seed
+    that seed_everything sets, whatever the parent's numpy state."""
+
+    class Draws(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            import random
+
+            return torch.tensor([np.random.randint(1 << 30), random.randint(0, 1 << 30), torch.randint(1 << 30, ())])
+
+    def draws(seed: int, parent_numpy: int) -> torch.Tensor:
+        trainer_mod.seed_everything(seed, 0)
+        np.random.seed(parent_numpy)
+        loader = torch.utils.data.DataLoader(Draws(), batch_size=1, num_workers=2,
+                                             worker_init_fn=trainer_mod.seed_worker)
+        return torch.cat(list(loader))
+
+    a = draws(7, parent_numpy=123)
+    assert torch.equal(a, draws(7, parent_numpy=456))
+    assert not torch.equal(a, draws(8, parent_numpy=123))
+    assert not torch.equal(a[0], a[1])  # the two workers draw differently
+
+
+# ------------------------ extreme modality ratios (trainer.py, objectives.py)
+
+
+def _subsample(records, visible: int, infrared: int):
+    """The first ``visible`` visible and ``infrared`` infrared records, taken across ids."""
+    out = []
+    for modality, count in ((VISIBLE, visible), (INFRARED, infrared)):
+        of_modality = [r for r in records if r.modality == modality]
+        # every k-th record, so several ids are kept
+        step = max(1, len(of_modality) // count)
+        out += of_modality[::step][:count]
+    return out
+
+
+@pytest.mark.parametrize(("visible", "infrared"), [(96, 9), (5, 48)], ids=["10to1", "1to10"])
+def test_training_survives_extreme_modality_ratios(visible, infrared, synthetic_root, tmp_path, make_config,
+                                                   monkeypatch, caplog, no_evaluation):
+    from bmil.engine import run as run_mod
+
+    real = run_mod.train_records
+    monkeypatch.setattr(run_mod, "train_records", lambda cfg: _subsample(real(cfg), visible, infrared))
+    cfg = make_config(synthetic_root, tmp_path, *SHORT, "train.stage1_epochs=0", "train.iterations=2")
+    with caplog.at_level(logging.WARNING):
+        trainer = Trainer(cfg, progress=False)
+        assert (len(trainer.index[VISIBLE]), len(trainer.index[INFRARED])) == (visible, infrared)
+        trainer.fit()
+    (record,) = read_metrics(tmp_path / "metrics.jsonl")
+    assert record["stage"] == 2
+    assert finite_losses(tmp_path)
+    warnings = caplog.text
+    if "loss/intra" not in record:
+        assert "intra-modality loss is skipped" in warnings or "no training step" in warnings
+    if "loss/global" not in record:
+        assert "cross-modality loss is skipped" in warnings or "no cross-modality clustering" in warnings
+
+
+def test_epoch_whose_global_clusters_each_hold_one_modality(synthetic_root, tmp_path, make_config, monkeypatch,
+                                                            caplog, no_evaluation):
+    """Every global cluster split into its per-modality parts: the run goes on, says so."""
+    from bmil.cluster import split_by_modality
+    from bmil.engine import association
+
+    real = association.global_labels
+
+    def one_modality_clusters(features, modality, cfg, split, index=None):
+        labels, sub = real(features, modality, cfg, split, index)
+        separated = sub.sub_labels  # (cluster, modality) pairs become clusters
+        return separated, split_by_modality(separated, modality)
+
+    monkeypatch.setattr(association, "global_labels", one_modality_clusters)
+    cfg = make_config(synthetic_root, tmp_path, *SHORT, "train.stage1_epochs=0")
+    with caplog.at_level(logging.WARNING):
+        Trainer(cfg, progress=False).fit()
+    (record,) = read_metrics(tmp_path / "metrics.jsonl")
+    assert record["global/clusters"] > 0 and record["global/cross_clusters"] == 0
+    assert math.isfinite(record["loss/global"]) and math.isfinite(record["loss/intra"])
+    assert "no global cluster holds both modalities" in caplog.text
