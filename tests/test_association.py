@@ -16,7 +16,7 @@ from bmil.cluster import dbscan_labels, jaccard_distance, visible_subsets
 from bmil.config import ClusterConfig
 from bmil.data.records import INFRARED, VISIBLE
 from bmil.engine import association
-from bmil.engine.association import associate, global_input
+from bmil.engine.association import associate, draw_subsets, features_read, global_input
 from helpers import clustered_features
 
 
@@ -151,3 +151,29 @@ def test_metrics_log_the_images_the_global_clustering_saw(synthetic_root, tmp_pa
         assert stage2 and all("global/images" not in r for r in rows if r["stage"] == 1)
         assert stage2[0]["global/images"] == visible + n_infrared
         assert stage2[0]["global/visible_images"] == visible
+
+
+@pytest.mark.parametrize("global_association", [False, True])
+def test_association_reads_only_the_features_features_read_names(global_association):
+    """Rows outside ``features_read`` replaced by unrelated features change no label, and
+    stage 1's rows are visible subset 0 (the same draw associate makes) plus every infrared."""
+    x, modality = _features(41, 30)
+    cfg = ClusterConfig(k1=8, k2=3, eps=0.6, subset_ratio=0.5)
+    reference = associate(x, modality, cfg, np.random.default_rng(3), global_association=global_association,
+                          split=True)
+    rng = np.random.default_rng(3)
+    subsets = draw_subsets(modality, cfg, rng)
+    read = features_read(modality, subsets, global_association=global_association)
+    if global_association:
+        assert read is None  # intra and global clustering together read every image
+        return
+    first, _ = visible_subsets(41, 0.5, np.random.default_rng(3))
+    expected = np.sort(np.r_[np.flatnonzero(modality == VISIBLE)[first], np.flatnonzero(modality == INFRARED)])
+    assert np.array_equal(read, expected)
+    other = _features(41, 30, ids=7, seed=9)[0]  # another population in the unread rows
+    mixed = other.copy()
+    mixed[read] = x[read]
+    assoc = associate(mixed, modality, cfg, rng, global_association=False, split=True, subsets=subsets)
+    for m in (VISIBLE, INFRARED):
+        assert np.array_equal(assoc.intra[m], reference.intra[m])
+    assert assoc.global_labels is None and reference.global_labels is None

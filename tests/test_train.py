@@ -327,6 +327,77 @@ def test_extraction_memory_format_changes_speed_not_features(synthetic_root):
     assert a.shape == (12, model.feat_dim)
     np.testing.assert_allclose(a, b, atol=1e-5)
 
+
+def test_extraction_cache_gives_the_same_features_without_reading_the_files_again(synthetic_root, tmp_path):
+    """``extract_features(cache=...)`` fills the dict with every image's tensor; a later call
+    with it returns the same features although the files have become unreadable."""
+    import shutil
+    from dataclasses import replace
+    from pathlib import Path
+
+    from bmil.data import sysu_train
+    from bmil.engine.extract import extract_features
+    from bmil.errors import DatasetError
+    from bmil.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(depth=18, non_local=False, pretrained="none")
+    records = []
+    for i, record in enumerate(sysu_train(synthetic_root)[:10]):
+        copy = tmp_path / f"{i}.jpg"
+        shutil.copy(record.path, copy)
+        records.append(replace(record, path=str(copy)))
+    common = dict(height=64, width=32, batch_size=4, device="cpu", workers=0, amp=False, progress=False)
+    plain = extract_features(model, records, **common)
+    cache: dict = {}
+    first = extract_features(model, records, cache=cache, **common)
+    assert set(cache) == {r.path for r in records}
+    np.testing.assert_array_equal(first, plain)
+    for record in records:
+        Path(record.path).write_bytes(b"no longer an image")
+    np.testing.assert_array_equal(extract_features(model, records, cache=cache, **common), plain)
+    with pytest.raises(DatasetError):
+        extract_features(model, records, **common)
+
+
+def test_each_epoch_extracts_only_what_its_association_reads(synthetic_root, tmp_path, make_config, monkeypatch):
+    """Stage 1 extracts visible subset 0 of the epoch's split (the draw associate makes from
+    the epoch's generator) and every infrared image; stage 2 every image. With
+    data.cache_images each training image is decoded at most twice in the whole run (once
+    for the training views, once for extraction), not once per epoch."""
+    from collections import Counter
+
+    from bmil.cluster import visible_subsets
+    from bmil.data import images as images_mod
+    from bmil.data.records import INFRARED, VISIBLE
+
+    cfg = make_config(synthetic_root, tmp_path, "train.stage1_epochs=2", "train.stage2_epochs=1",
+                      "train.eval_every=10")
+    trainer = Trainer(cfg, progress=False)
+    extracted: dict[int, list[str]] = {}
+    real_extract = trainer.extract
+
+    def recording(records, **kwargs):
+        desc = kwargs.get("desc", "")
+        if desc.startswith("epoch "):
+            extracted[int(desc.split()[1])] = [r.path for r in records]
+        return real_extract(records, **kwargs)
+
+    decoded: Counter = Counter()
+    real_load = images_mod.load_image
+    monkeypatch.setattr(images_mod, "load_image", lambda path: decoded.update([path]) or real_load(path))
+    monkeypatch.setattr(trainer, "extract", recording)
+    trainer.fit()
+    paths = np.array([r.path for r in trainer.records])
+    visible, infrared = np.flatnonzero(trainer.modality == VISIBLE), np.flatnonzero(trainer.modality == INFRARED)
+    for epoch in (0, 1):
+        first, _ = visible_subsets(len(visible), cfg.cluster.subset_ratio,
+                                   trainer_mod.seed_everything(cfg.train.seed, epoch))
+        assert sorted(extracted[epoch]) == sorted(paths[np.r_[visible[first], infrared]])
+    assert sorted(extracted[2]) == sorted(paths)
+    assert max(decoded[p] for p in paths) <= 2
+
+
 # ------------------------ fixed seeds (engine/run.py, trainer.py)
 
 
@@ -350,8 +421,8 @@ def _recording_run(cfg) -> tuple[dict[str, torch.Tensor], list[Association]]:
     seen: list[Association] = []
     associate = trainer.associate
 
-    def record(features, stage, rng):
-        assoc = associate(features, stage, rng)
+    def record(features, stage, rng, subsets=None):
+        assoc = associate(features, stage, rng, subsets)
         seen.append(assoc)
         return assoc
 

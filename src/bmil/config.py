@@ -70,6 +70,9 @@ class DataConfig:
     :func:`default_workers` of the run's device (0 on a CPU, else up to 8 per GPU process).
     ``ids_from_folders``: for ``folder``, read person ids from the layout
     ROOT/{visible,infrared}/<camera>/<person id>/ (scored by ``bmil eval``, never trained on).
+    ``cache_images``: keep the decoded training images in memory and, with ``workers`` 0,
+    the resized test-time tensors that training's feature extraction reads every epoch
+    (about 4·3·H·W bytes an image; for small data sets such as the demo).
     ``augmentation``: ``release`` (the release's views: the visible second view replicates
     one of R, G, B after normalisation and erasing; infrared 3/4 one channel, 1/8 grayscale,
     1/8 unchanged, colour jitter in stage 1 only) or ``legacy`` (bmil's earlier views);

@@ -99,19 +99,32 @@ class ImageDataset(Dataset):
 
     transform: PIL image -> tensor; None gives the unnormalised [0, 1] tensor.
     cache: keep decoded images in memory (small data sets, e.g. the demo).
+    tensors: path -> the transformed tensor, read before decoding and filled after; share
+        one dict between datasets only when their transforms are the same deterministic one
+        (e.g. the clustering features' resize, epoch after epoch). Each DataLoader worker
+        fills its own copy, so it pays only with ``num_workers=0``.
     """
 
-    def __init__(self, records: Sequence[Record], transform: Transform | None = None, cache: bool = False) -> None:
+    def __init__(
+        self, records: Sequence[Record], transform: Transform | None = None, cache: bool = False,
+        tensors: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         self._source = _ImageSource(records, cache)
         self.records = self._source.records
         self.transform = transform
+        self.tensors = tensors
 
     def __len__(self) -> int:
         return len(self._source)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path = self.records[index].path
+        if self.tensors is not None and path in self.tensors:
+            return self.tensors[path], index
         image = self._source.image(index)
         tensor = self.transform(image) if self.transform is not None else TF.to_tensor(image)
+        if self.tensors is not None:
+            self.tensors[path] = tensor
         return tensor, index
 
 

@@ -136,14 +136,39 @@ def global_labels(
     return labels, whole
 
 
+def draw_subsets(
+    modality: np.ndarray, cfg: ClusterConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The epoch's :func:`~bmil.cluster.visible_subsets` of the visible images (positions
+    into the visible images), or None when ``cfg.subset_ratio`` is 1."""
+    if cfg.subset_ratio >= 1.0:
+        return None
+    return visible_subsets(int(np.sum(modality == VISIBLE)), cfg.subset_ratio, rng)
+
+
+def features_read(
+    modality: np.ndarray, subsets: tuple[np.ndarray, np.ndarray] | None, *, global_association: bool
+) -> np.ndarray | None:
+    """Sorted positions (into all N images) whose features :func:`associate` and the epoch's
+    memories read: without global association, visible subset 0 and every infrared image
+    (the other visible images are unlabelled that epoch); None (all of them) otherwise."""
+    if global_association or subsets is None:
+        return None
+    visible = np.flatnonzero(modality == VISIBLE)[subsets[0]]
+    return np.sort(np.concatenate([visible, np.flatnonzero(modality == INFRARED)]))
+
+
 def associate(
     features: np.ndarray, modality: np.ndarray, cfg: ClusterConfig, rng: np.random.Generator,
-    *, global_association: bool, split: bool,
+    *, global_association: bool, split: bool, subsets: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Association:
     """One epoch's pseudo labels from the train features [N, D]: intra clustering per modality,
-    and with ``global_association`` (stage 2) the global clustering of :func:`global_input`."""
-    n_visible = int(np.sum(modality == VISIBLE))
-    subsets = visible_subsets(n_visible, cfg.subset_ratio, rng) if cfg.subset_ratio < 1.0 else None
+    and with ``global_association`` (stage 2) the global clustering of :func:`global_input`.
+    ``subsets``: the epoch's visible split when already drawn (:func:`draw_subsets`, whose
+    draw from ``rng`` this call otherwise makes first); only the rows of
+    :func:`features_read` of ``features`` are read."""
+    if subsets is None:
+        subsets = draw_subsets(modality, cfg, rng)
     intra = intra_labels(features, modality, cfg, rng, subsets)
     if not global_association:
         return Association(intra=intra)

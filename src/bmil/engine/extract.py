@@ -49,6 +49,7 @@ def extract_features(
     desc: str = "extract",
     resize: str = "bicubic",
     channels_last: bool = True,
+    cache: dict[str, torch.Tensor] | None = None,
 ) -> np.ndarray:
     """L2-normalised features [N, D] float32 of ``records``, in order.
 
@@ -57,12 +58,15 @@ def extract_features(
     ``"bicubic"`` (the release's clustering features) or ``"lanczos"`` (the release's
     scoring of query and gallery images, ``eval.resize``). Runs under ``inference_mode``,
     in channels_last memory format when ``channels_last``; on CUDA under bf16 autocast when
-    ``amp``. The model's train/eval mode is restored afterwards.
+    ``amp``. The model's train/eval mode is restored afterwards. ``cache``: the resized,
+    normalised image tensors by path, read and filled (pass one dict only to calls with the
+    same ``height``, ``width`` and ``resize``, and ``workers=0``: see
+    :class:`~bmil.data.images.ImageDataset`).
     """
     device = torch.device(device)
     _, _, modality = record_arrays(records)
     loader = DataLoader(
-        ImageDataset(list(records), test_transform(height, width, resize)),
+        ImageDataset(list(records), test_transform(height, width, resize), tensors=cache),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

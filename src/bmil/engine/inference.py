@@ -93,13 +93,15 @@ def feature_extractor(
     desc: str = "test features",
     size: tuple[int, int] | None = None,
     resize: str | None = None,
+    cache: dict | None = None,
 ):
     """``extract(records) -> [N, D]`` float32 features of ``model`` as ``cfg`` configures
     them: input ``data.height`` × ``data.width`` (or ``size`` = (height, width), e.g. the
     checkpoint's own), resized with ``resize`` (default ``eval.resize``, the scoring resize;
     pass ``"bicubic"`` for the features clustering sees), ``train.extract_batch`` images a
     batch, :func:`~bmil.engine.datasets.loader_workers` loader workers, ``train.amp``;
-    flip-averaged (``flip``), L2-normalised (:func:`bmil.engine.extract.extract_features`)."""
+    flip-averaged (``flip``), L2-normalised (:func:`bmil.engine.extract.extract_features`,
+    which reads and fills ``cache`` when given)."""
     from bmil.engine.datasets import loader_workers
 
     workers = loader_workers(cfg, device)
@@ -109,7 +111,7 @@ def feature_extractor(
         return extract_features(
             model, records, height=height, width=width, batch_size=cfg.train.extract_batch,
             device=device, flip=flip, workers=workers, amp=cfg.train.amp, progress=progress, desc=desc,
-            resize=resize or cfg.eval.resize, channels_last=cfg.train.channels_last,
+            resize=resize or cfg.eval.resize, channels_last=cfg.train.channels_last, cache=cache,
         )
 
     return extract

@@ -16,9 +16,9 @@ from tqdm import tqdm
 from bmil.config import Config, save_config
 from bmil.data.records import Record
 from bmil.engine import distributed
-from bmil.engine.association import Association, associate
+from bmil.engine.association import Association, associate, draw_subsets, features_read
 from bmil.engine.checkpoint import save_checkpoint
-from bmil.engine.datasets import run_protocol
+from bmil.engine.datasets import loader_workers, run_protocol
 from bmil.engine.epoch_stats import association_stats
 from bmil.engine.inference import CLUSTERING_RESIZE, feature_extractor
 from bmil.engine.objectives import Objective, build_objectives, group_loss, step_plan
@@ -52,6 +52,9 @@ class Trainer:
         self.modality, self.index = r.modality, r.index
         self.labelled, self.model, self.signature, self.datasets = r.labelled, r.model, r.signature, r.datasets
         self.memory_state: dict[str, Any] | None = None  # the last epoch's memories, saved with checkpoints
+        # data.cache_images with no loader workers: the resized images extraction reads, per resize.
+        keep = cfg.data.cache_images and loader_workers(cfg, self.device) == 0
+        self.tensor_caches: dict[str, dict] | None = {} if keep else None
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -81,19 +84,38 @@ class Trainer:
         clustering sees them unless ``resize`` says otherwise. When distributed, each rank
         extracts its shard and all ranks get all features, in order."""
         shard = records[distributed.shard_range(len(records), self.dist)] if self.dist.enabled else records
+        cache = None if self.tensor_caches is None else self.tensor_caches.setdefault(resize, {})
         extract = feature_extractor(self.model, self.cfg, self.device, flip=flip, progress=self.progress, desc=desc,
-                                    resize=resize)
+                                    resize=resize, cache=cache)
         return distributed.gather_shards(self.dist, extract(shard))
 
-    def associate(self, features: np.ndarray, stage: int, rng: np.random.Generator) -> Association:
-        """Pseudo labels of one epoch from the train features [N, D]."""
+    def associate(
+        self, features: np.ndarray, stage: int, rng: np.random.Generator,
+        subsets: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> Association:
+        """Pseudo labels of one epoch from the train features [N, D] (``subsets``: the
+        epoch's visible split when already drawn from ``rng``)."""
         c = self.cfg
         if self.device.type == "cuda":  # the kNN (most of the clustering time) then runs on the GPU
             features = torch.from_numpy(features).to(self.device)
         return associate(
-            features, self.modality, c.cluster, rng,
-            global_association=stage == 2 and c.train.global_association, split=c.loss.split_prototypes,
+            features, self.modality, c.cluster, rng, global_association=self.global_association(stage),
+            split=c.loss.split_prototypes, subsets=subsets,
         )
+
+    def global_association(self, stage: int) -> bool:
+        return stage == 2 and self.cfg.train.global_association
+
+    def epoch_features(self, epoch: int, positions: np.ndarray | None) -> np.ndarray:
+        """The clustering features [N, D] of the epoch: extracted for the images at
+        ``positions`` only (None: all), zero rows for the others, which the epoch never reads."""
+        desc = f"epoch {epoch} features"
+        if positions is None:
+            return self.extract(self.records, flip=self.cfg.cluster.flip, desc=desc)
+        read = self.extract([self.records[i] for i in positions], flip=self.cfg.cluster.flip, desc=desc)
+        features = np.zeros((len(self.records), read.shape[1]), dtype=read.dtype)
+        features[positions] = read
+        return features
 
     def association_stats(self, assoc: Association) -> dict[str, float]:
         """Cluster counts, and pseudo-label quality against the true ids when known."""
@@ -206,10 +228,14 @@ class Trainer:
         if epoch == self.cfg.train.stage1_epochs and epoch > 0:
             self._start_stage2()
         rng = seed_everything(self.cfg.train.seed, epoch)
-        features = self.extract(self.records, flip=self.cfg.cluster.flip, desc=f"epoch {epoch} features")
+        # The split is drawn first (the same on every rank) so that only the images the
+        # epoch's association reads are extracted: stage 1 skips visible subset 1.
+        subsets = draw_subsets(self.modality, self.cfg.cluster, rng)
+        positions = features_read(self.modality, subsets, global_association=self.global_association(stage))
+        features = self.epoch_features(epoch, positions)
         # Rank 0 clusters; the other ranks receive its pseudo labels.
         assoc = distributed.broadcast_object(
-            self.dist, self.associate(features, stage, rng) if self.dist.is_main else None
+            self.dist, self.associate(features, stage, rng, subsets) if self.dist.is_main else None
         )
         stats = self.association_stats(assoc)
         losses = self.train_epoch(epoch, features, assoc)
