@@ -1,5 +1,7 @@
 """Plain helpers shared by several test files (the fixtures are in conftest.py): the repository
-root, the CLI with captured output, clustered unit features, and the smallest two-stage run."""
+root, the CLI with captured output, clustered unit features, the smallest two-stage run, a
+checkpoint as bmil train writes it, flip-averaged features by hand, the ImageNet
+normalisation, and the steps of the dense Jaccard references."""
 
 from __future__ import annotations
 
@@ -7,9 +9,14 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
 
 from bmil import cli
+from bmil.config import config_to_dict
+from bmil.engine.checkpoint import save_checkpoint
 from bmil.engine.run_log import read_metrics
+from bmil.model import model_signature
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,3 +58,81 @@ def finite_losses(out: Path) -> list[float]:
                 assert math.isfinite(value), (record["epoch"], key, value)
                 values.append(value)
     return values
+
+
+def save_model_checkpoint(cfg, model: torch.nn.Module, path: Path) -> Path:
+    """``model`` saved at ``path`` as bmil train writes a checkpoint: config, signature, weights."""
+    save_checkpoint({"config": config_to_dict(cfg), "signature": model_signature(model),
+                     "model": model.state_dict()}, path)
+    return path
+
+
+def flip_averaged_features(model: torch.nn.Module, paths, modality: int, transform) -> np.ndarray:
+    """Flip-averaged, L2-normalised features of the images at ``paths``, computed directly from
+    the model on ``transform``-ed images."""
+    images = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+    with torch.no_grad():
+        feats = model(images, modality) + model(torch.flip(images, dims=[3]), modality)
+    return torch.nn.functional.normalize(feats, dim=1).numpy()
+
+
+# ImageNet normalisation, as the test-time and training transforms apply it.
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
+IMAGENET_STD = np.array([0.229, 0.224, 0.225])
+
+
+def imagenet_normalised(rgb) -> np.ndarray:
+    """8-bit RGB values (any shape ending in 3) scaled to [0, 1] and ImageNet-normalised."""
+    return (np.asarray(rgb, dtype=np.float64) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+
+
+# ---------------------------------------------------------------- dense Jaccard references
+# Shared by test_jaccard.py and test_camera_jaccard.py: the steps of METHOD.md that do not
+# depend on how the rank lists are drawn, with plain loops over i.
+
+
+def ordered_by_similarity(sim: np.ndarray, i: int, cands) -> np.ndarray:
+    """``cands`` sorted by similarity to i descending, i itself first, ties by lower index."""
+    cands = np.asarray(cands, dtype=np.int64)
+    key = -sim[i, cands]
+    key[cands == i] = -np.inf
+    return cands[np.lexsort((cands, key))]
+
+
+def unit_similarity(feats: np.ndarray) -> np.ndarray:
+    """Cosine similarity N×N in float64."""
+    f = feats.astype(np.float64)
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    return f @ f.T
+
+
+def reciprocal_weights(sim: np.ndarray, rank, k1: int) -> np.ndarray:
+    """Steps 2 to 4 from the rank lists ``rank`` (N arrays, i first): k-reciprocal neighbours,
+    their expansion by the half-size sets, and the Gaussian weights; an N×N matrix."""
+    n = len(sim)
+
+    def reciprocal(i, k):  # step 2
+        return [j for j in rank[i][: k + 1] if i in rank[j][: k + 1]]
+
+    kh = int(np.around(k1 / 2))
+    v = np.zeros((n, n))
+    for i in range(n):  # steps 3 and 4
+        r_i = reciprocal(i, k1)
+        members = set(r_i)
+        for c in r_i:
+            r_c = reciprocal(c, kh)
+            if len(set(r_c) & set(r_i)) > 2 / 3 * len(r_c):
+                members |= set(r_c)
+        e = np.array(sorted(members))
+        w = np.exp(-(2 - 2 * sim[i, e]))
+        v[i, e] = w / w.sum()
+    return v
+
+
+def jaccard_from_weights(v_qe: np.ndarray) -> np.ndarray:
+    """Step 6: the dense Jaccard distance of the (query-expanded) weights."""
+    dist = np.zeros((len(v_qe), len(v_qe)))
+    for i in range(len(v_qe)):
+        s = np.minimum(v_qe[i][None, :], v_qe).sum(axis=1)
+        dist[i] = np.maximum(1 - s / (2 - s), 0)
+    return dist

@@ -29,18 +29,13 @@ from bmil.data import (
     train_transform,
     visible_views,
 )
+from helpers import imagenet_normalised
 
 H, W = 16, 8
-MEAN = np.array([0.485, 0.456, 0.406])
-STD = np.array([0.229, 0.224, 0.225])
 FILL = np.array([0.4914, 0.4822, 0.4465])
 GRAY = np.array([0.2989, 0.5870, 0.1140])
 BLACK = Image.new("RGB", (W, H), (0, 0, 0))
 COLOUR = (200, 100, 30)
-
-
-def _normalised(rgb) -> np.ndarray:
-    return (np.asarray(rgb, dtype=np.float64) / 255.0 - MEAN) / STD
 
 
 def _outcomes(pixel: np.ndarray) -> dict[str, np.ndarray]:
@@ -75,7 +70,7 @@ def _draws(transform, image, count: int, seed: int):
 
 def test_visible_second_view_replicates_r_g_b_uniformly_never_gray_after_erasing():
     view = train_transform(H, W, "channel", pad=2)
-    black = _normalised((0, 0, 0))
+    black = imagenet_normalised((0, 0, 0))
     counts = {"R": 0, "G": 0, "B": 0, "gray": 0, "unchanged": 0, None: 0}
     erased_draws = 0
     draws = _draws(view, BLACK, 2400, seed=0)
@@ -100,7 +95,7 @@ def test_visible_second_view_replicates_r_g_b_uniformly_never_gray_after_erasing
 @pytest.mark.parametrize("stage", [1, 2])
 def test_infrared_channel_step_probabilities(stage):
     (view,) = infrared_views(H, W, pad=2, stage=stage)
-    black = _normalised((0, 0, 0))
+    black = imagenet_normalised((0, 0, 0))
     counts = {"R": 0, "G": 0, "B": 0, "gray": 0, "unchanged": 0, None: 0}
     n = 3200
     for out in _draws(view, BLACK, n, seed=stage):
@@ -121,7 +116,7 @@ def test_infrared_channel_step_probabilities(stage):
 
 def test_infrared_colour_jitter_in_stage_one_only():
     colour = Image.new("RGB", (W, H), COLOUR)
-    pixel = _normalised(COLOUR)
+    pixel = imagenet_normalised(COLOUR)
     (stage1,) = infrared_views(H, W, pad=0, stage=1)
     (stage2,) = infrared_views(H, W, pad=0, stage=2)
     unjittered = [_classify(_background(out), pixel) is not None for out in _draws(stage2, colour, 200, seed=3)]
@@ -137,7 +132,7 @@ def test_infrared_colour_jitter_in_stage_one_only():
 
 def test_standard_view_erases_with_the_fill_values_on_the_normalised_tensor():
     view = train_transform(H, W, "standard", pad=2)
-    black = _normalised((0, 0, 0))
+    black = imagenet_normalised((0, 0, 0))
     erased = 0
     for out in _draws(view, BLACK, 200, seed=5):
         background = _background(out)
@@ -222,8 +217,7 @@ def test_test_transform_resize_choices_match_pil():
     rng = np.random.default_rng(7)
     image = Image.fromarray(rng.integers(0, 256, size=(37, 19, 3), dtype=np.uint8))
     for name, pil_filter in (("bicubic", Image.BICUBIC), ("lanczos", Image.LANCZOS)):
-        resized = np.asarray(image.resize((W, H), pil_filter), dtype=np.float64) / 255.0
-        expected = (resized - MEAN) / STD
+        expected = imagenet_normalised(image.resize((W, H), pil_filter))
         out = test_transform(H, W, resize=name)(image).double().numpy().transpose(1, 2, 0)
         np.testing.assert_allclose(out, expected, atol=1e-5)
     lanczos = test_transform(H, W, resize="lanczos")(image)

@@ -9,14 +9,7 @@ import numpy as np
 import pytest
 
 from bmil.cluster import jaccard_distance
-
-
-def _ordered(sim: np.ndarray, i: int, cands) -> np.ndarray:
-    """``cands`` by similarity to i descending, i itself first, ties by lower index."""
-    cands = np.asarray(cands, dtype=np.int64)
-    key = -sim[i, cands]
-    key[cands == i] = -np.inf
-    return cands[np.lexsort((cands, key))]
+from helpers import jaccard_from_weights, ordered_by_similarity, reciprocal_weights, unit_similarity
 
 
 def _rank_lists(sim, modality, camera, k1) -> list[np.ndarray]:
@@ -30,57 +23,36 @@ def _rank_lists(sim, modality, camera, k1) -> list[np.ndarray]:
         for m in (0, 1):
             members = np.flatnonzero(modality == m)
             if modality[i] != m:
-                chosen.extend(_ordered(sim, i, members)[:half])
+                chosen.extend(ordered_by_similarity(sim, i, members)[:half])
                 continue
-            own = _ordered(sim, i, members[camera[members] == camera[i]])
-            other = _ordered(sim, i, members[camera[members] != camera[i]])
+            own = ordered_by_similarity(sim, i, members[camera[members] == camera[i]])
+            other = ordered_by_similarity(sim, i, members[camera[members] != camera[i]])
             cap = math.ceil(half / len(np.unique(camera[members])))
             n_own = min(cap, len(own))
             n_other = min(half - n_own, len(other))
             n_own = half - n_other
             chosen.extend(own[:n_own])
             chosen.extend(other[:n_other])
-        rank.append(_ordered(sim, i, chosen))
+        rank.append(ordered_by_similarity(sim, i, chosen))
     return rank
 
 
 def reference(feats, k1, k2, modality, camera, lqe="release") -> np.ndarray:
     """Dense N×N distance: camera-balanced rank lists, then METHOD.md steps 2–6 with the
     modality-balanced local query expansion, with plain loops over i."""
-    f = feats.astype(np.float64)
-    f /= np.linalg.norm(f, axis=1, keepdims=True)
-    n = len(f)
-    sim = f @ f.T
+    sim = unit_similarity(feats)
+    n = len(sim)
     rank = _rank_lists(sim, modality, camera, k1)
-
-    def reciprocal(i, k):
-        return [j for j in rank[i][: k + 1] if i in rank[j][: k + 1]]
-
-    kh = int(np.around(k1 / 2))
-    v = np.zeros((n, n))
-    for i in range(n):
-        r_i = reciprocal(i, k1)
-        members = set(r_i)
-        for c in r_i:
-            r_c = reciprocal(c, kh)
-            if len(set(r_c) & set(r_i)) > 2 / 3 * len(r_c):
-                members |= set(r_c)
-        e = np.array(sorted(members))
-        w = np.exp(-(2 - 2 * sim[i, e]))
-        v[i, e] = w / w.sum()
+    v = reciprocal_weights(sim, rank, k1)
     k_lqe = k2 if lqe == "release" else max(1, k2 // 2)
     v_qe = np.zeros_like(v)
     for i in range(n):
-        near = [_ordered(sim, i, np.flatnonzero(modality == m))[:k_lqe] for m in (0, 1)]
+        near = [ordered_by_similarity(sim, i, np.flatnonzero(modality == m))[:k_lqe] for m in (0, 1)]
         if lqe == "release":
             v_qe[i] = 0.5 * (v[near[0]].mean(axis=0) + v[near[1]].mean(axis=0))
         else:
             v_qe[i] = v[np.concatenate(near)].mean(axis=0)
-    dist = np.zeros((n, n))
-    for i in range(n):
-        s = np.minimum(v_qe[i][None, :], v_qe).sum(axis=1)
-        dist[i] = np.maximum(1 - s / (2 - s), 0)
-    return dist
+    return jaccard_from_weights(v_qe)
 
 
 def camera_blobs(n: int, seed: int, d: int = 16, ids: int = 10, cam_shift: float = 0.5):

@@ -56,11 +56,12 @@ def make_sysu(root, spec=SYSU_SPEC):
     return str(root)
 
 
-def published_sysu_gallery(root, mode, trial):
-    """The dataset authors' pick, written out with the global random module."""
+def published_gallery_pick(root, id_file, cameras, trial):
+    """The published gallery pick (SYSU-MM01's authors', DEEN's for LLCM), written out with the
+    global random module seeded by the trial: for each test id of ``root``/``id_file`` in sorted
+    order and each camera folder in ``cameras`` that holds it, one random image."""
     random.seed(trial)
-    cameras = ["cam1", "cam2", "cam4", "cam5"] if mode == "all" else ["cam1", "cam2"]
-    with open(os.path.join(root, "exp", "test_id.txt")) as handle:
+    with open(os.path.join(root, id_file)) as handle:
         ids = [f"{int(y):04d}" for y in handle.read().splitlines()[0].split(",")]
     picked = []
     for pid in sorted(ids):
@@ -69,6 +70,12 @@ def published_sysu_gallery(root, mode, trial):
             if os.path.isdir(folder):
                 picked.append(random.choice(sorted(folder + "/" + name for name in os.listdir(folder))))
     return picked
+
+
+def published_sysu_gallery(root, mode, trial):
+    """The dataset authors' pick."""
+    cameras = ["cam1", "cam2", "cam4", "cam5"] if mode == "all" else ["cam1", "cam2"]
+    return published_gallery_pick(root, os.path.join("exp", "test_id.txt"), cameras, trial)
 
 
 def test_sysu_train_reads_train_and_val_ids_on_all_cameras(tmp_path):
@@ -256,21 +263,12 @@ def make_llcm(root):
 
 
 def deen_llcm_gallery(root, mode, trial):
-    """DEEN's process_gallery_llcm pick (mode 1 visible, 2 near-infrared), with the global random."""
-    random.seed(trial)
+    """DEEN's process_gallery_llcm pick (mode 1 visible, 2 near-infrared)."""
     if mode == 1:
         cameras = [f"test_vis/cam{c}" for c in range(1, 10)]
     else:
         cameras = [f"test_nir/cam{c}" for c in (1, 2, 4, 5, 6, 7, 8, 9)]
-    with open(os.path.join(root, "idx", "test_id.txt")) as handle:
-        ids = [f"{int(y):04d}" for y in handle.read().splitlines()[0].split(",")]
-    picked = []
-    for pid in sorted(ids):
-        for cam in cameras:
-            folder = os.path.join(root, cam, pid)
-            if os.path.isdir(folder):
-                picked.append(random.choice(sorted(folder + "/" + name for name in os.listdir(folder))))
-    return picked
+    return published_gallery_pick(root, os.path.join("idx", "test_id.txt"), cameras, trial)
 
 
 def test_llcm_train_parses_cameras_from_file_names(tmp_path):

@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from bmil.config import config_to_dict, load_config
-from bmil.engine.checkpoint import save_checkpoint
+from bmil.config import load_config
 from bmil.evaluation import evaluate
 from bmil.evaluation import metrics as metrics_module
 from bmil.evaluation.metrics import stable_ranking
-from bmil.model import build_model, model_signature
-from helpers import run_cli
+from bmil.model import build_model
+from helpers import run_cli, save_model_checkpoint
 
 DTYPES = [np.float32, np.float64, np.int64]
 
@@ -269,10 +268,7 @@ def _regdb_checkpoint(tmp_path: Path, trial: int) -> Path:
     cfg = load_config(None, ["data.dataset=regdb", f"data.trial={trial}", "model.depth=18",
                              "model.non_local=false", "model.pretrained=none"])
     model = build_model(depth=18, non_local=False, pretrained="none")
-    path = tmp_path / "regdb.pt"
-    save_checkpoint({"config": config_to_dict(cfg), "signature": model_signature(model),
-                     "model": model.state_dict()}, path)
-    return path
+    return save_model_checkpoint(cfg, model, tmp_path / "regdb.pt")
 
 
 def test_regdb_model_refuses_another_trial(tmp_path, capsys):

@@ -14,14 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from bmil import cli
 from bmil.config import config_to_dict, load_config
 from bmil.data import INFRARED, VISIBLE, check_report, folder_test, folder_train
 from bmil.data.transforms import test_transform
 from bmil.engine.checkpoint import save_checkpoint
 from bmil.errors import DatasetError
 from bmil.evaluation import evaluate_folder
-from bmil.model import build_model, model_signature
+from bmil.model import build_model
+from helpers import flip_averaged_features, run_cli, save_model_checkpoint
 
 # (modality, camera, person id) -> image names; odd sizes, PNG and JPEG (any case), one
 # infrared camera and two visible ones, string ids; "zed" has visible images only.
@@ -136,12 +136,6 @@ def test_bad_layouts_are_one_sentence_naming_the_path(tmp_path, caplog):
 # ---------------------------------------------------------------- check-data
 
 
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = cli.main(["-q", *argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_check_data_reports_ids_cameras_and_one_modality_ids(labelled, capsys):
     report = check_report("folder", labelled)
     assert report.counts == {
@@ -235,19 +229,14 @@ TINY = ["data.height=64", "data.width=32", "data.workers=0", "model.depth=18", "
 
 def by_hand(model, paths, modality) -> np.ndarray:
     transform = test_transform(64, 32, "lanczos")  # bmil eval scores Lanczos-resized images (eval.resize)
-    images = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
-    with torch.no_grad():
-        feats = model(images, modality) + model(torch.flip(images, dims=[3]), modality)
-    return torch.nn.functional.normalize(feats, dim=1).numpy()
+    return flip_averaged_features(model, paths, modality, transform)
 
 
 def test_bmil_eval_scores_both_directions_from_flip_averaged_features(labelled, tmp_path, capsys):
     cfg = load_config(None, ["data.dataset=folder", f"data.root={labelled}", *TINY])
     torch.manual_seed(0)
     model = build_model(depth=18, non_local=False, pretrained="none").eval()
-    checkpoint = tmp_path / "model.pt"
-    save_checkpoint({"config": config_to_dict(cfg), "signature": model_signature(model),
-                     "model": model.state_dict()}, checkpoint)
+    checkpoint = save_model_checkpoint(cfg, model, tmp_path / "model.pt")
     out = tmp_path / "out"
     code, printed, err = run_cli(capsys, "eval", "--config", "folder", "--checkpoint", str(checkpoint),
                                  f"data.root={labelled}", "data.ids_from_folders=true", f"output={out}", *TINY)

@@ -7,29 +7,20 @@ import pytest
 import torch
 
 from bmil.cluster import estimate_jaccard_memory, jaccard_distance
+from helpers import jaccard_from_weights, ordered_by_similarity, reciprocal_weights, unit_similarity
 
 # ---------------------------------------------------------------- dense reference
 
 
-def _ordered(sim: np.ndarray, i: int, cands: np.ndarray) -> np.ndarray:
-    """``cands`` sorted by similarity to i descending, i itself first, ties by index."""
-    cands = np.asarray(cands)
-    key = -sim[i, cands]
-    key[cands == i] = -np.inf
-    return cands[np.lexsort((cands, key))]
-
-
 def reference_jaccard(feats, k1, k2, modality=None, lqe="release") -> np.ndarray:
     """Dense N×N Jaccard distance, step by step from METHOD.md, with plain loops over i."""
-    f = feats.astype(np.float64)
-    f /= np.linalg.norm(f, axis=1, keepdims=True)
-    n = len(f)
-    sim = f @ f.T
+    sim = unit_similarity(feats)
+    n = len(sim)
     # step 1: rank lists; and the lists that local query expansion averages over
     rank, expand_over = [], []
     if modality is None:
         for i in range(n):
-            full = _ordered(sim, i, np.arange(n))
+            full = ordered_by_similarity(sim, i, np.arange(n))
             rank.append(full[:k1])
             expand_over.append([full[:k2]])
     else:
@@ -37,25 +28,10 @@ def reference_jaccard(feats, k1, k2, modality=None, lqe="release") -> np.ndarray
         k_lqe = k2 if lqe == "release" else max(1, k2 // 2)
         vis, ir = np.flatnonzero(modality == 0), np.flatnonzero(modality == 1)
         for i in range(n):
-            near_vis, near_ir = _ordered(sim, i, vis), _ordered(sim, i, ir)
-            rank.append(_ordered(sim, i, np.concatenate([near_vis[:half], near_ir[:half]])))
+            near_vis, near_ir = ordered_by_similarity(sim, i, vis), ordered_by_similarity(sim, i, ir)
+            rank.append(ordered_by_similarity(sim, i, np.concatenate([near_vis[:half], near_ir[:half]])))
             expand_over.append([near_vis[:k_lqe], near_ir[:k_lqe]])
-
-    def reciprocal(i, k):  # step 2
-        return [j for j in rank[i][: k + 1] if i in rank[j][: k + 1]]
-
-    kh = int(np.around(k1 / 2))
-    v = np.zeros((n, n))
-    for i in range(n):  # steps 3 and 4
-        r_i = reciprocal(i, k1)
-        members = set(r_i)
-        for c in r_i:
-            r_c = reciprocal(c, kh)
-            if len(set(r_c) & set(r_i)) > 2 / 3 * len(r_c):
-                members |= set(r_c)
-        e = np.array(sorted(members))
-        w = np.exp(-(2 - 2 * sim[i, e]))
-        v[i, e] = w / w.sum()
+    v = reciprocal_weights(sim, rank, k1)  # steps 2 to 4
     v_qe = np.zeros_like(v)
     for i in range(n):  # step 5; k2 = 1 means none, in both modes (METHOD.md, the release)
         lists = expand_over[i]
@@ -65,11 +41,7 @@ def reference_jaccard(feats, k1, k2, modality=None, lqe="release") -> np.ndarray
             v_qe[i] = np.mean([v[lst].mean(axis=0) for lst in lists], axis=0)
         else:
             v_qe[i] = v[np.concatenate(lists)].mean(axis=0)
-    dist = np.zeros((n, n))
-    for i in range(n):  # step 6
-        s = np.minimum(v_qe[i][None, :], v_qe).sum(axis=1)
-        dist[i] = np.maximum(1 - s / (2 - s), 0)
-    return dist
+    return jaccard_from_weights(v_qe)  # step 6
 
 
 def blobs(n: int, seed: int, d: int = 16, ids: int = 12):

@@ -11,15 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from bmil import cli
 from bmil.config import config_to_dict
 from bmil.data.transforms import test_transform
 from bmil.engine import search
-from bmil.engine.checkpoint import save_checkpoint
 from bmil.engine.export import require_onnx
 from bmil.engine.inference import load_model
 from bmil.errors import BmilError, CheckpointError, ConfigError, DatasetError
-from bmil.model import build_model, model_signature
+from bmil.model import build_model
+from helpers import flip_averaged_features, run_cli, save_model_checkpoint
 
 
 def write_checkpoint(cfg, path: Path, seed: int = 0) -> torch.nn.Module:
@@ -31,9 +30,7 @@ def write_checkpoint(cfg, path: Path, seed: int = 0) -> torch.nn.Module:
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.running_mean.uniform_(-0.2, 0.2)
             module.running_var.uniform_(0.5, 2.0)
-    save_checkpoint(
-        {"config": config_to_dict(cfg), "signature": model_signature(model), "model": model.state_dict()}, path
-    )
+    save_model_checkpoint(cfg, model, path)
     return model.eval()
 
 
@@ -46,19 +43,9 @@ def checkpoint(synthetic_root, tmp_path_factory, make_config):
     return path, model, cfg
 
 
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = cli.main(["-q", *argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def by_hand(model, paths, modality, cfg) -> np.ndarray:
     """Flip-averaged, L2-normalised features computed directly from the model."""
-    transform = test_transform(cfg.data.height, cfg.data.width)
-    images = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
-    with torch.no_grad():
-        feats = model(images, modality) + model(torch.flip(images, dims=[3]), modality)
-    return torch.nn.functional.normalize(feats, dim=1).numpy()
+    return flip_averaged_features(model, paths, modality, test_transform(cfg.data.height, cfg.data.width))
 
 
 # ---------------------------------------------------------------- checkpoint → model

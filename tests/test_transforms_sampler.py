@@ -27,10 +27,9 @@ from bmil.data import (
 )
 from bmil.data import transforms as bmil_transforms
 from bmil.errors import DatasetError
+from helpers import imagenet_normalised
 
 H, W = 16, 8
-MEAN = np.array([0.485, 0.456, 0.406])
-STD = np.array([0.229, 0.224, 0.225])
 
 
 def colourful_image(height=20, width=10, seed=0):
@@ -53,7 +52,7 @@ def test_test_transform_resizes_and_normalises():
     image = Image.new("RGB", (7, 30), (255, 128, 0))
     out = bmil_transforms.test_transform(H, W)(image)
     assert out.shape == (3, H, W)
-    expected = (np.array([255, 128, 0]) / 255.0 - MEAN) / STD
+    expected = imagenet_normalised([255, 128, 0])
     np.testing.assert_allclose(out.mean(dim=(1, 2)).numpy(), expected, atol=1e-5)
     np.testing.assert_allclose(out.std(dim=(1, 2)).numpy(), 0, atol=1e-5)
 
