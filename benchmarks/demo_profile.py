@@ -11,6 +11,8 @@ phase by its own time, "other" is what no timer covers.
 
     .venv/bin/python benchmarks/demo_profile.py --out /tmp/demo-profile
     .venv/bin/python benchmarks/demo_profile.py --out /tmp/p train.stage1_epochs=4 train.stage2_epochs=2
+    # an AVX-512 CPU restricted to AVX2 kernels (torch's own and oneDNN's convolutions):
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python benchmarks/demo_profile.py --out /tmp/p2
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import os
 import platform
 import subprocess
 import time
@@ -109,7 +112,11 @@ def cpu_name() -> str:
     except OSError:
         return platform.processor()
     model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-    return f"{model}, {'AVX-512' if 'avx512f' in out else 'AVX2' if 'avx2' in out else 'no AVX2'}"
+    flags = "AVX-512" if "avx512f" in out else "AVX2" if "avx2" in out else "no AVX2"
+    # ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2 make an AVX-512 CPU run AVX2 kernels.
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return (f"{model}, flags {flags}, torch kernels {torch.backends.cpu.get_cpu_capability()}"
+            + (f", oneDNN up to {onednn}" if onednn else ""))
 
 
 def main() -> None:

@@ -164,12 +164,14 @@ def test_demo_summary_has_the_published_keys(synthetic_root, tmp_path, make_conf
     table = demo_table(summary)
     assert f"{100 * summary['stage2.mAP']:.1f}" in table
     # The headline ARIs come from the best stage-1 model's flip-averaged test features, which are
-    # also what training clusters (cluster.flip); recomputed here through the library's
-    # distance and DBSCAN and scikit-learn's ARI, not through the demo's own helpers.
+    # also what training clusters (cluster.flip), on the images stage 2's first global clustering
+    # sees: visible subset 1 of that epoch's split and every infrared image. Recomputed here
+    # through the library's distance and DBSCAN and scikit-learn's ARI, the split from the
+    # epoch's generator, not through the demo's own helpers; then the same on all images.
     from sklearn.metrics import adjusted_rand_score
 
-    from bmil.cluster import dbscan_labels, jaccard_distance
-    from bmil.data.records import record_arrays
+    from bmil.cluster import dbscan_labels, jaccard_distance, visible_subsets
+    from bmil.data.records import INFRARED, VISIBLE, record_arrays
     from bmil.engine.datasets import train_records
     from bmil.engine.extract import extract_features
     from bmil.engine.inference import load_model
@@ -180,13 +182,21 @@ def test_demo_summary_has_the_published_keys(synthetic_root, tmp_path, make_conf
     pids, _, modality = record_arrays(records)
     features = extract_features(model, records, height=64, width=32, batch_size=64, device="cpu", flip=True,
                                 workers=0, amp=False, progress=False, desc="check")
+    visible = np.flatnonzero(modality == VISIBLE)
+    _, left_out = visible_subsets(len(visible), cfg.cluster.subset_ratio,
+                                  trainer_mod.seed_everything(cfg.train.seed, cfg.train.stage1_epochs))
+    seen = np.sort(np.r_[visible[left_out], np.flatnonzero(modality == INFRARED)])
+    assert summary["clustering"]["images"] == len(seen) < len(records)
     c = cfg.cluster
-    for aware, key in ((False, "ari_plain"), (True, "ari_modality_aware")):
-        distance = jaccard_distance(features, k1=c.k1, k2=c.k2, modality=modality if aware else None)
-        labels = dbscan_labels(distance, c.eps, c.min_samples)
-        # DBSCAN outliers count as singletons, each its own cluster (label_quality's rule).
-        singletons = np.where(labels < 0, labels.max() + 1 + np.arange(len(labels)), labels)
-        assert summary["clustering"][key] == pytest.approx(adjusted_rand_score(pids, singletons), abs=1e-6)
+    for name, index in (("clustering", seen), ("clustering_all_images", np.arange(len(records)))):
+        for aware, key in ((False, "ari_plain"), (True, "ari_modality_aware")):
+            distance = jaccard_distance(features[index], k1=c.k1, k2=c.k2,
+                                        modality=modality[index] if aware else None)
+            labels = dbscan_labels(distance, c.eps, c.min_samples)
+            # DBSCAN outliers count as singletons, each its own cluster (label_quality's rule).
+            singletons = np.where(labels < 0, labels.max() + 1 + np.arange(len(labels)), labels)
+            expected = adjusted_rand_score(pids[index], singletons)
+            assert summary[name][key] == pytest.approx(expected, abs=1e-6), (name, key)
 
 
 def test_best_model_is_selected_by_test_rank1_and_the_last_is_kept(synthetic_root, tmp_path, make_config,
