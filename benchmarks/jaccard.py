@@ -23,11 +23,16 @@ the approximate run's labels against the exact run's, and of each against the tr
     python benchmarks/jaccard.py --features weak --sizes 20000 --configs knn full thr thr_approx
     python benchmarks/jaccard.py --features well --sizes 34167 --configs knn knn_approx thr thr_approx
     python benchmarks/jaccard.py --features well --sizes 200000 --configs knn_approx thr_approx
+    python benchmarks/jaccard.py --features well --sizes 34167 --configs knn_approx --nprobe 64
+
+``--nprobe`` and ``--lists-per-sqrt`` override the approximate index's IVF_NPROBE and
+IVF_LISTS_PER_SQRT (bmil.cluster.knn) in the worker processes only, to compare settings.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -119,9 +124,23 @@ def _recall(feats, modality, pid, approx: np.ndarray, k: int) -> tuple[float, fl
     return float(hit.mean()), float(hit[same].mean())
 
 
+def _set_ivf(nprobe: int | None, lists_per_sqrt: float | None) -> None:
+    """Benchmark-only override of the approximate index's parameters in this process:
+    nprobe becomes the default of knn / knn_unit_rows (which jaccard_distance calls)."""
+    knn_module = importlib.import_module("bmil.cluster.knn")  # the module (bmil.cluster.knn is the function)
+
+    if nprobe is not None:
+        knn_module.knn.__kwdefaults__["nprobe"] = nprobe
+        knn_module.knn_unit_rows.__kwdefaults__["nprobe"] = nprobe
+    if lists_per_sqrt is not None:
+        knn_module.IVF_LISTS_PER_SQRT = lists_per_sqrt
+
+
 def worker(config: str, n: int, args: argparse.Namespace) -> dict:
     """Run one configuration on fresh features; time, peak-RSS increase (bytes) and more."""
     import torch  # noqa: F401  (imported before the baseline, like any caller would)
+
+    _set_ivf(args.nprobe, args.lists_per_sqrt)
 
     from bmil.cluster import dbscan_labels, jaccard_distance, label_quality
 
@@ -159,6 +178,10 @@ def run_config(config: str, n: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", config, "--sizes", str(n), "--dim", str(args.dim),
            "--k1", str(args.k1), "--k2", str(args.k2), "--eps", str(args.eps), "--features", args.features,
            "--out", args.out]
+    if args.nprobe is not None:
+        cmd += ["--nprobe", str(args.nprobe)]
+    if args.lists_per_sqrt is not None:
+        cmd += ["--lists-per-sqrt", str(args.lists_per_sqrt)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -195,6 +218,10 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     parser.add_argument("--bare-seconds", type=float, default=None,
                         help="exact bare kNN seconds to divide by when --configs has no knn (e.g. N = 34,167's)")
+    parser.add_argument("--nprobe", type=int, default=None,
+                        help="lists probed per query by the approximate kNN (default bmil.cluster.knn.IVF_NPROBE)")
+    parser.add_argument("--lists-per-sqrt", type=float, default=None,
+                        help="inverted lists per sqrt(candidates) (default bmil.cluster.knn.IVF_LISTS_PER_SQRT)")
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -203,8 +230,12 @@ def main() -> None:
         return
     args.out = args.out or tempfile.mkdtemp(prefix="bmil-jaccard-")
     load = os.getloadavg()[0]
+    knn_module = importlib.import_module("bmil.cluster.knn")  # the module (bmil.cluster.knn is the function)
+
+    nprobe = args.nprobe if args.nprobe is not None else knn_module.IVF_NPROBE
+    lists = args.lists_per_sqrt if args.lists_per_sqrt is not None else knn_module.IVF_LISTS_PER_SQRT
     print(f"k1 = {args.k1}, k2 = {args.k2}, d = {args.dim}, float32, torch exact kNN, eps {args.eps}; "
-          f"load average at start {load:.2f}\n")
+          f"approximate: {lists:g}·sqrt(M) lists, nprobe {nprobe}; load average at start {load:.2f}\n")
     print("| N | features | distance | kNN | seconds | ratio to bare exact kNN | peak RSS increase | estimate "
           "| pairs per row | recall@k1/2 (same id) | DBSCAN ARI approx vs exact | ARI vs true ids |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
