@@ -14,9 +14,8 @@ import numpy as np
 
 from bmil.cluster import label_quality
 from bmil.config import Config
-from bmil.engine.association import cluster_once, draw_subsets, global_input
+from bmil.engine.association import cluster_once, global_input
 from bmil.engine.checkpoint import load_checkpoint
-from bmil.engine.run import seed_everything
 from bmil.engine.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -49,10 +48,8 @@ def first_global_input(trainer: Trainer) -> np.ndarray:
     """Positions of the images stage 2's first global clustering sees (the visible half its
     epoch's split leaves out of intra clustering, and every infrared image), drawn as the
     trainer draws them at that epoch."""
-    c = trainer.cfg
-    rng = seed_everything(c.train.seed, c.train.stage1_epochs)
-    subsets = draw_subsets(trainer.modality, c.cluster, rng)
-    return global_input(trainer.modality, c.cluster, subsets[1] if subsets is not None else None)
+    _, subsets = trainer.epoch_split(trainer.cfg.train.stage1_epochs)
+    return global_input(trainer.modality, trainer.cfg.cluster, subsets[1] if subsets is not None else None)
 
 
 def stage1_clustering(trainer: Trainer, checkpoint: str | Path) -> dict[str, dict[str, float]]:

@@ -103,6 +103,12 @@ class Trainer:
             split=c.loss.split_prototypes, subsets=subsets,
         )
 
+    def epoch_split(self, epoch: int) -> tuple[np.random.Generator, tuple[np.ndarray, np.ndarray] | None]:
+        """Seed ``epoch`` and draw its visible split (:func:`draw_subsets`, the first draw from
+        the epoch's generator); returns the generator, which association goes on drawing from."""
+        rng = seed_everything(self.cfg.train.seed, epoch)
+        return rng, draw_subsets(self.modality, self.cfg.cluster, rng)
+
     def global_association(self, stage: int) -> bool:
         return stage == 2 and self.cfg.train.global_association
 
@@ -227,10 +233,9 @@ class Trainer:
         self.run.set_stage_views(stage)
         if epoch == self.cfg.train.stage1_epochs and epoch > 0:
             self._start_stage2()
-        rng = seed_everything(self.cfg.train.seed, epoch)
         # The split is drawn first (the same on every rank) so that only the images the
         # epoch's association reads are extracted: stage 1 skips visible subset 1.
-        subsets = draw_subsets(self.modality, self.cfg.cluster, rng)
+        rng, subsets = self.epoch_split(epoch)
         positions = features_read(self.modality, subsets, global_association=self.global_association(stage))
         features = self.epoch_features(epoch, positions)
         # Rank 0 clusters; the other ranks receive its pseudo labels.
