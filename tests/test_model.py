@@ -262,11 +262,13 @@ def test_build_model_and_signature() -> None:
     model = build_model(depth=18, non_local=False)
     assert isinstance(model, TwoStreamResNet)
     assert model_signature(model) == {
-        "depth": 18, "non_local": False, "non_local_width": None, "gem_learnable": False, "feat_dim": 512,
+        "depth": 18, "width": 64, "last_stride": 1, "non_local": False, "non_local_width": None, "gem_learnable": False,
+        "feat_dim": 512,
     }
     half = build_model(depth=18, non_local=True, non_local_width="half", gem_learnable=True)
     assert model_signature(half) == {
-        "depth": 18, "non_local": True, "non_local_width": "half", "gem_learnable": True, "feat_dim": 512,
+        "depth": 18, "width": 64, "last_stride": 1, "non_local": True, "non_local_width": "half", "gem_learnable": True,
+        "feat_dim": 512,
     }
     cfg = ModelConfig(depth=18, non_local=True, non_local_width="half", pretrained="none")
     assert model_signature(model_from_config(cfg)) == dict(model_signature(half), gem_learnable=False)
@@ -289,6 +291,81 @@ def test_half_width_checkpoint_refused_by_release_width_config(tmp_path) -> None
     assert bmil_config.load_config(None, ["model.non_local_width=half"]).model.non_local_width == "half"
     with pytest.raises(ConfigError, match="model.non_local_width"):
         bmil_config.load_config(None, ["model.non_local_width=quarter"])
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_narrow_width_is_torchvision_resnet_with_every_channel_count_halved(depth: int) -> None:
+    torchvision_state = torchvision.models.get_model(f"resnet{depth}").state_dict()
+    reference = {name: tuple(v.shape) for name, v in torchvision_state.items() if not name.startswith("fc.")}
+    model = TwoStreamResNet(depth=depth, non_local=False, width=32)
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for name, shape in reference.items():
+        key = "visible_stem." + name if name.startswith(("conv1.", "bn1.")) else name
+        if not shape:  # num_batches_tracked
+            assert own[key] == shape, key
+            continue
+        halved = tuple(size // 2 if axis < 2 else size for axis, size in enumerate(shape))
+        if name == "conv1.weight":
+            halved = (shape[0] // 2, 3, *shape[2:])  # the image keeps its 3 channels
+        assert own[key] == halved, key
+    trunk = {k for k in own if k.startswith("layer")}
+    assert trunk == {k for k in reference if k.startswith("layer")}  # no block added or dropped
+    assert model.feat_dim == reference["layer4.1.bn2.weight" if depth == 18 else "layer4.2.bn3.weight"][0] // 2
+    assert model(_images(2), torch.tensor([0, 1])).shape == (2, model.feat_dim)
+
+
+def test_narrow_width_initialised_as_torchvision() -> None:
+    torch.manual_seed(0)
+    model = TwoStreamResNet(depth=18, non_local=False, width=16)
+    conv = model.layer3[0].conv2.weight  # [64, 64, 3, 3]: He normal, fan-out = 64 * 9
+    assert abs(conv.std().item() - (2 / (64 * 9)) ** 0.5) < 0.1 * (2 / (64 * 9)) ** 0.5
+    assert abs(conv.mean().item()) < 0.01
+    assert torch.equal(model.layer2[1].bn1.weight, torch.ones(32))
+    assert torch.equal(model.layer2[1].bn1.bias, torch.zeros(32))
+
+
+def test_width_64_is_torchvision_resnet_unchanged() -> None:
+    torch.manual_seed(5)
+    model = TwoStreamResNet(depth=18, non_local=False)
+    torch.manual_seed(5)
+    reference = torchvision.models.resnet18(weights=None).state_dict()
+    _assert_holds_resnet_weights(model, reference)
+
+
+def test_width_errors_and_checkpoint_refusal(tmp_path) -> None:
+    from bmil.engine.trainer import check_signature
+
+    with pytest.raises(ConfigError, match="model.width"):
+        build_model(depth=18, width=4)
+    with pytest.raises(ConfigError, match="model.width 32 has no pretrained weights"):
+        build_model(depth=18, width=32, pretrained="imagenet")
+    narrow = build_model(depth=18, non_local=False, width=32)
+    state = {"model": narrow.state_dict(), "signature": model_signature(narrow)}
+    with pytest.raises(CheckpointError, match="'width': 32"):
+        check_signature(model_signature(build_model(depth=18, non_local=False)), state, tmp_path / "n.pt")
+    check_signature(model_signature(narrow), state, tmp_path / "n.pt")
+    # a checkpoint written before the width was recorded is held to the facts it states
+    older = {k: v for k, v in model_signature(build_model(depth=18, non_local=False)).items() if k != "width"}
+    check_signature(model_signature(build_model(depth=18, non_local=False)), {"signature": older}, tmp_path / "o.pt")
+    cfg = bmil_config.load_config(None, ["model.width=32", "model.pretrained=none", "model.depth=18"])
+    assert model_from_config(cfg.model).feat_dim == 256
+
+
+def test_last_stride_from_config_and_checkpoint_refusal(tmp_path) -> None:
+    from bmil.engine.trainer import check_signature
+
+    cfg = bmil_config.load_config(None, ["model.last_stride=2", "model.pretrained=none", "model.depth=18"])
+    model = model_from_config(cfg.model).eval()
+    seen = {}
+    model.layer4.register_forward_hook(lambda m, i, o: seen.update(l4=o.shape))
+    with torch.no_grad():
+        model(_images(1), 0)
+    assert seen["l4"][2:] == (2, 1)  # 64×32 input: stride 32 instead of 16
+    state = {"signature": model_signature(model)}
+    with pytest.raises(CheckpointError, match="'last_stride': 2"):
+        check_signature(model_signature(build_model(depth=18)), state, tmp_path / "s.pt")
+    with pytest.raises(ConfigError, match="model.last_stride"):
+        build_model(depth=18, last_stride=3)
 
 
 # --- pretrained weights ---------------------------------------------------------------------

@@ -26,6 +26,7 @@ from bmil.engine.checkpoint import load_checkpoint
 from bmil.engine.datasets import has_labels, loader_workers, log_dataset_counts, train_records
 from bmil.engine.extract import FEATURE_DESCRIPTION, resolve_device
 from bmil.engine.forward import Batches, ModalityFeatures, forward_batches
+from bmil.engine.inference import signature_difference
 from bmil.engine.memory_check import require_training_memory
 from bmil.errors import BmilError, CheckpointError, ConfigError
 from bmil.model import model_from_config, model_signature
@@ -66,12 +67,14 @@ def seed_worker(worker_id: int) -> None:
 
 
 def check_signature(expected: dict, state: dict, path: str | Path) -> None:
-    """A checkpoint's architecture must equal the configured one."""
+    """A checkpoint's architecture must equal the configured one (in every fact the
+    checkpoint records: one written before ``width`` was recorded is not held to it)."""
     found = state.get("signature")
-    if found is not None and found != expected:
+    if signature_difference(found, expected):
         raise CheckpointError(
             f"checkpoint {path} was trained with {found}, but the configuration builds {expected}: "
-            "set model.depth, model.non_local, model.non_local_width and model.gem_learnable to match it"
+            "set model.depth, model.width, model.last_stride, model.non_local, model.non_local_width "
+            "and model.gem_learnable to match it"
         )
 
 

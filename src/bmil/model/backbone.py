@@ -29,7 +29,7 @@ _RESNET_CONSTRUCTORS: dict[int, Callable[..., torchvision.models.ResNet]] = {
 # AGW: non-local blocks after the last 2 blocks of layer2 and the last 3 blocks of layer3.
 _NON_LOCAL_COUNTS = {"layer2": 2, "layer3": 3}
 _TRUNK_LAYERS = ("layer1", "layer2", "layer3", "layer4")
-
+TORCHVISION_WIDTH = 64  # channels of torchvision's stem and layer1 (every ImageNet checkpoint's)
 
 
 class ModalityStem(nn.Module):
@@ -44,6 +44,42 @@ class ModalityStem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+
+def _resnet(depth: int, width: int) -> torchvision.models.ResNet:
+    """torchvision's ResNet of ``depth``, or for ``width`` != 64 the same network with
+    ``width`` channels in the stem and layer1, doubling per layer (``width / 64`` as wide),
+    initialised as torchvision initialises its own (conv He-normal fan-out, BN 1 and 0)."""
+    resnet = _RESNET_CONSTRUCTORS[depth](weights=None)
+    if width == TORCHVISION_WIDTH:
+        return resnet
+    block = type(resnet.layer1[0])
+    resnet.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    resnet.bn1 = nn.BatchNorm2d(width)
+    in_channels = width
+    for index, name in enumerate(_TRUNK_LAYERS):
+        planes = width * 2**index
+        stride = 1 if index == 0 else 2
+        blocks = []
+        for position in range(len(getattr(resnet, name))):
+            out_channels = planes * block.expansion
+            downsample = None
+            if position == 0 and (stride != 1 or in_channels != out_channels):
+                downsample = nn.Sequential(
+                    nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
+                    nn.BatchNorm2d(out_channels),
+                )
+            blocks.append(block(in_channels, planes, stride if position == 0 else 1, downsample))
+            in_channels = out_channels
+        setattr(resnet, name, nn.Sequential(*blocks))
+    resnet.fc = nn.Linear(in_channels, resnet.fc.out_features)
+    for module in resnet.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    return resnet
 
 
 def _set_first_block_stride(layer: nn.Sequential, stride: int) -> None:
@@ -84,9 +120,13 @@ class TwoStreamResNet(nn.Module):
         gem_p: GeM exponent (3 in the release).
         gem_learnable: train the GeM exponent (AGW's ``GeneralizedMeanPoolingP``) instead of
             fixing it as the release does.
+        width: channels of the stems and ``layer1``, doubling per layer: 64 is torchvision's
+            ResNet (the release's, and the only width ImageNet weights exist for); 32 is a
+            ResNet a quarter of the cost, for the CPU demo.
 
     Attributes:
-        feat_dim: width of the output feature (2048 for depth 50, 512 for 18 / 34).
+        feat_dim: width of the output feature (2048 for depth 50, 512 for 18 / 34; scaled by
+            ``width / 64``).
     """
 
     def __init__(
@@ -98,6 +138,7 @@ class TwoStreamResNet(nn.Module):
         gem_p: float = 3.0,
         gem_learnable: bool = False,
         non_local_width: str = "release",
+        width: int = TORCHVISION_WIDTH,
     ) -> None:
         super().__init__()
         if depth not in _RESNET_CONSTRUCTORS:
@@ -110,7 +151,14 @@ class TwoStreamResNet(nn.Module):
             raise ConfigError(
                 f"model.non_local_width must be one of {', '.join(NON_LOCAL_WIDTHS)}, got {non_local_width!r}."
             )
-        resnet = _RESNET_CONSTRUCTORS[depth](weights=None)
+        if isinstance(width, bool) or not isinstance(width, int) or width < 8:
+            raise ConfigError(f"model.width must be an integer of at least 8, got {width!r}.")
+        if width != TORCHVISION_WIDTH and str(pretrained) != "none":
+            raise ConfigError(
+                f"model.width {width} has no pretrained weights (torchvision's ResNets are width "
+                f"{TORCHVISION_WIDTH}): set model.pretrained=none or model.width={TORCHVISION_WIDTH}."
+            )
+        resnet = _resnet(depth, width)
         _set_first_block_stride(resnet.layer4, last_stride)
 
         self.depth = depth
@@ -118,6 +166,7 @@ class TwoStreamResNet(nn.Module):
         self.non_local_width = non_local_width
         self.gem_learnable = gem_learnable
         self.last_stride = last_stride
+        self.width = width
         self.feat_dim = resnet.fc.in_features
 
         self.visible_stem = ModalityStem(resnet.conv1, resnet.bn1)
@@ -224,6 +273,7 @@ def build_model(
     gem_p: float = 3.0,
     gem_learnable: bool = False,
     non_local_width: str = "release",
+    width: int = TORCHVISION_WIDTH,
 ) -> TwoStreamResNet:
     """Build a :class:`TwoStreamResNet` (same arguments); the defaults are the release's network."""
     return TwoStreamResNet(
@@ -234,6 +284,7 @@ def build_model(
         gem_p=gem_p,
         gem_learnable=gem_learnable,
         non_local_width=non_local_width,
+        width=width,
     )
 
 
@@ -246,16 +297,20 @@ def model_from_config(model_cfg: ModelConfig, pretrained: str | Path | None = No
         depth=model_cfg.depth,
         non_local=model_cfg.non_local,
         pretrained=model_cfg.pretrained if pretrained is None else pretrained,
+        last_stride=model_cfg.last_stride,
         gem_learnable=model_cfg.gem_learnable,
         non_local_width=model_cfg.non_local_width,
+        width=model_cfg.width,
     )
 
 
 def model_signature(model: TwoStreamResNet) -> dict[str, int | bool | str | None]:
-    """The architecture facts a checkpoint must match: depth, non_local, non_local_width
-    (None without non-local blocks), gem_learnable and feat_dim."""
+    """The architecture facts a checkpoint must match: depth, width, last_stride, non_local,
+    non_local_width (None without non-local blocks), gem_learnable and feat_dim."""
     return {
         "depth": model.depth,
+        "width": model.width,
+        "last_stride": model.last_stride,
         "non_local": model.has_non_local,
         "non_local_width": model.non_local_width if model.has_non_local else None,
         "gem_learnable": model.gem_learnable,
