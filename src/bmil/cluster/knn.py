@@ -162,13 +162,15 @@ def ivf_lists(m: int) -> int:
     return int(max(1, min(IVF_LISTS_PER_SQRT * np.sqrt(m), m // 39)))
 
 
-def _kmeans_centroids(cands: torch.Tensor, nlist: int) -> torch.Tensor:
-    """Spherical k-means centroids [nlist, d] (unit rows) of ``cands`` [M, d], on at most
-    _IVF_TRAIN_PER_LIST points per list drawn with a fixed seed; scoring in bfloat16."""
+def _kmeans_centroids(x: torch.Tensor, rows: np.ndarray, nlist: int) -> torch.Tensor:
+    """Spherical k-means centroids [nlist, d] (unit rows) of the candidates ``x[rows]``
+    (M rows), on at most _IVF_TRAIN_PER_LIST points per list drawn with a fixed seed;
+    scoring in bfloat16. Only the drawn rows are copied."""
     gen = torch.Generator().manual_seed(_IVF_SEED)
-    m = cands.shape[0]
-    sample = cands[torch.randperm(m, generator=gen)[: min(m, _IVF_TRAIN_PER_LIST * nlist)].to(cands.device)]
-    centroids = sample[torch.randperm(len(sample), generator=gen)[:nlist].to(cands.device)].clone()
+    m = len(rows)
+    drawn = torch.randperm(m, generator=gen)[: min(m, _IVF_TRAIN_PER_LIST * nlist)].numpy()
+    sample = x[torch.from_numpy(rows[drawn]).to(x.device)]
+    centroids = sample[torch.randperm(len(sample), generator=gen)[:nlist].to(x.device)].clone()
     for _ in range(_IVF_ITERATIONS):
         assign = _nearest_centroid(sample, centroids)
         sums = torch.zeros_like(centroids).index_add_(0, assign, sample)
@@ -178,13 +180,18 @@ def _kmeans_centroids(cands: torch.Tensor, nlist: int) -> torch.Tensor:
     return centroids
 
 
-def _nearest_centroid(x: torch.Tensor, centroids: torch.Tensor, nprobe: int = 1) -> torch.Tensor:
-    """Indices of the ``nprobe`` most similar centroids of each row of ``x`` (bfloat16
-    products, blocked): int64 [len(x)] for nprobe = 1, else [len(x), nprobe]."""
+def _nearest_centroid(
+    x: torch.Tensor, centroids: torch.Tensor, nprobe: int = 1, rows: np.ndarray | None = None
+) -> torch.Tensor:
+    """Indices of the ``nprobe`` most similar centroids of each row of ``x`` (of the rows
+    ``x[rows]`` when given, gathered a block at a time; bfloat16 products, blocked):
+    int64 [R] for nprobe = 1, else [R, nprobe]."""
     c = centroids.to(torch.bfloat16)
     out = []
-    for r0 in range(0, x.shape[0], 8192):
-        sims = x[r0 : r0 + 8192].to(torch.bfloat16) @ c.T
+    count = x.shape[0] if rows is None else len(rows)
+    for r0 in range(0, count, 8192):
+        block = slice(r0, r0 + 8192) if rows is None else torch.from_numpy(rows[r0 : r0 + 8192]).to(x.device)
+        sims = x[block].to(torch.bfloat16) @ c.T
         out.append(torch.topk(sims.float(), nprobe, dim=1).indices)
     idx = torch.cat(out)
     return idx[:, 0] if nprobe == 1 else idx
@@ -202,15 +209,15 @@ def _knn_ivf(
     exact float32 inner products.
     """
     dev = x.device
-    cands = x[torch.from_numpy(c_rows).to(dev)]
     nlist = ivf_lists(len(c_rows))
     nprobe = min(nprobe, nlist)
-    centroids = _kmeans_centroids(cands, nlist)
-    assign = _nearest_centroid(cands, centroids).cpu().numpy()
+    # The index holds one copy of the candidate rows, grouped by list (sorted_cands); the
+    # k-means sample and the list assignment gather from x a block at a time.
+    centroids = _kmeans_centroids(x, c_rows, nlist)
+    assign = _nearest_centroid(x, centroids, rows=c_rows).cpu().numpy()
     members = np.argsort(assign, kind="stable")  # positions into c_rows, grouped by list
     list_ptr = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=nlist))])
-    sorted_cands = cands[torch.from_numpy(members).to(dev)]
-    del cands
+    sorted_cands = x[torch.from_numpy(c_rows[members]).to(dev)]
     queries = x if len(q_rows) == x.shape[0] else x[torch.from_numpy(q_rows).to(dev)]
     probe = _nearest_centroid(queries, centroids, nprobe).cpu().numpy()  # [Q, nprobe]
     best_s = np.full((len(q_rows), nprobe * k), -np.inf, np.float32)
