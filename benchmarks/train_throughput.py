@@ -10,6 +10,9 @@ counts. Warm-up iterations are not timed. Prints a Markdown table.
 
     .venv/bin/python benchmarks/train_throughput.py --ids 2 --instances 4 --steps 2    # CPU
     .venv/bin/python benchmarks/train_throughput.py --device cuda --ids 8 --instances 16 --steps 20
+    # the demo's network and batch, and its cheaper variants (model.width, model.last_stride):
+    .venv/bin/python benchmarks/train_throughput.py --depth 18 --no-non-local --height 64 --width 32 \
+        --ids 8 --instances 4 --steps 10 --channels 64 32 --last-stride 1 2
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ class Step:
 
     def __init__(self, args: argparse.Namespace, device: torch.device, amp: bool) -> None:
         self.device, self.amp = device, amp and device.type == "cuda"
-        self.model = build_model(depth=args.depth, non_local=not args.no_non_local, pretrained="none").to(device)
+        self.model = build_model(depth=args.depth, non_local=not args.no_non_local, pretrained="none",
+                                 width=args.channels, last_stride=args.last_stride).to(device)
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model.train()
@@ -113,22 +117,30 @@ def main() -> None:
     parser.add_argument("--no-non-local", action="store_true")
     parser.add_argument("--height", type=int, default=288)
     parser.add_argument("--width", type=int, default=144)
+    parser.add_argument("--channels", type=int, nargs="+", default=[64], help="model.width values to compare")
+    parser.add_argument("--last-stride", type=int, nargs="+", default=[1], help="model.last_stride values")
     args = parser.parse_args()
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'x86_64'})"
-    rows = [measure(args, device, amp) for amp in ((False, True) if device.type == "cuda" else (False,))]
+    rows = []
+    for channels in args.channels:
+        for last_stride in args.last_stride:
+            variant = argparse.Namespace(**{**vars(args), "channels": channels, "last_stride": last_stride})
+            for amp in (False, True) if device.type == "cuda" else (False,):
+                rows.append({"channels": channels, "last_stride": last_stride, **measure(variant, device, amp)})
     n = args.ids * args.instances
     print(f"Stage-2 training iteration (intra step + global step), ResNet-{args.depth}"
           f"{'' if args.no_non_local else ' + non-local'}, {args.height}×{args.width}; "
           f"P×K = {args.ids}×{args.instances} per modality = {3 * n} images per forward "
           f"(visible ×2 views + infrared); device: {name}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads\n")
-    print("| device | P×K | bf16 autocast | s / iteration | images/s (2 forwards) | peak GPU memory |")
-    print("|---|---|---|---|---|---|")
+    print("| device | model.width | model.last_stride | P×K | bf16 autocast | s / iteration | "
+          "images/s (2 forwards) | peak GPU memory |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         peak = f"{row['peak']:.1f} GiB" if row["peak"] == row["peak"] else "–"
-        print(f"| {name} | {args.ids}×{args.instances} | {'yes' if row['amp'] else 'no'} | {row['seconds']:.2f} | "
-              f"{row['rate']:.1f} | {peak} |")
+        print(f"| {name} | {row['channels']} | {row['last_stride']} | {args.ids}×{args.instances} | "
+              f"{'yes' if row['amp'] else 'no'} | {row['seconds']:.3f} | {row['rate']:.1f} | {peak} |")
 
 
 if __name__ == "__main__":
