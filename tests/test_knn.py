@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
 
 from bmil.cluster import knn
 from bmil.cluster.knn import IVF_MIN_CANDIDATES, resolve_knn
+
+knn_module = importlib.import_module("bmil.cluster.knn")  # the module: bmil.cluster.knn is the function
 
 
 def brute_knn(feats: np.ndarray, k: int, candidates=None, queries=None):
@@ -134,3 +138,39 @@ def test_resolve_knn():
     assert resolve_knn("approximate", 10, 100) == "approximate"
     with pytest.raises(ValueError, match="knn must be one of .'exact', 'approximate', 'auto'., got 'ivf'"):
         resolve_knn("ivf", 10, 100)
+
+
+def offset_features(n: int, d: int, seed: int = 0) -> np.ndarray:
+    """Unit rows: 16 per identity, isotropic noise, and one direction common to all (as a
+    modality's offset), which dominates every row's cosine to the others."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n // 16, d))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    offset = rng.normal(size=d)
+    offset /= np.linalg.norm(offset)
+    x = centres[rng.integers(0, n // 16, n)] + 0.9 * rng.normal(size=(n, d)) / np.sqrt(d) + offset
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_approximate_index_lists_are_balanced_under_a_common_offset(monkeypatch):
+    # Uncentred k-means on such rows put 4x the mean list size in one list (159 of 6,000
+    # rows in 153 lists), so every query probing it scanned that much.
+    x = offset_features(6000, 128)
+    rows = np.arange(len(x))
+    assignment = {}
+    original = knn_module._nearest_centroid
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if kwargs.get("rows") is not None:
+            assignment["lists"] = out.numpy()
+        return out
+
+    monkeypatch.setattr(knn_module, "_nearest_centroid", spy)
+    _, idx = knn(x, 15, candidates=rows, method="approximate")
+    sizes = np.bincount(assignment["lists"], minlength=knn_module.ivf_lists(len(rows)))
+    assert sizes.max() <= 3 * sizes.mean()
+    queries = np.arange(0, len(x), 20)
+    _, exact = brute_knn(x, 15, queries=queries)
+    recall = np.mean([len(np.intersect1d(a, b)) / 15 for a, b in zip(idx[queries], exact, strict=True)])
+    assert recall >= 0.9
