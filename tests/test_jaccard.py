@@ -261,3 +261,20 @@ def test_thresholding_prunes_on_weak_features():
     thr = jaccard_distance(x, 10, 4, modality=modality, max_distance=0.5)
     assert full.nnz > 5 * thr.nnz
     assert thr.nnz > 300  # something beyond the diagonal is kept
+
+
+def test_thresholded_join_in_many_blocks_across_threads_equals_one_block(monkeypatch):
+    import bmil.cluster.jaccard as jaccard_module
+
+    x, modality = weak_blobs(300, 3)
+    whole = jaccard_distance(x, 10, 4, modality=modality, max_distance=0.6)
+    blocks = []
+    original = jaccard_module._join_blocks
+    monkeypatch.setattr(jaccard_module, "_join_blocks", lambda *a: blocks.extend(original(*a)) or iter(blocks))
+    monkeypatch.setattr(jaccard_module, "_TRIPLES_PER_BLOCK", 500)
+    monkeypatch.setattr(jaccard_module, "_BINS_PER_BLOCK", 2000)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # four blocks in flight
+    split = jaccard_distance(x, 10, 4, modality=modality, max_distance=0.6)
+    assert len(blocks) > 20
+    assert np.array_equal(split.indptr, whole.indptr) and np.array_equal(split.indices, whole.indices)
+    np.testing.assert_array_equal(split.data, whole.data)

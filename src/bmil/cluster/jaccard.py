@@ -26,7 +26,9 @@ support, and the result, 8 bytes per stored pair, approaches a dense N×N matrix
 
 from __future__ import annotations
 
+import functools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +53,7 @@ _BYTES_PER_DOT_CHUNK = 1 << 24
 # Thresholded join: suffix mass limit as a share of s_min (0.85: measured on weakly and well
 # separated features, about 3× fewer triples than the full join, about 1.3 candidate pairs
 # per passing pair), and a slack for float rounding in the pruning bound.
+_JOIN_WORKERS = 4  # at most this many row blocks of the thresholded join in flight at once
 _SUFFIX_SHARE = 0.85
 _BOUND_SLACK = 1e-6
 
@@ -527,19 +530,31 @@ def _thresholded_distance(v: sparse.csr_array, max_distance: float) -> sparse.cs
     )
     del vc, pc
     tails = _SuffixRows(v, suffix, entry_rows)
-    pieces = []
-    for r0, r1, width in _join_blocks(join.triples_by_row(entry_rows), join.reach(entry_rows)):
-        rows, cols, x = join.block(r0, r1, width)
-        maybe = x + np.minimum(suffix_mass[rows], suffix_mass[cols]) >= s_min - _BOUND_SLACK
-        rows, cols, x = rows[maybe], cols[maybe], x[maybe]
-        s = x + tails.overlap(r0, r1, rows, cols)
-        dist = np.maximum(1.0 - s / (2.0 - s), 0.0).astype(np.float32)
-        keep = dist <= max_distance
-        pieces.append((rows[keep], cols[keep], dist[keep]))
-    del join, tails, v, first, fan
+    passing = functools.partial(_passing_pairs, join, tails, suffix_mass, s_min, max_distance)
+    blocks = _join_blocks(join.triples_by_row(entry_rows), join.reach(entry_rows))
+    # numpy releases the GIL in much of a block's work: blocks run on the torch threads' cores
+    with ThreadPoolExecutor(max_workers=max(1, min(torch.get_num_threads(), _JOIN_WORKERS))) as pool:
+        pieces = list(pool.map(passing, blocks))
+    del join, tails, v, first, fan, passing
     log.debug("thresholded Jaccard (t = %.3g): %.1f pairs per row kept", max_distance,
               sum(len(p[0]) for p in pieces) / n)
     return _assemble(pieces, order, n)
+
+
+def _passing_pairs(
+    join: _ColumnJoin, tails: _SuffixRows, suffix_mass: np.ndarray, s_min: float, max_distance: float,
+    block: tuple[int, int, int],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, cols, distance) of the pairs of one row block (r0, r1, width) of the join with
+    distance <= max_distance (see :func:`_thresholded_distance`)."""
+    r0, r1, width = block
+    rows, cols, x = join.block(r0, r1, width)
+    maybe = x + np.minimum(suffix_mass[rows], suffix_mass[cols]) >= s_min - _BOUND_SLACK
+    rows, cols, x = rows[maybe], cols[maybe], x[maybe]
+    s = x + tails.overlap(r0, r1, rows, cols)
+    dist = np.maximum(1.0 - s / (2.0 - s), 0.0).astype(np.float32)
+    keep = dist <= max_distance
+    return rows[keep], cols[keep], dist[keep]
 
 
 def _suffix_entries(v: sparse.csr_array, entry_rows: np.ndarray, limit: float) -> np.ndarray:
@@ -713,7 +728,8 @@ def estimate_jaccard_memory(
       23 at k1 = 30, measured; V itself: 93–236 per row at k1 = 30, k2 = 6 on well and
       weakly separated features, benchmarks/jaccard.py), about 120 bytes per entry (V in
       CSR and twice in CSC with the join's per-entry offsets), plus the join's fixed
-      per-block budget of triples (48 bytes each) and bins;
+      per-block budget of triples (48 bytes each) and bins, for each of the at most
+      _JOIN_WORKERS blocks in flight;
     - the result: max_distance < 1 (what clustering asks for): at most 4·k1 stored pairs
       per row (about 16 measured at t = 0.6 on both kinds of features), 26 bytes each
       during assembly; max_distance = 1 (every pair sharing support): weakly separated
@@ -730,5 +746,5 @@ def estimate_jaccard_memory(
     knn_phase = 4 * n * d + blocks + lists
     v_entries = n * min(n, min(2 * k2, 10) * k1)
     pairs = n * min(n, 4 * k1) if max_distance < 1.0 else n * n
-    sparse_phase = 120 * v_entries + 48 * _TRIPLES_PER_BLOCK + 8 * _BINS_PER_BLOCK + 26 * pairs
+    sparse_phase = 120 * v_entries + _JOIN_WORKERS * (48 * _TRIPLES_PER_BLOCK + 8 * _BINS_PER_BLOCK) + 26 * pairs
     return int(features + max(knn_phase, sparse_phase))
