@@ -101,7 +101,8 @@ class ModelConfig:
     release's ``reduc_ratio // reduc_ratio``) or ``half`` (C/2, the non-local paper's).
     ``gem_learnable``: train the GeM exponent (AGW's variant) instead of the release's fixed p = 3.
     ``width``: channels of the stems and layer1, doubling per layer; 64 is torchvision's ResNet
-    (the release's; ImageNet weights exist only for it), the demo's 32 costs about a quarter.
+    (the release's; ImageNet weights exist only for it); 32 costs about a quarter of the compute
+    (benchmarks/train_throughput.py), but the demo keeps 64 (docs/benchmarks.md, "Demo time").
     ``last_stride``: stride of layer4, 1 as in AGW and the release, 2 as in plain ResNet (a
     quarter of layer4's cost, a feature map half as tall and wide).
     """

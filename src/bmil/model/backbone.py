@@ -121,8 +121,8 @@ class TwoStreamResNet(nn.Module):
         gem_learnable: train the GeM exponent (AGW's ``GeneralizedMeanPoolingP``) instead of
             fixing it as the release does.
         width: channels of the stems and ``layer1``, doubling per layer: 64 is torchvision's
-            ResNet (the release's, and the only width ImageNet weights exist for); 32 is a
-            ResNet a quarter of the cost, for the CPU demo.
+            ResNet (the release's, and the only width ImageNet weights exist for); 32 costs
+            about a quarter of the compute.
 
     Attributes:
         feat_dim: width of the output feature (2048 for depth 50, 512 for 18 / 34; scaled by
