@@ -278,3 +278,19 @@ def test_thresholded_join_in_many_blocks_across_threads_equals_one_block(monkeyp
     assert len(blocks) > 20
     assert np.array_equal(split.indptr, whole.indptr) and np.array_equal(split.indices, whole.indices)
     np.testing.assert_array_equal(split.data, whole.data)
+
+
+def test_later_in_own_column_equals_the_partner_search():
+    import scipy.sparse as sp
+
+    import bmil.cluster.jaccard as jaccard_module
+
+    v = sp.random_array((200, 200), density=0.05, format="csr", random_state=np.random.default_rng(4))
+    v.sort_indices()
+    vc = v.tocsc()
+    vc.sort_indices()
+    entry_rows = np.repeat(np.arange(200), np.diff(v.indptr))
+    expected = jaccard_module._partners(vc, v.indices.astype(np.int64), entry_rows)
+    found = jaccard_module._later_in_own_column(v, vc)
+    np.testing.assert_array_equal(found[0], expected[0])
+    np.testing.assert_array_equal(found[1], expected[1])

@@ -518,7 +518,7 @@ def _thresholded_distance(v: sparse.csr_array, max_distance: float) -> sparse.cs
     pc.sort_indices()
     del pre
     # prefix entries meet every later entry of their column; suffix entries only the prefix ones
-    first_all, fan_all = _partners(vc, ks, entry_rows)
+    first_all, fan_all = _later_in_own_column(v, vc)
     first_pre, fan_pre = _partners(pc, ks, entry_rows)
     first = np.where(suffix, first_pre + vc.indices.size, first_all)
     fan = np.where(suffix, fan_pre, fan_all)
@@ -617,6 +617,19 @@ def _partners(vc: sparse.csc_array, ks: np.ndarray, entry_rows: np.ndarray) -> t
     col_keys = np.repeat(np.arange(n, dtype=np.int64) * n1, np.diff(colptr)) + vc.indices
     first = np.searchsorted(col_keys, ks * n1 + entry_rows, side="right")
     return first, colptr[ks + 1] - first
+
+
+def _later_in_own_column(v: sparse.csr_array, vc: sparse.csc_array) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_partners` of V's entries in V's own columns (``vc``: V in CSC, sorted), in
+    linear time: entry (i, k) sits in column k of ``vc`` at some position p, and the rows
+    after i are the ones after p. int64 [nnz] first positions and counts, in V's CSR order."""
+    nnz = v.nnz
+    ids = sparse.csr_array((np.arange(1, nnz + 1, dtype=np.float64), v.indices, v.indptr), shape=v.shape).tocsc()
+    ids.sort_indices()
+    position = np.empty(nnz, np.int64)
+    position[ids.data.astype(np.int64) - 1] = np.arange(nnz, dtype=np.int64)
+    first = position + 1
+    return first, vc.indptr.astype(np.int64)[v.indices.astype(np.int64) + 1] - first
 
 
 def _assemble(pieces: list, order: np.ndarray, n: int) -> sparse.csr_array:
