@@ -21,13 +21,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from jaccard import _rss_kib, make_identity_features  # noqa: E402  (benchmarks/jaccard.py)
-from knn_scale import _timed  # noqa: E402
-
-
-def _reset_hwm() -> None:
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
+from jaccard import _rss_kib, make_identity_features, reset_peak_rss  # noqa: E402  (benchmarks/jaccard.py)
+from knn_scale import _timed, time_ivf_stages  # noqa: E402
 
 
 def main() -> None:
@@ -45,10 +40,7 @@ def main() -> None:
     knn_module = importlib.import_module("bmil.cluster.knn")
     jaccard_module = importlib.import_module("bmil.cluster.jaccard")
     times: dict = {}
-    _timed(knn_module, "_kmeans_centroids", lambda a, kw: "kmeans", times)
-    _timed(knn_module, "_nearest_centroid",
-           lambda a, kw: "assign" if kw.get("rows") is not None else ("probe" if len(a) > 2 and a[2] > 1 else "other"),
-           times)
+    time_ivf_stages(knn_module, times)
     _timed(jaccard_module, "knn_unit_rows", lambda a, kw: "knn", times)
     peaks: dict = {}
     search = jaccard_module.knn_unit_rows
@@ -58,19 +50,19 @@ def main() -> None:
             return search(*a, **kw)
         finally:
             peaks["knn"] = max(peaks.get("knn", 0), _rss_kib("VmHWM") - base)
-            _reset_hwm()
+            reset_peak_rss()
 
     jaccard_module.knn_unit_rows = knn_then_mark
 
     feats, modality, pid = make_identity_features(args.n, args.dim, "well")
     base = _rss_kib("VmRSS")
-    _reset_hwm()
+    reset_peak_rss()
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     dist = jaccard_distance(feats, 30, 6, modality=modality, max_distance=args.eps, knn=args.knn)
     t1 = time.perf_counter()
     peaks["jaccard_rest"] = _rss_kib("VmHWM") - base
-    _reset_hwm()
+    reset_peak_rss()
     labels = dbscan_labels(dist, args.eps, 4)
     t2 = time.perf_counter()
     peaks["dbscan"] = _rss_kib("VmHWM") - base

@@ -103,6 +103,15 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def reset_peak_rss() -> None:
+    """Reset the process's RSS high-water mark (VmHWM) to its current RSS, where the kernel allows."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
 def _modality_knn(feats: np.ndarray, modality: np.ndarray, k: int, method: str, queries=None) -> np.ndarray:
     """idx [Q, 2k]: the k nearest of each modality (exact or approximate)."""
     from bmil.cluster import knn
@@ -146,11 +155,7 @@ def worker(config: str, n: int, args: argparse.Namespace) -> dict:
 
     feats, modality, pid = make_identity_features(n, args.dim, args.features)
     base = _rss_kib("VmRSS")
-    try:  # reset the high-water mark to the current RSS where the kernel allows it
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
+    reset_peak_rss()
     out: dict = {}
     t0 = time.perf_counter()
     kk = max(args.k1 // 2, args.k2)

@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from jaccard import _rss_kib, make_identity_features  # noqa: E402  (benchmarks/jaccard.py)
+from jaccard import _rss_kib, make_identity_features, reset_peak_rss  # noqa: E402  (benchmarks/jaccard.py)
 
 
 def _timed(module, name: str, stage_of, times: dict) -> None:
@@ -48,6 +48,15 @@ def _timed(module, name: str, stage_of, times: dict) -> None:
     setattr(module, name, wrapper)
 
 
+def time_ivf_stages(knn_module, times: dict) -> None:
+    """Add the seconds of the approximate index's stages to ``times``: "kmeans" (training),
+    "assign" (candidates to lists), "probe" (queries × centroids, nprobe > 1)."""
+    _timed(knn_module, "_kmeans_centroids", lambda a, kw: "kmeans", times)
+    _timed(knn_module, "_nearest_centroid",
+           lambda a, kw: "assign" if kw.get("rows") is not None else ("probe" if len(a) > 2 and a[2] > 1 else "other"),
+           times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1_000_000)
@@ -61,18 +70,14 @@ def main() -> None:
 
     knn_module = importlib.import_module("bmil.cluster.knn")  # the module (bmil.cluster.knn is the function)
     times: dict = {}
-    _timed(knn_module, "_kmeans_centroids", lambda a, kw: "kmeans", times)
-    _timed(knn_module, "_nearest_centroid",
-           lambda a, kw: "assign" if kw.get("rows") is not None else ("probe" if len(a) > 2 and a[2] > 1 else "other"),
-           times)
+    time_ivf_stages(knn_module, times)
 
     t0 = time.perf_counter()
     feats, modality, pid = make_identity_features(args.n, args.dim, "well")
     gen_s = time.perf_counter() - t0
     x = torch.from_numpy(feats)  # unit float32 rows: no copy
     base = _rss_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
+    reset_peak_rss()
     rng = np.random.default_rng(2)
     q_rows = None if args.queries is None else np.sort(rng.choice(args.n, args.queries, replace=False))
     nq = args.n if q_rows is None else len(q_rows)
