@@ -36,7 +36,7 @@ import torch
 from scipy import sparse
 from scipy.sparse.csgraph import reverse_cuthill_mckee
 
-from bmil.cluster.knn import METHODS, as_unit_tensor, knn_unit_rows
+from bmil.cluster.knn import IVF_NPROBE, IVF_QUERY_CHUNK, METHODS, as_unit_tensor, ivf_lists, knn_unit_rows
 
 log = logging.getLogger(__name__)
 
@@ -734,8 +734,10 @@ def estimate_jaccard_memory(
     - kNN phase: exact: a copy of the candidate rows (at most 4·n·d) and a block of
       similarities B × min(8·B, n) float32 with B = min(block_size, n), counted twice for
       the matrix product and top-k temporaries; approximate: the IVF index holds a copy of
-      the candidate rows (4·n·d at most); both: the neighbour lists (12 bytes per entry,
-      twice);
+      the candidate rows (4·n·d at most), and each chunk of C = min(n, IVF_QUERY_CHUNK)
+      queries a copy of them and the gather buffer (4·C·d each), the per-list top-k
+      (8·C·IVF_NPROBE·(k1 + 1)) and one list's similarities (C × 3 mean list sizes, 4 bytes);
+      both: the neighbour lists (12 bytes per entry, twice);
     - sparse phase: V has at most min(2·k2, 10)·k1 nonzeros per row (each row averages
       2·k2 rows of the pre-expansion weights, whose supports E(i) hold about k1 members:
       23 at k1 = 30, measured; V itself: 93–236 per row at k1 = 30, k2 = 6 on well and
@@ -755,7 +757,11 @@ def estimate_jaccard_memory(
     features = 4 * n * d
     b = min(block_size, n)
     lists = 2 * 12 * n * (k1 + 1)
-    blocks = 0 if knn == "approximate" else 2 * 4 * b * min(8 * b, n)
+    if knn == "approximate":
+        c = min(n, IVF_QUERY_CHUNK)
+        blocks = c * (8 * d + 8 * IVF_NPROBE * (k1 + 1) + 4 * 3 * max(1, n // ivf_lists(n)))
+    else:
+        blocks = 2 * 4 * b * min(8 * b, n)
     knn_phase = 4 * n * d + blocks + lists
     v_entries = n * min(n, min(2 * k2, 10) * k1)
     pairs = n * min(n, 4 * k1) if max_distance < 1.0 else n * n
