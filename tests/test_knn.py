@@ -205,3 +205,21 @@ def test_approximate_search_in_query_chunks_equals_one_chunk(monkeypatch):
     assert np.array_equal(whole[1], chunked[1])
     # A product's rounding depends on its row count (the GEMM's blocking), not its maths.
     np.testing.assert_allclose(whole[0], chunked[0], atol=1e-6)
+
+
+def test_unit_rows_are_used_without_a_copy_and_others_normalised():
+    rng = np.random.default_rng(5)
+    raw = rng.standard_normal((50, 8)).astype(np.float32)
+    unit = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    same = knn_module.as_unit_tensor(unit)
+    assert np.shares_memory(same.numpy(), unit)
+    scaled = knn_module.as_unit_tensor(3 * unit)
+    assert not np.shares_memory(scaled.numpy(), unit)
+    np.testing.assert_allclose(np.linalg.norm(scaled.numpy(), axis=1), 1, atol=1e-6)
+    almost = unit.copy()
+    almost[7] *= 1 + 1e-3  # one row off: the whole matrix is normalised
+    np.testing.assert_allclose(np.linalg.norm(knn_module.as_unit_tensor(almost).numpy(), axis=1), 1, atol=1e-6)
+    assert np.array_equal(knn(unit, 5)[1], knn(3 * unit, 5)[1])
+    before = unit.copy()
+    knn(unit, 5, method="approximate")
+    assert np.array_equal(unit, before)
