@@ -280,6 +280,41 @@ def test_thresholded_join_in_many_blocks_across_threads_equals_one_block(monkeyp
     np.testing.assert_array_equal(split.data, whole.data)
 
 
+@pytest.mark.parametrize("max_distance", [0.6, 1.0])
+def test_join_summing_by_sorted_keys_equals_dense_bins(monkeypatch, max_distance):
+    # With a one-bin budget every block of more than one row sums its pairs by sorting.
+    import bmil.cluster.jaccard as jaccard_module
+
+    x, modality = weak_blobs(300, 7)
+    dense = jaccard_distance(x, 10, 4, modality=modality, max_distance=max_distance)
+    blocks = []
+    original = jaccard_module._join_blocks
+    monkeypatch.setattr(jaccard_module, "_join_blocks", lambda *a: blocks.extend(original(*a)) or iter(blocks))
+    monkeypatch.setattr(jaccard_module, "_BINS_PER_BLOCK", 1)
+    monkeypatch.setattr(jaccard_module, "_TRIPLES_PER_BLOCK", 3000)
+    by_sort = jaccard_distance(x, 10, 4, modality=modality, max_distance=max_distance)
+    assert sum(r1 - r0 > 1 for r0, r1, _ in blocks) > 5
+    assert np.array_equal(by_sort.indptr, dense.indptr) and np.array_equal(by_sort.indices, dense.indices)
+    np.testing.assert_array_equal(by_sort.data, dense.data)
+
+
+@pytest.mark.parametrize("bound", [1000, 1 << 60])  # packed sort; stable argsort (would overflow)
+def test_sum_by_key_equals_bincount(bound):
+    import bmil.cluster.jaccard as jaccard_module
+
+    rng = np.random.default_rng(8)
+    keys = rng.integers(0, 1000, 5000) * (bound // 1000)
+    weights = rng.random(5000)
+    weights[rng.random(5000) < 0.1] = 0.0
+    got_keys, got = jaccard_module._sum_by_key(keys, weights, bound)
+    expected = {}
+    for key, w in zip(keys.tolist(), weights.tolist(), strict=True):
+        expected[key] = expected.get(key, 0.0) + w  # the input's order, as bincount sums
+    want = sorted((key, total) for key, total in expected.items() if total != 0)
+    assert got_keys.tolist() == [key for key, _ in want]
+    assert got.tolist() == [total for _, total in want]
+
+
 def test_later_in_own_column_equals_the_partner_search():
     import scipy.sparse as sp
 

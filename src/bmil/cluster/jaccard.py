@@ -585,25 +585,24 @@ class _SuffixRows:
 
     def overlap(self, r0: int, r1: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """float64 [P]: Σ_k min over the shared suffix columns of each pair (rows[p], cols[p]),
-        rows in [r0, r1). Row block's suffixes go in a dense [r1 - r0, U] table over their U
-        distinct columns; each partner's suffix entries are looked up in it."""
+        rows in [r0, r1). The block's suffix entries, keyed (row − r0)·N + column, are
+        ascending (columns are sorted within each row); each partner's suffix entry is
+        looked up among them by its key."""
         out = np.zeros(len(rows))
         e0, e1 = self.indptr[r0], self.indptr[r1]
         if len(rows) == 0 or e0 == e1:
             return out
-        block_cols = self.cols[e0:e1]
-        uniq = np.unique(block_cols)
-        table = np.zeros((r1 - r0, len(uniq)), np.float32)
-        local = np.repeat(np.arange(r1 - r0), np.diff(self.indptr[r0 : r1 + 1]))
-        table[local, np.searchsorted(uniq, block_cols)] = self.data[e0:e1]
+        n = len(self.indptr) - 1
+        local = np.repeat(np.arange(r1 - r0, dtype=np.int64), np.diff(self.indptr[r0 : r1 + 1]))
+        block_keys = local * n + self.cols[e0:e1]
         count = self.indptr[cols + 1] - self.indptr[cols]
         total = int(count.sum())
         start = np.cumsum(count) - count
         pos = np.repeat(self.indptr[cols] - start, count) + np.arange(total, dtype=np.int64)
-        partner_cols = self.cols[pos]
-        slot = np.minimum(np.searchsorted(uniq, partner_cols), len(uniq) - 1)
-        mine = table[np.repeat(rows - r0, count), slot]
-        mine[uniq[slot] != partner_cols] = 0.0
+        wanted = np.repeat((rows - r0) * n, count) + self.cols[pos]
+        slot = np.minimum(np.searchsorted(block_keys, wanted), len(block_keys) - 1)
+        mine = self.data[e0 + slot]
+        mine[block_keys[slot] != wanted] = 0.0
         pair = np.repeat(np.arange(len(rows)), count)
         return np.bincount(pair, weights=np.minimum(mine, self.data[pos]), minlength=len(rows))
 
@@ -652,10 +651,38 @@ def _assemble(pieces: list, order: np.ndarray, n: int) -> sparse.csr_array:
     return full
 
 
+def _sum_by_key(keys: np.ndarray, weights: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct keys ascending, float64 sums of their weights), the keys' nonzero sums only:
+    what ``np.bincount(keys, weights)`` gives at its nonzero bins, summed in the same order
+    (the input's within each key), for keys in [0, bound) too many for dense bins. Sorts
+    key·2^b + position (one integer sort: the positions make it stable)."""
+    total = len(keys)
+    shift = max(1, total.bit_length())
+    if bound.bit_length() + shift < 63:
+        packed = np.sort((keys << shift) | np.arange(total, dtype=np.int64))
+        order, keys = packed & ((1 << shift) - 1), packed >> shift
+        del packed
+    else:
+        order = np.argsort(keys, kind="stable")
+        keys = keys[order]
+    weights = weights[order]
+    del order
+    new_key = np.empty(total, bool)
+    new_key[:1] = True
+    np.not_equal(keys[1:], keys[:-1], out=new_key[1:])
+    # bincount over the distinct keys' ranks: the same sequential float64 sums as dense bins
+    sums = np.bincount(np.cumsum(new_key) - 1, weights=weights)
+    keys = keys[new_key]
+    nonzero = sums != 0
+    return keys[nonzero], sums[nonzero]
+
+
 def _join_blocks(triples: np.ndarray, reach: np.ndarray):
-    """Row blocks (r0, r1, width) for the join: at most _TRIPLES_PER_BLOCK triples and
-    (r1 - r0)·width <= _BINS_PER_BLOCK accumulator bins (or a single row), where width
-    spans the block's partners r0..max(reach[r0:r1]).
+    """Row blocks (r0, r1, width) for the join: at most _TRIPLES_PER_BLOCK triples, where
+    width spans the block's partners r0..max(reach[r0:r1]). A block is cut further to
+    (r1 - r0)·width <= _BINS_PER_BLOCK dense accumulator bins when that keeps at least a
+    quarter of its rows; otherwise (partners spread wide: a few rows a block would make
+    the per-block overhead dominate) it keeps all its rows and sums by sorting its keys.
 
     triples: int64 [N+1], cumulative triple counts by row; reach: int64 [N], last partner.
     """
@@ -667,6 +694,8 @@ def _join_blocks(triples: np.ndarray, reach: np.ndarray):
         widths = np.maximum.accumulate(reach[r0:hi]) - r0 + 1
         bins = np.arange(1, hi - r0 + 1) * widths
         r1 = r0 + max(1, int(np.searchsorted(bins, _BINS_PER_BLOCK, side="right")))
+        if 4 * (r1 - r0) < hi - r0:
+            r1 = hi
         yield r0, r1, int(widths[r1 - r0 - 1])
         r0 = r1
 
@@ -712,10 +741,13 @@ class _ColumnJoin:
         local = np.repeat(np.arange(r1 - r0, dtype=np.int64), np.diff(self.indptr[r0 : r1 + 1]))
         pair = np.repeat(local * width - r0, fan) + partner
         del partner
-        s = np.bincount(pair, weights=overlap, minlength=(r1 - r0) * width)
-        del pair, overlap
-        keys = np.flatnonzero(s)
-        s = s[keys]
+        if (r1 - r0) * width <= _BINS_PER_BLOCK:
+            s = np.bincount(pair, weights=overlap, minlength=(r1 - r0) * width)
+            del pair, overlap
+            keys = np.flatnonzero(s)
+            s = s[keys]
+        else:
+            keys, s = _sum_by_key(pair, overlap, (r1 - r0) * width)
         rows = keys // width
         cols = keys - rows * width + r0
         return rows + r0, cols, s
@@ -736,14 +768,14 @@ def estimate_jaccard_memory(
       the matrix product and top-k temporaries; approximate: the IVF index holds a copy of
       the candidate rows (4·n·d at most), and each chunk of C = min(n, IVF_QUERY_CHUNK)
       queries a copy of them and the gather buffer (4·C·d each), the per-list top-k
-      (8·C·IVF_NPROBE·(k1 + 1)) and one list's similarities (C × 3 mean list sizes, 4 bytes);
+      (8·C·IVF_NPROBE·(k1 + 1), twice) and one list's similarities (C × 3 mean list sizes, 4 bytes);
       both: the neighbour lists (12 bytes per entry, twice);
     - sparse phase: V has at most min(2·k2, 10)·k1 nonzeros per row (each row averages
       2·k2 rows of the pre-expansion weights, whose supports E(i) hold about k1 members:
       23 at k1 = 30, measured; V itself: 93–236 per row at k1 = 30, k2 = 6 on well and
       weakly separated features, benchmarks/jaccard.py), about 120 bytes per entry (V in
       CSR and twice in CSC with the join's per-entry offsets), plus the join's fixed
-      per-block budget of triples (48 bytes each) and bins, for each of the at most
+      per-block budget of triples (64 bytes each, with the sort of a wide block) and bins, for each of the at most
       _JOIN_WORKERS blocks in flight;
     - the result: max_distance < 1 (what clustering asks for): at most 4·k1 stored pairs
       per row (about 16 measured at t = 0.6 on both kinds of features), 26 bytes each
@@ -759,11 +791,11 @@ def estimate_jaccard_memory(
     lists = 2 * 12 * n * (k1 + 1)
     if knn == "approximate":
         c = min(n, IVF_QUERY_CHUNK)
-        blocks = c * (8 * d + 8 * IVF_NPROBE * (k1 + 1) + 4 * 3 * max(1, n // ivf_lists(n)))
+        blocks = c * (8 * d + 16 * IVF_NPROBE * (k1 + 1) + 4 * 3 * max(1, n // ivf_lists(n)))
     else:
         blocks = 2 * 4 * b * min(8 * b, n)
     knn_phase = 4 * n * d + blocks + lists
     v_entries = n * min(n, min(2 * k2, 10) * k1)
     pairs = n * min(n, 4 * k1) if max_distance < 1.0 else n * n
-    sparse_phase = 120 * v_entries + _JOIN_WORKERS * (48 * _TRIPLES_PER_BLOCK + 8 * _BINS_PER_BLOCK) + 26 * pairs
+    sparse_phase = 120 * v_entries + _JOIN_WORKERS * (64 * _TRIPLES_PER_BLOCK + 8 * _BINS_PER_BLOCK) + 26 * pairs
     return int(features + max(knn_phase, sparse_phase))

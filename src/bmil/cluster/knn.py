@@ -249,29 +249,31 @@ def _search_lists(
     costs page faults that made the gather 20× slower than the copy itself."""
     dev = queries.device
     nq, nprobe = probe.shape
-    best_s = np.full((nq, nprobe * k), -np.inf, np.float32)
-    best_p = np.full((nq, nprobe * k), -1, np.int32)
-    flat = probe.ravel()
-    order = np.argsort(flat, kind="stable")
+    flat = probe.ravel()  # pair q·nprobe + slot probes list flat[pair]
+    order = np.argsort(flat, kind="stable")  # pairs grouped by list
     bounds = np.searchsorted(flat[order], np.arange(len(list_ptr)))
+    # Results in the grouped order (one contiguous slice per list), put back in pair order at the end.
+    found_s = np.full((nq * nprobe, k), -np.inf, np.float32)
+    found_p = np.full((nq * nprobe, k), -1, np.int32)
     counts, sizes = np.diff(bounds), np.diff(list_ptr)
     searched = np.flatnonzero((counts > 0) & (sizes > 0))
-    if len(searched) == 0:
-        return best_s, best_p
-    q_buf = torch.empty((int(counts[searched].max()), queries.shape[1]), dtype=queries.dtype, device=dev)
-    s_buf = torch.empty(int((counts[searched] * sizes[searched]).max()), dtype=queries.dtype, device=dev)
+    if len(searched):
+        q_buf = torch.empty((int(counts[searched].max()), queries.shape[1]), dtype=queries.dtype, device=dev)
+        s_buf = torch.empty(int((counts[searched] * sizes[searched]).max()), dtype=queries.dtype, device=dev)
     for lst in searched:
         a, b = list_ptr[lst], list_ptr[lst + 1]
-        pairs = order[bounds[lst] : bounds[lst + 1]]
-        qs, slot = pairs // nprobe, pairs % nprobe
-        q = torch.index_select(queries, 0, torch.from_numpy(qs).to(dev), out=q_buf[: len(qs)])
-        s = torch.mm(q, sorted_cands[a:b].T, out=s_buf[: len(qs) * (b - a)].view(len(qs), b - a))
+        p0, p1 = bounds[lst], bounds[lst + 1]
+        qs = torch.from_numpy(order[p0:p1] // nprobe).to(dev)
+        q = torch.index_select(queries, 0, qs, out=q_buf[: p1 - p0])
+        s = torch.mm(q, sorted_cands[a:b].T, out=s_buf[: (p1 - p0) * (b - a)].view(p1 - p0, b - a))
         kk = min(k, b - a)
         sims, pos = torch.topk(s, kk, dim=1)
-        cols = slot[:, None] * k + np.arange(kk)
-        best_s[qs[:, None], cols] = sims.cpu().numpy()
-        best_p[qs[:, None], cols] = pos.cpu().numpy() + a
-    return best_s, best_p
+        found_s[p0:p1, :kk] = sims.cpu().numpy()
+        found_p[p0:p1, :kk] = pos.cpu().numpy() + a
+    best_s = np.empty_like(found_s)
+    best_p = np.empty_like(found_p)
+    best_s[order], best_p[order] = found_s, found_p
+    return best_s.reshape(nq, nprobe * k), best_p.reshape(nq, nprobe * k)
 
 
 def _knn_ivf(
