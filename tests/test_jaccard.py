@@ -166,6 +166,8 @@ def test_bad_input_sentences():
     x, modality = blobs(60, 8)
     cases = [
         (dict(features=np.where(np.arange(16) == 3, np.nan, x)), "features contain NaN or infinite values."),
+        (dict(features=np.where(np.arange(16) == 5, -np.inf, x)), "features contain NaN or infinite values."),
+        (dict(features=np.where(np.arange(60)[:, None] == 7, np.inf, x)), "features contain NaN or infinite values."),
         (dict(features=x[:30], k1=30), "needs more than k1 = 30 samples, got 30"),
         (dict(features=x, modality=modality[:-1]), "modality must be a 1-D array of length 60"),
         (dict(features=x, modality=modality + 1), "modality must contain only 0 .visible. and 1 .infrared."),
