@@ -223,3 +223,16 @@ def test_unit_rows_are_used_without_a_copy_and_others_normalised():
     before = unit.copy()
     knn(unit, 5, method="approximate")
     assert np.array_equal(unit, before)
+
+
+def test_centroid_products_use_bfloat16_only_where_native(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert knn_module.centroid_dtype(cpu) == torch.float32
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert knn_module.centroid_dtype(cpu) == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert knn_module.centroid_dtype(cpu) == torch.float32
+    assert knn_module.centroid_dtype(torch.device("cuda")) == torch.bfloat16
