@@ -317,17 +317,36 @@ def test_sum_by_key_equals_bincount(bound):
     assert got.tolist() == [total for _, total in want]
 
 
-def test_later_in_own_column_equals_the_partner_search():
+def _partners_by_search(col_rows: np.ndarray, colptr: np.ndarray, ks: np.ndarray, entry_rows: np.ndarray):
+    """Reference: for each entry (entry_rows[e], ks[e]), binary search of column ks[e]'s
+    sorted rows for the first row after entry_rows[e]; (position, count of later rows)."""
+    first = np.array([
+        colptr[k] + np.searchsorted(col_rows[colptr[k] : colptr[k + 1]], i, side="right")
+        for i, k in zip(entry_rows, ks, strict=True)
+    ])
+    return first, colptr[ks + 1] - first
+
+
+@pytest.mark.parametrize("share", [None, 0.6])
+def test_later_rows_in_a_column_store_equal_a_binary_search(share):
     import scipy.sparse as sp
 
     import bmil.cluster.jaccard as jaccard_module
 
-    v = sp.random_array((200, 200), density=0.05, format="csr", random_state=np.random.default_rng(4))
+    rng = np.random.default_rng(4)
+    v = sp.random_array((200, 200), density=0.05, format="csr", random_state=rng)
     v.sort_indices()
-    vc = v.tocsc()
-    vc.sort_indices()
     entry_rows = np.repeat(np.arange(200), np.diff(v.indptr))
-    expected = jaccard_module._partners(vc, v.indices.astype(np.int64), entry_rows)
-    found = jaccard_module._later_in_own_column(v, vc)
+    ks = v.indices.astype(np.int64)
+    member = None if share is None else rng.random(v.nnz) < share
+    kept = v
+    if member is not None:
+        kept_ptr = np.concatenate([[0], np.cumsum(np.bincount(entry_rows[member], minlength=200))])
+        kept = sp.csr_array((v.data[member], v.indices[member], kept_ptr), shape=v.shape)
+    store = kept.tocsc()
+    store.sort_indices()
+    expected = _partners_by_search(store.indices, store.indptr.astype(np.int64), ks, entry_rows)
+    found = jaccard_module._later_in_column(jaccard_module._csc_positions(v), ks, member, store.indptr)
     np.testing.assert_array_equal(found[0], expected[0])
     np.testing.assert_array_equal(found[1], expected[1])
+    assert (found[1] > 0).sum() > 100  # most entries have later rows in their column

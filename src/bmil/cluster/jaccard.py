@@ -469,7 +469,7 @@ def _min_overlap_distance(v: sparse.csr_array) -> sparse.csr_array:
     vc.sort_indices()
     indptr = v.indptr.astype(np.int64)
     entry_rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr))
-    first, fan = _partners(vc, v.indices.astype(np.int64), entry_rows)
+    first, fan = _later_in_column(_csc_positions(v), v.indices.astype(np.int64), None, vc.indptr)
     join = _ColumnJoin(
         n=n, indptr=indptr, data=v.data, first=first, fan=fan,
         col_rows=vc.indices.astype(np.int32), col_data=vc.data,
@@ -520,8 +520,10 @@ def _thresholded_distance(v: sparse.csr_array, max_distance: float) -> sparse.cs
     pc.sort_indices()
     del pre
     # prefix entries meet every later entry of their column; suffix entries only the prefix ones
-    first_all, fan_all = _later_in_own_column(v, vc)
-    first_pre, fan_pre = _partners(pc, ks, entry_rows)
+    position = _csc_positions(v)
+    first_all, fan_all = _later_in_column(position, ks, None, vc.indptr)
+    first_pre, fan_pre = _later_in_column(position, ks, keep, pc.indptr)
+    del position
     first = np.where(suffix, first_pre + vc.indices.size, first_all)
     fan = np.where(suffix, fan_pre, fan_all)
     del first_all, fan_all, first_pre, fan_pre
@@ -609,28 +611,33 @@ class _SuffixRows:
         return np.bincount(pair, weights=np.minimum(mine, self.data[pos]), minlength=len(rows))
 
 
-def _partners(vc: sparse.csc_array, ks: np.ndarray, entry_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each entry (entry_rows[e], ks[e]) of V: position in ``vc``'s arrays of the first
-    row j > entry_rows[e] stored in column ks[e], and the number of such rows (int64 [nnz])."""
-    n = vc.shape[0]
-    colptr = vc.indptr.astype(np.int64)
-    n1 = np.int64(n + 1)
-    col_keys = np.repeat(np.arange(n, dtype=np.int64) * n1, np.diff(colptr)) + vc.indices
-    first = np.searchsorted(col_keys, ks * n1 + entry_rows, side="right")
-    return first, colptr[ks + 1] - first
-
-
-def _later_in_own_column(v: sparse.csr_array, vc: sparse.csc_array) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_partners` of V's entries in V's own columns (``vc``: V in CSC, sorted), in
-    linear time: entry (i, k) sits in column k of ``vc`` at some position p, and the rows
-    after i are the ones after p. int64 [nnz] first positions and counts, in V's CSR order."""
+def _csc_positions(v: sparse.csr_array) -> np.ndarray:
+    """int64 [nnz]: the position of each entry of V (CSR order) in V's arrays in CSC order
+    with sorted indices (scipy's counting-sort conversion of the entry numbers)."""
     nnz = v.nnz
     ids = sparse.csr_array((np.arange(1, nnz + 1, dtype=np.float64), v.indices, v.indptr), shape=v.shape).tocsc()
     ids.sort_indices()
     position = np.empty(nnz, np.int64)
     position[ids.data.astype(np.int64) - 1] = np.arange(nnz, dtype=np.int64)
-    first = position + 1
-    return first, vc.indptr.astype(np.int64)[v.indices.astype(np.int64) + 1] - first
+    return position
+
+
+def _later_in_column(
+    position: np.ndarray, ks: np.ndarray, member: np.ndarray | None, colptr: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each entry (i, k) of V: the position of the first row j > i of column k in a
+    column store holding V's entries flagged ``member`` (bool [nnz] in CSR order; None =
+    all), in the same sorted CSC order, with column pointers ``colptr``; and how many such
+    rows there are. int64 [nnz] each, in linear time: entry (i, k) sits at CSC position p
+    (``position``), and the members before or at p are the rows <= i of column k and every
+    earlier column's, so their count is the first later member's position."""
+    if member is None:
+        first = position + 1
+    else:
+        in_csc = np.zeros(len(position), bool)
+        in_csc[position] = member
+        first = np.cumsum(in_csc)[position]
+    return first, colptr.astype(np.int64)[ks + 1] - first
 
 
 def _assemble(pieces: list, order: np.ndarray, n: int) -> sparse.csr_array:
