@@ -491,14 +491,20 @@ def _min_overlap_distance(v: sparse.csr_array) -> sparse.csr_array:
         col_rows=vc.indices.astype(np.int32), col_data=vc.data,
     )
     del vc
-    pieces = []
-    for r0, r1, width in _join_blocks(join.triples_by_row(entry_rows), join.reach(entry_rows)):
-        rows, cols, s = join.block(r0, r1, width)
-        dist = np.maximum(1.0 - s / (2.0 - s), 0.0).astype(np.float32)
-        keep = dist < 1.0
-        pieces.append((rows[keep], cols[keep], dist[keep]))
+    blocks = _join_blocks(join.triples_by_row(entry_rows), join.reach(entry_rows))
+    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+        pieces = list(pool.map(functools.partial(_sharing_pairs, join), blocks))
     del join, v, first, fan, entry_rows
     return _assemble(pieces, order, n)
+
+
+def _sharing_pairs(join: _ColumnJoin, block: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, cols, distance) of the pairs of one row block (r0, r1, width) of the join
+    with distance below 1."""
+    rows, cols, s = join.block(*block)
+    dist = np.maximum(1.0 - s / (2.0 - s), 0.0).astype(np.float32)
+    keep = dist < 1.0
+    return rows[keep], cols[keep], dist[keep]
 
 
 def _thresholded_distance(v: sparse.csr_array, max_distance: float) -> sparse.csr_array:
