@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from bmil.engine.extract import resolve_device
+from bmil.engine.run import adam
 from bmil.losses import global_loss, intra_loss
 from bmil.memory import PrototypeMemory, positive_mask
 from bmil.model import build_model
@@ -47,7 +48,7 @@ class Step:
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model.train()
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=3.5e-4, weight_decay=5e-4, foreach=True)
+        self.optimizer = adam(list(self.model.parameters()), 3.5e-4, 5e-4)  # training's optimiser
         gen = torch.Generator().manual_seed(0)
         dim = self.model.feat_dim
         self.memories = {name: random_memory(c, dim, device, gen) for name, c in CLUSTERS.items()}
