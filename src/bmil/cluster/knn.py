@@ -10,9 +10,9 @@ Approximate method (``method="approximate"``): an inverted file over the candida
 ``nlist = IVF_LISTS_PER_SQRT · sqrt(M)`` lists (M candidates; at least 1, at most M / 39),
 their centroids from spherical k-means (``_IVF_ITERATIONS`` rounds on at most
 ``_IVF_TRAIN_PER_LIST`` points per list drawn with a fixed seed, scoring in
-:func:`centroid_dtype`); each
-query searches its ``nprobe = IVF_NPROBE`` nearest lists, and each list is searched for all
-the queries probing it with one matrix product, on the features' device (CPU or CUDA).
+:func:`centroid_dtype`); each query searches its ``nprobe = IVF_NPROBE`` nearest lists, and
+each list is searched for all the queries probing it with one matrix product, on the
+features' device (CPU or CUDA), ``IVF_QUERY_CHUNK`` queries at a time.
 faiss's ``IndexIVFFlat`` was slower than the exact product at d = 2048 on a 2-core CPU.
 Similarities of the neighbours it returns are exact inner products; only the neighbour set
 can miss true neighbours (recall measured by benchmarks/jaccard.py, docs/benchmarks.md,
