@@ -126,10 +126,16 @@ def _recall(feats, modality, pid, approx: np.ndarray, k: int) -> tuple[float, fl
     """recall@k per modality of ``approx`` [N, 2k] against exact search on sampled rows;
     and the share of the exact same-identity neighbours found."""
     rows = np.sort(np.random.default_rng(1).choice(len(feats), min(_RECALL_QUERIES, len(feats)), replace=False))
+    return recall_of_rows(feats, modality, pid, rows, approx[rows], k)
+
+
+def recall_of_rows(feats, modality, pid, rows: np.ndarray, found: np.ndarray, k: int) -> tuple[float, float]:
+    """recall@k per modality of ``found`` [len(rows), 2k], the approximate neighbours of
+    ``rows``, against exact search; and the share of the exact same-identity neighbours found.
+    ``feats`` with unit rows are searched without a normalised copy (bmil.cluster.knn)."""
     exact = _modality_knn(feats, modality, k, "exact", queries=rows)
-    found = [np.isin(e, a) for e, a in zip(exact, approx[rows], strict=True)]
+    hit = np.array([np.isin(e, a) for e, a in zip(exact, found, strict=True)])
     same = pid[exact] == pid[rows, None]
-    hit = np.array(found)
     return float(hit.mean()), float(hit[same].mean())
 
 

@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from jaccard import _rss_kib, make_identity_features, reset_peak_rss  # noqa: E402  (benchmarks/jaccard.py)
+from jaccard import _rss_kib, make_identity_features, recall_of_rows, reset_peak_rss  # noqa: E402  (benchmarks/jaccard.py)
 
 
 def _timed(module, name: str, stage_of, times: dict) -> None:
@@ -110,14 +110,8 @@ def main() -> None:
         pos = np.sort(rng.choice(nq, min(args.recall, nq), replace=False))
         rows = pos if q_rows is None else q_rows[pos]
         t1 = time.perf_counter()
-        exact = np.concatenate([
-            knn_module.knn_unit_rows(x, args.k, candidates=np.flatnonzero(modality == m), queries=rows)[1]
-            for m in (0, 1)
-        ], axis=1)
+        out["recall"], out["recall_same_id"] = recall_of_rows(feats, modality, pid, rows, lists[pos], args.k)
         out["recall_exact_s"] = time.perf_counter() - t1
-        hit = np.array([np.isin(e, a) for e, a in zip(exact, lists[pos], strict=True)])
-        same = pid[exact] == pid[rows, None]
-        out["recall"], out["recall_same_id"] = float(hit.mean()), float(hit[same].mean())
     print(json.dumps(out))
 
 
