@@ -1,6 +1,6 @@
 """Profile: where one clustering call's time and memory go (the modality-aware thresholded
 Jaccard distance with approximate or exact neighbours, then DBSCAN), on benchmarks/jaccard.py's
-``well`` features.
+``well`` (default) or ``weak`` features.
 
 Stages: the kNN (for the approximate method split into k-means training, assigning the
 candidates to lists, probing and the search proper, by wrapping bmil.cluster.knn's module
@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--knn", choices=("exact", "approximate"), default="approximate")
     parser.add_argument("--eps", type=float, default=0.6)
+    parser.add_argument("--features", choices=("well", "weak"), default="well")
     args = parser.parse_args()
 
     import torch  # noqa: F401
@@ -53,8 +54,16 @@ def main() -> None:
             reset_peak_rss()
 
     jaccard_module.knn_unit_rows = knn_then_mark
+    sizes: dict = {}
+    thresholded = jaccard_module._thresholded_distance
 
-    feats, modality, pid = make_identity_features(args.n, args.dim, "well")
+    def note_v(v, *a, **kw):  # V's entries: what the sparse phase's memory grows with
+        sizes["v_per_row"] = v.nnz / v.shape[0]
+        return thresholded(v, *a, **kw)
+
+    jaccard_module._thresholded_distance = note_v
+
+    feats, modality, pid = make_identity_features(args.n, args.dim, args.features)
     base = _rss_kib("VmRSS")
     reset_peak_rss()
     load0 = os.getloadavg()
@@ -67,12 +76,13 @@ def main() -> None:
     t2 = time.perf_counter()
     peaks["dbscan"] = _rss_kib("VmHWM") - base
     out = {
-        "n": args.n, "knn_method": args.knn, "call_s": t2 - t0, "jaccard_s": t1 - t0,
+        "n": args.n, "features": args.features, "knn_method": args.knn, "call_s": t2 - t0, "jaccard_s": t1 - t0,
         "knn_s": times.get("knn", 0.0), "kmeans_s": times.get("kmeans", 0.0), "assign_s": times.get("assign", 0.0),
         "probe_s": times.get("probe", 0.0),
         "search_s": times.get("knn", 0.0) - sum(times.get(s, 0.0) for s in ("kmeans", "assign", "probe")),
         "jaccard_rest_s": t1 - t0 - times.get("knn", 0.0), "dbscan_s": t2 - t1,
         "peak_gib": {k: v / 2**20 for k, v in peaks.items()}, "pairs_per_row": dist.nnz / args.n,
+        "v_per_row": sizes.get("v_per_row"),
         "ari_ids": label_quality(labels, pid)["ari"], "load_start": load0, "load_end": os.getloadavg(),
     }
     print(json.dumps(out))

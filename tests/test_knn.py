@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bmil.cluster import knn
-from bmil.cluster.knn import IVF_MIN_CANDIDATES, resolve_knn
+from bmil.cluster.knn import IVF_MIN_CANDIDATES, ivf_lists, ivf_probes, resolve_knn
 
 knn_module = importlib.import_module("bmil.cluster.knn")  # the module: bmil.cluster.knn is the function
 
@@ -125,6 +125,28 @@ def test_approximate_recall_on_a_small_case():
     # a single probed list misses neighbours: the parameter is used
     _, few = knn(x, 15, candidates=members, method="approximate", nprobe=1)
     assert np.mean([len(np.intersect1d(a, b)) / 15 for a, b in zip(few, exact_i, strict=True)]) < recall
+
+
+def test_default_probes_keep_the_share_of_a_larger_index():
+    # IVF_NPROBE (32) lists up to 32 · 48 = 1,536 lists, then one list in 48, rounded up
+    assert [ivf_probes(n) for n in (10, 32, 1442, 1536, 1537, 2366, 3225)] == [10, 32, 32, 32, 33, 50, 68]
+
+
+def test_the_default_probes_are_what_knn_searches(monkeypatch):
+    x = clustered(5000)
+    members = np.arange(0, 5000, 2)
+    assert ivf_lists(len(members)) == 64  # min(4·sqrt(2500), 2500 // 39)
+    monkeypatch.setattr(knn_module, "IVF_NPROBE", 2)
+    monkeypatch.setattr(knn_module, "IVF_LISTS_PER_PROBE", 4)  # 64 lists: 16 probed by default
+    default = knn(x, 15, candidates=members, method="approximate")
+    np.testing.assert_array_equal(default[1], knn(x, 15, candidates=members, method="approximate", nprobe=16)[1])
+    exact_i = brute_knn(x, 15, candidates=members)[1]
+    two = knn(x, 15, candidates=members, method="approximate", nprobe=2)[1]
+
+    def recall(found):
+        return np.mean([len(np.intersect1d(a, b)) for a, b in zip(found, exact_i, strict=True)])
+
+    assert recall(default[1]) > recall(two)
 
 
 def test_approximate_below_the_index_size_is_exact(feats):

@@ -36,7 +36,7 @@ import torch
 from scipy import sparse
 from scipy.sparse.csgraph import reverse_cuthill_mckee
 
-from bmil.cluster.knn import IVF_NPROBE, IVF_QUERY_CHUNK, METHODS, as_unit_tensor, ivf_lists, knn_unit_rows
+from bmil.cluster.knn import IVF_QUERY_CHUNK, METHODS, as_unit_tensor, ivf_lists, ivf_probes, knn_unit_rows
 
 log = logging.getLogger(__name__)
 
@@ -805,7 +805,8 @@ def estimate_jaccard_memory(
       the matrix product and top-k temporaries; approximate: the IVF index holds a copy of
       the candidate rows (4·n·d at most), and each chunk of C = min(n, IVF_QUERY_CHUNK)
       queries a copy of them and the gather buffer (4·C·d each), the per-list top-k
-      (8·C·IVF_NPROBE·(k1 + 1), twice) and one list's similarities (C × 3 mean list sizes, 4 bytes);
+      (8·C·nprobe·(k1 + 1), twice; nprobe: :func:`~bmil.cluster.knn.ivf_probes` of an index
+      over n rows) and one list's similarities (C × 3 mean list sizes, 4 bytes);
       both: the neighbour lists (12 bytes per entry, twice);
     - sparse phase: V has at most min(2·k2, 10)·k1 nonzeros per row (each row averages
       2·k2 rows of the pre-expansion weights, whose supports E(i) hold about k1 members:
@@ -828,7 +829,7 @@ def estimate_jaccard_memory(
     lists = 2 * 12 * n * (k1 + 1)
     if knn == "approximate":
         c = min(n, IVF_QUERY_CHUNK)
-        blocks = c * (8 * d + 16 * IVF_NPROBE * (k1 + 1) + 4 * 3 * max(1, n // ivf_lists(n)))
+        blocks = c * (8 * d + 16 * ivf_probes(ivf_lists(n)) * (k1 + 1) + 4 * 3 * max(1, n // ivf_lists(n)))
     else:
         blocks = 2 * 4 * b * min(8 * b, n)
     knn_phase = 4 * n * d + blocks + lists

@@ -10,7 +10,9 @@ Approximate method (``method="approximate"``): an inverted file over the candida
 ``nlist = IVF_LISTS_PER_SQRT · sqrt(M)`` lists (M candidates; at least 1, at most M / 39),
 their centroids from spherical k-means (``_IVF_ITERATIONS`` rounds on at most
 ``_IVF_TRAIN_PER_LIST`` points per list drawn with a fixed seed, scoring in
-:func:`centroid_dtype`); each query searches its ``nprobe = IVF_NPROBE`` nearest lists, and
+:func:`centroid_dtype`); each query searches its ``nprobe`` nearest lists (default
+:func:`ivf_probes`: IVF_NPROBE, or one list in IVF_LISTS_PER_PROBE once the index has more than
+IVF_NPROBE · IVF_LISTS_PER_PROBE lists, so that a query scans the same share of a larger index), and
 each list is searched for all the queries probing it with one matrix product, on the
 features' device (CPU or CUDA), ``IVF_QUERY_CHUNK`` queries at a time.
 faiss's ``IndexIVFFlat`` was slower than the exact product at d = 2048 on a 2-core CPU.
@@ -32,6 +34,10 @@ KNN_CHOICES = ("exact", "approximate", "auto")
 # IVF parameters of the approximate method (see the module docstring).
 IVF_LISTS_PER_SQRT = 4
 IVF_NPROBE = 32
+# Past 32 · 48 = 1,536 lists (about 150,000 candidates) nprobe grows with the index, keeping the
+# share of lists a query scans at the 2.2 % that gave ARI 0.960 at N = 200,000; 32 lists of the
+# 3,225 of 650,000 candidates (1 %) gave 0.795 at N = 1,000,000 (docs/benchmarks.md).
+IVF_LISTS_PER_PROBE = 48
 IVF_MIN_CANDIDATES = 2048
 _IVF_TRAIN_PER_LIST = 16
 _IVF_ITERATIONS = 6
@@ -182,6 +188,12 @@ def ivf_lists(m: int) -> int:
     return int(max(1, min(IVF_LISTS_PER_SQRT * np.sqrt(m), m // 39)))
 
 
+def ivf_probes(nlist: int) -> int:
+    """Lists a query searches by default in an index of ``nlist`` lists: IVF_NPROBE, or
+    ceil(nlist / IVF_LISTS_PER_PROBE) when that is more (never more than nlist)."""
+    return int(min(nlist, max(IVF_NPROBE, -(-nlist // IVF_LISTS_PER_PROBE))))
+
+
 def _candidate_mean(x: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
     """Mean [d] of the rows ``x[rows]``, gathered a block at a time."""
     total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
@@ -293,17 +305,18 @@ def _search_lists(
 
 
 def _knn_ivf(
-    x: torch.Tensor, q_rows: np.ndarray, c_rows: np.ndarray, k: int, nprobe: int, block_size: int
+    x: torch.Tensor, q_rows: np.ndarray, c_rows: np.ndarray, k: int, nprobe: int | None, block_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Approximate top-k of the ``q_rows`` among the ``c_rows``: an inverted file over the
-    candidates (k-means lists), each query searching its ``nprobe`` nearest lists
+    candidates (k-means lists), each query searching its ``nprobe`` nearest lists (None:
+    :func:`ivf_probes`)
     (:func:`_search_lists`), IVF_QUERY_CHUNK queries at a time so that the per-list
     results ([chunk, nprobe·k], 8 bytes per entry) stay bounded. Similarities are exact
     float32 inner products.
     """
     dev = x.device
     nlist = ivf_lists(len(c_rows))
-    nprobe = min(nprobe, nlist)
+    nprobe = ivf_probes(nlist) if nprobe is None else min(nprobe, nlist)
     # The index holds one copy of the candidate rows, grouped by list (sorted_cands); the
     # k-means sample and the list assignment gather from x a block at a time.
     center = _candidate_mean(x, c_rows)
@@ -350,7 +363,7 @@ def knn(
     backend: str = "torch",
     block_size: int = 2048,
     method: str = "exact",
-    nprobe: int = IVF_NPROBE,
+    nprobe: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """k nearest neighbours by cosine similarity (exact unless ``method="approximate"``).
 
@@ -365,7 +378,8 @@ def knn(
         may be cut differently at the k-th place).
     block_size: query rows per block.
     method: "exact" or "approximate" (the inverted file; see the module docstring).
-    nprobe: inverted lists searched per query by the approximate method.
+    nprobe: inverted lists searched per query by the approximate method (None:
+        :func:`ivf_probes` of the index's size).
 
     Returns (sims [Q, k] float32, idx [Q, k] int64): similarities descending, equal ones by
     lower index first; idx in the global 0..N-1 numbering. A query that is also a
@@ -386,7 +400,7 @@ def knn_unit_rows(
     backend: str = "torch",
     block_size: int = 2048,
     method: str = "exact",
-    nprobe: int = IVF_NPROBE,
+    nprobe: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`knn` on a float32 tensor ``x`` [N, d] whose rows are already unit length
     (as :func:`as_unit_tensor` returns), saving the copy that normalising makes."""
@@ -396,7 +410,7 @@ def knn_unit_rows(
         raise ValueError(f"knn method must be one of {METHODS}, got {method!r}.")
     if block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size}.")
-    if isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or nprobe < 1:
+    if nprobe is not None and (isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or nprobe < 1):
         raise ValueError(f"nprobe must be a positive integer, got {nprobe!r}.")
     n = x.shape[0]
     c_rows = _index_array(candidates, n, "candidates")
