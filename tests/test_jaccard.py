@@ -300,6 +300,24 @@ def test_join_summing_by_sorted_keys_equals_dense_bins(monkeypatch, max_distance
     np.testing.assert_array_equal(by_sort.data, dense.data)
 
 
+@pytest.mark.parametrize("max_distance", [0.6, 1.0])
+def test_join_with_64_bit_entry_indices_equals_32_bit(monkeypatch, max_distance):
+    # Past 2^30 entries of V the join's per-entry rows, positions and counts are int64;
+    # small data use int32. Both must give the same result, bit for bit.
+    import bmil.cluster.jaccard as jaccard_module
+
+    x, modality = weak_blobs(300, 11)
+    chosen = []
+    original = jaccard_module._entry_index_dtype
+    monkeypatch.setattr(jaccard_module, "_entry_index_dtype", lambda v: chosen.append(original(v)) or chosen[-1])
+    narrow = jaccard_distance(x, 10, 4, modality=modality, max_distance=max_distance)
+    monkeypatch.setattr(jaccard_module, "_entry_index_dtype", lambda v: np.int64)
+    wide = jaccard_distance(x, 10, 4, modality=modality, max_distance=max_distance)
+    assert chosen == [np.int32]
+    assert np.array_equal(wide.indptr, narrow.indptr) and np.array_equal(wide.indices, narrow.indices)
+    np.testing.assert_array_equal(wide.data, narrow.data)
+
+
 @pytest.mark.parametrize("bound", [1000, 1 << 60])  # packed sort; stable argsort (would overflow)
 def test_sum_by_key_equals_bincount(bound):
     import bmil.cluster.jaccard as jaccard_module

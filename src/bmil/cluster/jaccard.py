@@ -130,7 +130,13 @@ def jaccard_distance(
     del rows, cols, cos
     if nb.lqe_matrix is not None:
         v = nb.lqe_matrix @ v
-    dist = _min_overlap_distance(v) if max_distance >= 1.0 else _thresholded_distance(v, float(max_distance))
+    del nb
+    order = _band_order(v)
+    v = _rows_in_order(v, order)  # the original V is freed here, before the join
+    if max_distance >= 1.0:
+        dist = _min_overlap_distance(v, order)
+    else:
+        dist = _thresholded_distance(v, order, float(max_distance))
     log.debug("Jaccard distance: N = %d, %.1f stored pairs per row", n, dist.nnz / n)
     return dist
 
@@ -469,32 +475,48 @@ def _band_order(v: sparse.csr_array) -> np.ndarray:
     return reverse_cuthill_mckee((pattern + pattern.T).tocsr(), symmetric_mode=True).astype(np.int64)
 
 
-def _min_overlap_distance(v: sparse.csr_array) -> sparse.csr_array:
+def _rows_in_order(v: sparse.csr_array, order: np.ndarray) -> sparse.csr_array:
+    """V's rows in ``order`` (row i is sample order[i]; columns keep their numbering), with
+    sorted indices: the layout both joins take."""
+    v = v[order]
+    v.sort_indices()
+    return v
+
+
+def _entry_index_dtype(v: sparse.csr_array) -> type:
+    """int32 for the per-entry rows, positions and counts of the join when every value fits
+    (positions go up to twice V's entries), int64 otherwise: 4 bytes less per entry each."""
+    return np.int32 if max(2 * v.nnz, v.shape[0]) < np.iinfo(np.int32).max else np.int64
+
+
+def _entry_rows(v: sparse.csr_array, dtype: type) -> np.ndarray:
+    """The row of each entry of V (CSR order), as ``dtype``."""
+    return np.repeat(np.arange(v.shape[0], dtype=dtype), np.diff(v.indptr))
+
+
+def _min_overlap_distance(v: sparse.csr_array, order: np.ndarray) -> sparse.csr_array:
     """d(i, j) = 1 − s/(2 − s), s = Σ_k min(V[i,k], V[j,k]), for every pair sharing support.
 
-    Rows are processed in a banded order (:func:`_band_order`); each row meets only the
-    partners after it in that order (s is symmetric), so every unordered pair is computed
-    once and the result is exactly symmetric. Peak memory of the assembly: about 16 bytes
-    per stored entry.
+    v: V with its rows in a banded order (:func:`_band_order`, :func:`_rows_in_order`),
+    row i being sample ``order[i]``; each row meets only the partners after it in that
+    order (s is symmetric), so every unordered pair is computed once and the result is
+    exactly symmetric. Peak memory of the assembly: about 16 bytes per stored entry.
     """
     n = v.shape[0]
-    order = _band_order(v)
-    v = v[order]  # row i of v is sample order[i]; columns k keep their numbering
-    v.sort_indices()
+    dtype = _entry_index_dtype(v)
     vc = v.tocsc()
     vc.sort_indices()
-    indptr = v.indptr.astype(np.int64)
-    entry_rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr))
-    first, fan = _later_in_column(_csc_positions(v), v.indices.astype(np.int64), None, vc.indptr)
+    entry_rows = _entry_rows(v, dtype)
+    first, fan = _later_in_column(_csc_positions(v, dtype), v.indices, None, vc.indptr)
     join = _ColumnJoin(
-        n=n, indptr=indptr, data=v.data, first=first, fan=fan,
-        col_rows=vc.indices.astype(np.int32), col_data=vc.data,
+        n=n, indptr=v.indptr.astype(np.int64), data=v.data, first=first, fan=fan,
+        col_rows=vc.indices.astype(np.int32, copy=False), col_data=vc.data,
     )
     del vc
     blocks = _join_blocks(join.triples_by_row(entry_rows), join.reach(entry_rows))
     with ThreadPoolExecutor(max_workers=_workers()) as pool:
         pieces = list(pool.map(functools.partial(_sharing_pairs, join), blocks))
-    del join, v, first, fan, entry_rows
+    del join, first, fan, entry_rows
     return _assemble(pieces, order, n)
 
 
@@ -507,9 +529,9 @@ def _sharing_pairs(join: _ColumnJoin, block: tuple[int, int, int]) -> tuple[np.n
     return rows[keep], cols[keep], dist[keep]
 
 
-def _thresholded_distance(v: sparse.csr_array, max_distance: float) -> sparse.csr_array:
+def _thresholded_distance(v: sparse.csr_array, order: np.ndarray, max_distance: float) -> sparse.csr_array:
     """The pairs of :func:`_min_overlap_distance` with d <= ``max_distance`` (t < 1) only,
-    without computing the overlap of pairs that cannot reach it.
+    without computing the overlap of pairs that cannot reach it (v, order: as there).
 
     d <= t ⇔ s >= s_min = 2(1 − t)/(2 − t). Every row of V sums to 1. Columns get one global
     order, rarest first (fewest rows), ties by index; each row's entries in that order are
@@ -525,12 +547,8 @@ def _thresholded_distance(v: sparse.csr_array, max_distance: float) -> sparse.cs
     """
     n = v.shape[0]
     s_min = 2.0 * (1.0 - max_distance) / (2.0 - max_distance)
-    order = _band_order(v)
-    v = v[order]
-    v.sort_indices()
-    indptr = v.indptr.astype(np.int64)
-    ks = v.indices.astype(np.int64)
-    entry_rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr))
+    dtype = _entry_index_dtype(v)
+    entry_rows = _entry_rows(v, dtype)
     suffix = _suffix_entries(v, entry_rows, _SUFFIX_SHARE * s_min)
     suffix_mass = np.bincount(entry_rows, weights=np.where(suffix, v.data, 0.0), minlength=n)
     vc = v.tocsc()
@@ -542,16 +560,17 @@ def _thresholded_distance(v: sparse.csr_array, max_distance: float) -> sparse.cs
     pc.sort_indices()
     del pre
     # prefix entries meet every later entry of their column; suffix entries only the prefix ones
-    position = _csc_positions(v)
-    first_all, fan_all = _later_in_column(position, ks, None, vc.indptr)
-    first_pre, fan_pre = _later_in_column(position, ks, keep, pc.indptr)
-    del position
-    first = np.where(suffix, first_pre + vc.indices.size, first_all)
-    fan = np.where(suffix, fan_pre, fan_all)
-    del first_all, fan_all, first_pre, fan_pre
+    position = _csc_positions(v, dtype)
+    first, fan = _later_in_column(position, v.indices, None, vc.indptr)
+    first_pre, fan_pre = _later_in_column(position, v.indices, keep, pc.indptr)
+    del position, keep
+    first_pre += vc.indices.size  # the prefix columns follow V's columns in col_rows
+    np.copyto(first, first_pre, where=suffix)
+    np.copyto(fan, fan_pre, where=suffix)
+    del first_pre, fan_pre
     join = _ColumnJoin(
-        n=n, indptr=indptr, data=v.data, first=first, fan=fan,
-        col_rows=np.concatenate([vc.indices, pc.indices]).astype(np.int32),
+        n=n, indptr=v.indptr.astype(np.int64), data=v.data, first=first, fan=fan,
+        col_rows=np.concatenate([vc.indices, pc.indices]).astype(np.int32, copy=False),
         col_data=np.concatenate([vc.data, pc.data]),
     )
     del vc, pc
@@ -561,7 +580,7 @@ def _thresholded_distance(v: sparse.csr_array, max_distance: float) -> sparse.cs
     # numpy releases the GIL in much of a block's work: blocks run on the torch threads' cores
     with ThreadPoolExecutor(max_workers=_workers()) as pool:
         pieces = list(pool.map(passing, blocks))
-    del join, tails, v, first, fan, passing
+    del join, tails, first, fan, passing
     log.debug("thresholded Jaccard (t = %.3g): %.1f pairs per row kept", max_distance,
               sum(len(p[0]) for p in pieces) / n)
     return _assemble(pieces, order, n)
@@ -590,7 +609,7 @@ def _suffix_entries(v: sparse.csr_array, entry_rows: np.ndarray, limit: float) -
     counts = np.bincount(v.indices, minlength=n)
     col_rank = np.empty(n, np.int64)
     col_rank[np.lexsort((np.arange(n), counts))] = np.arange(n)
-    o, _ = _stable_argsort(entry_rows * n + col_rank[v.indices], n * n)  # by row, then column order
+    o, _ = _stable_argsort(entry_rows.astype(np.int64) * n + col_rank[v.indices], n * n)  # by row, then column order
     mass = v.data[o].astype(np.float64)
     from_end = np.cumsum(mass[::-1])[::-1]  # mass from each entry to the end of the array
     row_end = np.append(from_end, 0.0)[v.indptr[1:]]
@@ -633,14 +652,14 @@ class _SuffixRows:
         return np.bincount(pair, weights=np.minimum(mine, self.data[pos]), minlength=len(rows))
 
 
-def _csc_positions(v: sparse.csr_array) -> np.ndarray:
-    """int64 [nnz]: the position of each entry of V (CSR order) in V's arrays in CSC order
-    with sorted indices (scipy's counting-sort conversion of the entry numbers)."""
+def _csc_positions(v: sparse.csr_array, dtype: type = np.int64) -> np.ndarray:
+    """``dtype`` [nnz]: the position of each entry of V (CSR order) in V's arrays in CSC
+    order with sorted indices (scipy's counting-sort conversion of the entry numbers)."""
     nnz = v.nnz
-    ids = sparse.csr_array((np.arange(1, nnz + 1, dtype=np.float64), v.indices, v.indptr), shape=v.shape).tocsc()
+    ids = sparse.csr_array((np.arange(1, nnz + 1, dtype=dtype), v.indices, v.indptr), shape=v.shape).tocsc()
     ids.sort_indices()
-    position = np.empty(nnz, np.int64)
-    position[ids.data.astype(np.int64) - 1] = np.arange(nnz, dtype=np.int64)
+    position = np.empty(nnz, dtype)
+    position[ids.data - 1] = np.arange(nnz, dtype=dtype)
     return position
 
 
@@ -650,16 +669,18 @@ def _later_in_column(
     """For each entry (i, k) of V: the position of the first row j > i of column k in a
     column store holding V's entries flagged ``member`` (bool [nnz] in CSR order; None =
     all), in the same sorted CSC order, with column pointers ``colptr``; and how many such
-    rows there are. int64 [nnz] each, in linear time: entry (i, k) sits at CSC position p
-    (``position``), and the members before or at p are the rows <= i of column k and every
-    earlier column's, so their count is the first later member's position."""
+    rows there are. [nnz] each, of ``position``'s dtype, in linear time: entry (i, k) sits
+    at CSC position p (``position``), and the members before or at p are the rows <= i of
+    column k and every earlier column's, so their count is the first later member's position.
+    ks: the column k of each entry."""
+    dtype = position.dtype
     if member is None:
         first = position + 1
     else:
         in_csc = np.zeros(len(position), bool)
         in_csc[position] = member
-        first = np.cumsum(in_csc)[position]
-    return first, colptr.astype(np.int64)[ks + 1] - first
+        first = np.cumsum(in_csc, dtype=dtype)[position]
+    return first, colptr.astype(dtype, copy=False)[ks + 1] - first
 
 
 def _assemble(pieces: list, order: np.ndarray, n: int) -> sparse.csr_array:
