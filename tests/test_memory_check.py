@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from bmil.cluster import estimate_jaccard_memory
-from bmil.config import ClusterConfig, save_config
+from bmil.config import ClusterConfig, Config, apply_overrides, save_config
 from bmil.data.records import INFRARED, VISIBLE
 from bmil.engine import association, memory_check
 from bmil.errors import BmilError
@@ -23,7 +23,7 @@ def test_meminfo_parsing():
 
 def test_clustering_that_cannot_fit_stops_with_one_sentence():
     cfg = ClusterConfig(k1=30, block_size=2048)
-    estimate = estimate_jaccard_memory(34167, 30, 2048, 2048, max_distance=cfg.eps)
+    estimate = estimate_jaccard_memory(34167, 30, 2048, 2048, max_distance=cfg.eps, unit_rows=True, phase="before_join")
     assert memory_check.require_clustering_memory(34167, 2048, 30, cfg, available=estimate) == estimate
     with pytest.raises(memory_check.ClusteringMemoryError) as err:
         memory_check.require_clustering_memory(34167, 2048, 30, cfg, available=estimate - 1)
@@ -47,14 +47,57 @@ def test_cluster_once_checks_memory_before_computing(monkeypatch):
         association.cluster_once(x, ClusterConfig(k1=10, k2=3), modality)
 
 
+def test_the_join_is_checked_with_the_size_of_v(monkeypatch):
+    """Enough memory for the kNN and V, not for the join: stops once V is built, before the join."""
+    import bmil.cluster.jaccard as jaccard_module
+
+    x, modality, _ = clustered_features({VISIBLE: 40, INFRARED: 20})
+    cfg = ClusterConfig(k1=10, k2=3)
+    before_join = memory_check.require_clustering_memory(60, x.shape[1], 10, cfg, available=1 << 40)
+    monkeypatch.setattr(memory_check, "available_memory", lambda device="cpu": before_join)
+    seen = {}
+    band_order = jaccard_module._band_order
+    monkeypatch.setattr(jaccard_module, "_band_order", lambda v: seen.setdefault("entries", v.nnz) and band_order(v))
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the join ran although its memory check failed")
+
+    monkeypatch.setattr(jaccard_module, "_thresholded_distance", must_not_run)
+    with pytest.raises(memory_check.ClusteringMemoryError, match="N = 60 features: the Jaccard join") as err:
+        association.cluster_once(x, cfg, modality)
+    assert "\n" not in str(err.value)
+    assert "entries" not in seen  # stopped before the band order, the join's first step
+    # the estimate it compared is that of V's actual size
+    calls = []
+    monkeypatch.setattr(jaccard_module, "_thresholded_distance", lambda v, order, t: calls.append(v.nnz) or v)
+    jaccard_module.jaccard_distance(x, 10, 3, modality=modality, max_distance=cfg.eps, memory_check=calls.append)
+    assert calls[0] == jaccard_module.estimate_join_memory(60, calls[1], 10, cfg.eps)
+    assert calls[0] > before_join  # so the first call did stop at the join check
+
+
+def test_largest_clustering_of_a_run():
+    # the SYSU-MM01 preset's split at a million images: 650,000 visible, 350,000 infrared
+    cfg = Config()
+    assert (cfg.cluster.subset_ratio, cfg.cluster.global_visible) == (0.5, "left_out")
+    assert memory_check.largest_clustering(cfg, 650_000, 350_000) == 325_000 + 350_000
+    assert memory_check.largest_clustering(apply_overrides(cfg, ["cluster.global_visible=all"]), 650_000, 350_000) \
+        == 1_000_000
+    assert memory_check.largest_clustering(apply_overrides(cfg, ["cluster.subset_ratio=1"]), 650_000, 350_000) \
+        == 1_000_000  # nothing left out: global clustering takes every visible image
+    assert memory_check.largest_clustering(apply_overrides(cfg, ["train.stage2_epochs=0"]), 650_000, 350_000) \
+        == 350_000  # intra only: the infrared images outnumber the visible subset
+    assert memory_check.largest_clustering(cfg, 7, 2) == 3 + 2  # subsets of int(0.5·7) = 3; one image in neither
+
+
 def test_training_that_cannot_cluster_stops_before_the_first_epoch(synthetic_root, tmp_path, make_config,
                                                                    monkeypatch, capsys):
-    """Checked for the largest clustering of the run (stage 2: all images) at start-up."""
+    """Checked for the largest clustering of the run (stage 2's global input) at start-up."""
     monkeypatch.setattr(memory_check, "available_memory", lambda device="cpu": 4096)
     out = tmp_path / "run"
     cfg = make_config(synthetic_root, out)
     save_config(cfg, tmp_path / "tiny.yaml")
     code, _, err = run_cli(capsys, "train", "--config", str(tmp_path / "tiny.yaml"))
     assert code == 2 and "Traceback" not in err and err.count("\n") == 1
-    assert "N = 144 features" in err  # 96 visible + 48 infrared training images
+    # 96 visible + 48 infrared; stage 2 clusters the 48 visible images subset 0 leaves out + 48 infrared
+    assert "training on 144 images" in err and "N = 96," in err
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()

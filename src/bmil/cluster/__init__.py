@@ -5,7 +5,7 @@ Imports neither torch.nn models nor the engine, so it works on any feature array
 """
 
 from bmil.cluster.dbscan import dbscan_labels
-from bmil.cluster.jaccard import estimate_jaccard_memory, jaccard_distance
+from bmil.cluster.jaccard import estimate_jaccard_memory, estimate_join_memory, jaccard_distance
 from bmil.cluster.knn import knn
 from bmil.cluster.labels import (
     SubClusters,
@@ -26,6 +26,7 @@ __all__ = [
     "clustering_k1",
     "dbscan_labels",
     "estimate_jaccard_memory",
+    "estimate_join_memory",
     "jaccard_distance",
     "knn",
     "label_quality",

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -56,6 +57,11 @@ _BYTES_PER_DOT_CHUNK = 1 << 24
 _JOIN_WORKERS = 4  # at most this many row blocks of the thresholded join in flight at once
 _SUFFIX_SHARE = 0.85
 _BOUND_SLACK = 1e-6
+# Memory estimate (estimate_jaccard_memory, estimate_join_memory): bytes per entry of V
+# while it is built (V with the local query expansion's product) and during the join.
+_V_BYTES_PER_ENTRY = 24
+_JOIN_BYTES_PER_V_ENTRY = 72
+_PHASES = ("all", "before_join")
 
 
 def jaccard_distance(
@@ -70,6 +76,7 @@ def jaccard_distance(
     block_size: int = 2048,
     max_distance: float = 1.0,
     knn: str = "exact",
+    memory_check: Callable[[int], None] | None = None,
 ) -> sparse.csr_array:
     """Sparse k-reciprocal Jaccard distance between all rows of ``features``.
 
@@ -102,6 +109,8 @@ def jaccard_distance(
         the stored values equal those of the full result.
     knn: "exact" or "approximate" neighbours in step 1 (:func:`bmil.cluster.knn`,
         ``method``: faiss IVF per modality on CPU features).
+    memory_check: called once V is built, before the join, with the bytes the rest of the
+        call needs (:func:`estimate_join_memory` of V's size); it may raise to stop there.
 
     Returns a float32 ``scipy.sparse.csr_array`` [N, N] with sorted indices holding every
     pair whose distance is at most ``max_distance`` and below 1 (explicit zeros kept,
@@ -131,6 +140,8 @@ def jaccard_distance(
     if nb.lqe_matrix is not None:
         v = nb.lqe_matrix @ v
     del nb
+    if memory_check is not None:
+        memory_check(estimate_join_memory(n, v.nnz, k1, max_distance))
     order = _band_order(v)
     v = _rows_in_order(v, order)  # the original V is freed here, before the join
     if max_distance >= 1.0:
@@ -813,14 +824,19 @@ class _ColumnJoin:
 
 def estimate_jaccard_memory(
     n: int, k1: int = 30, d: int = 2048, block_size: int = 2048, *, k2: int = 6, max_distance: float = 1.0,
-    knn: str = "exact",
+    knn: str = "exact", unit_rows: bool = False, phase: str = "all",
 ) -> int:
     """Estimated peak extra memory (bytes) of :func:`jaccard_distance` on CPU (torch kNN)
     for N = ``n`` float32 features of dimension ``d``; an upper estimate, not a guarantee.
 
-    Derivation (the kNN phase and the sparse phase do not overlap; the normalised copy of
-    the features lives through both):
-    - normalised copy of the features: 4·n·d;
+    unit_rows: the features are float32 rows of unit length (what extraction returns), so
+        no normalised copy is made. phase: ``"all"`` (the whole call) or ``"before_join"``
+        (up to and including building V: what must fit before ``jaccard_distance``'s
+        ``memory_check`` can look at V; see :func:`estimate_join_memory` for the rest).
+
+    Derivation (the kNN phase, building V and the join do not overlap; the normalised copy
+    of the features lives through all of them):
+    - normalised copy of the features (unless ``unit_rows``): 4·n·d;
     - kNN phase: exact: a copy of the candidate rows (at most 4·n·d) and a block of
       similarities B × min(8·B, n) float32 with B = min(block_size, n), counted twice for
       the matrix product and top-k temporaries; approximate: the IVF index holds a copy of
@@ -829,23 +845,19 @@ def estimate_jaccard_memory(
       (8·C·nprobe·(k1 + 1), twice; nprobe: :func:`~bmil.cluster.knn.ivf_probes` of an index
       over n rows) and one list's similarities (C × 3 mean list sizes, 4 bytes);
       both: the neighbour lists (12 bytes per entry, twice);
-    - sparse phase: V has at most min(2·k2, 10)·k1 nonzeros per row (each row averages
-      2·k2 rows of the pre-expansion weights, whose supports E(i) hold about k1 members:
-      23 at k1 = 30, measured; V itself: 93–236 per row at k1 = 30, k2 = 6 on well and
-      weakly separated features, benchmarks/jaccard.py), about 120 bytes per entry (V in
-      CSR and twice in CSC with the join's per-entry offsets), plus the join's fixed
-      per-block budget of triples (64 bytes each, with the sort of a wide block) and bins, for each of the at most
-      _JOIN_WORKERS blocks in flight;
-    - the result: max_distance < 1 (what clustering asks for): at most 4·k1 stored pairs
-      per row (about 16 measured at t = 0.6 on both kinds of features), 26 bytes each
-      during assembly; max_distance = 1 (every pair sharing support): weakly separated
-      features make nearly every pair share support (5,144 of 6,000 per row measured), so
-      the estimate assumes the dense worst case, n pairs per row.
+    - V has at most min(2·k2, 10)·k1 nonzeros per row (each row averages 2·k2 rows of the
+      pre-expansion weights, whose supports E(i) hold about k1 members: 23 at k1 = 30,
+      measured; V itself: 53–238 per row at k1 = 30, k2 = 6 on well and weakly separated
+      features); building it: the expansion's pairs (64 bytes per row and rank-list entry)
+      and V with the local query expansion's product (_V_BYTES_PER_ENTRY per entry);
+    - the join and the result: :func:`estimate_join_memory` with that many entries.
     """
     if n < 1 or k1 < 1 or k2 < 1 or d < 1 or block_size < 1:
         raise ValueError("n, k1, k2, d and block_size must be positive.")
     _validate_scale(max_distance, knn)
-    features = 4 * n * d
+    if phase not in _PHASES:
+        raise ValueError(f"phase must be one of {_PHASES}, got {phase!r}.")
+    copy = 0 if unit_rows else 4 * n * d
     b = min(block_size, n)
     lists = 2 * 12 * n * (k1 + 1)
     if knn == "approximate":
@@ -855,6 +867,28 @@ def estimate_jaccard_memory(
         blocks = 2 * 4 * b * min(8 * b, n)
     knn_phase = 4 * n * d + blocks + lists
     v_entries = n * min(n, min(2 * k2, 10) * k1)
+    building_v = lists + 64 * n * (k1 + 1) + _V_BYTES_PER_ENTRY * v_entries
+    if phase == "before_join":
+        return int(copy + max(knn_phase, building_v))
+    return int(copy + max(knn_phase, building_v, estimate_join_memory(n, v_entries, k1, max_distance)))
+
+
+def estimate_join_memory(n: int, v_entries: int, k1: int = 30, max_distance: float = 1.0) -> int:
+    """Estimated peak extra memory (bytes) of :func:`jaccard_distance` from V on (the band
+    order, the join and the result), V having ``v_entries`` nonzeros; an upper estimate.
+
+    - _JOIN_BYTES_PER_V_ENTRY per entry of V: V in band order, in CSC and the prefix
+      columns, the per-entry rows, offsets and counts (int32 below 2^30 entries), and the
+      suffix split's sort; measured 48–61 beyond the two terms below on weakly and well
+      separated features (N = 20,000–40,000, t = 0.6);
+    - the join's fixed per-block budget of triples (64 bytes each, with the sort of a wide
+      block) and bins, for each of the at most _JOIN_WORKERS blocks in flight;
+    - the result, 26 bytes per stored pair during assembly: max_distance < 1 (what
+      clustering asks for): at most 4·k1 pairs per row (about 16 measured at t = 0.6 on
+      both kinds of features); max_distance = 1 (every pair sharing support): weakly
+      separated features make nearly every pair share support (5,144 of 6,000 per row
+      measured), so the dense worst case, n pairs per row.
+    """
     pairs = n * min(n, 4 * k1) if max_distance < 1.0 else n * n
-    sparse_phase = 120 * v_entries + _JOIN_WORKERS * (64 * _TRIPLES_PER_BLOCK + 8 * _BINS_PER_BLOCK) + 26 * pairs
-    return int(features + max(knn_phase, sparse_phase))
+    fixed = _JOIN_WORKERS * (64 * _TRIPLES_PER_BLOCK + 8 * _BINS_PER_BLOCK)
+    return int(_JOIN_BYTES_PER_V_ENTRY * v_entries + fixed + 26 * pairs)

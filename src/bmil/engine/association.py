@@ -21,7 +21,7 @@ from bmil.cluster import (
 )
 from bmil.config import ClusterConfig
 from bmil.data.records import INFRARED, VISIBLE
-from bmil.engine.memory_check import require_clustering_memory
+from bmil.engine.memory_check import join_memory_check, require_clustering_memory
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,12 @@ def cluster_distance(
     if k1 < cfg.k1:
         log.warning("only %d samples: clustering with k1=%d instead of %d", n, k1, cfg.k1)
     k2 = max(1, min(cfg.k2, k1))
-    require_clustering_memory(n, int(features.shape[1]), k1, cfg, getattr(features, "device", "cpu"))
+    device = getattr(features, "device", "cpu")
+    require_clustering_memory(n, int(features.shape[1]), k1, cfg, device)
     return jaccard_distance(
         features, k1=k1, k2=k2, modality=modality, lqe=cfg.lqe, backend=cfg.backend, block_size=cfg.block_size,
         max_distance=cfg.eps, knn=resolve_knn(cfg.knn, n, cfg.approximate_above),
+        memory_check=join_memory_check(n, cfg),  # the join runs on the host
     )
 
 
