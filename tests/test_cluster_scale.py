@@ -89,6 +89,21 @@ def test_knn_choice_in_the_configuration():
         config_from_dict({"cluster": {"knn": "ivf"}})
 
 
+def test_nprobe_in_the_configuration_reaches_the_search(monkeypatch):
+    import bmil.cluster.jaccard as jaccard_module
+
+    cfg = config_from_dict({"cluster": {"knn": "approximate", "nprobe": 3, "k1": 10, "k2": 4}}).cluster
+    assert config_from_dict({}).cluster.nprobe is None  # the index's default
+    with pytest.raises(ConfigError, match="'cluster.nprobe' must be >= 1"):
+        config_from_dict({"cluster": {"nprobe": 0}})
+    x, modality, _ = identity_features(400, 64, 0.9)
+    asked = []
+    real = jaccard_module.knn_unit_rows
+    monkeypatch.setattr(jaccard_module, "knn_unit_rows", lambda *a, **kw: asked.append(kw) or real(*a, **kw))
+    association.cluster_distance(x, cfg, modality)
+    assert asked and all(kw["nprobe"] == 3 and kw["method"] == "approximate" for kw in asked)
+
+
 def test_approximate_neighbours_give_the_same_clusters():
     x, modality, _ = identity_features(6000, 64, 0.9, seed=3)
     exact = dbscan_labels(jaccard_distance(x, 30, 6, modality=modality, max_distance=0.6), 0.6, 4)

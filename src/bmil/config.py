@@ -130,6 +130,9 @@ class ClusterConfig:
     ``knn``: neighbours of the Jaccard distance: ``exact``, ``approximate`` (an inverted file
     per modality, ``bmil.cluster.knn``) or ``auto`` (approximate when a clustering has more than
     ``approximate_above`` images).
+    ``nprobe``: lists each query of the approximate kNN searches; empty (None): 32, growing
+    with the index past about 150,000 images per modality (``bmil.cluster.knn.ivf_probes``).
+    More finds more of the true neighbours at proportional search time.
     """
 
     k1: int = 30
@@ -146,6 +149,7 @@ class ClusterConfig:
     memory_check: bool = True
     knn: str = "exact"
     approximate_above: int = 100_000
+    nprobe: int | None = None
 
 
 @dataclass
@@ -342,6 +346,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("configuration key 'cluster.eps' must be in (0, 1)")
     if cfg.train.stage1_epochs < 0 or cfg.train.stage2_epochs < 0:
         raise ConfigError("configuration keys 'train.stage1_epochs'/'train.stage2_epochs' must be >= 0")
+    if cfg.cluster.nprobe is not None and cfg.cluster.nprobe < 1:
+        raise ConfigError(f"configuration key 'cluster.nprobe' must be >= 1 (or empty), got {cfg.cluster.nprobe}")
     if cfg.data.workers is not None and cfg.data.workers < 0:
         raise ConfigError(f"configuration key 'data.workers' must be >= 0, got {cfg.data.workers}")
     for key in ("iterations", "num_ids", "num_instances", "extract_batch", "eval_every", "lr_step", "bn_split"):

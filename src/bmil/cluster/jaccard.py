@@ -76,6 +76,7 @@ def jaccard_distance(
     block_size: int = 2048,
     max_distance: float = 1.0,
     knn: str = "exact",
+    nprobe: int | None = None,
     memory_check: Callable[[int], None] | None = None,
 ) -> sparse.csr_array:
     """Sparse k-reciprocal Jaccard distance between all rows of ``features``.
@@ -109,6 +110,8 @@ def jaccard_distance(
         the stored values equal those of the full result.
     knn: "exact" or "approximate" neighbours in step 1 (:func:`bmil.cluster.knn`,
         ``method``: faiss IVF per modality on CPU features).
+    nprobe: lists each query of the approximate kNN searches (None: the index's default,
+        :func:`~bmil.cluster.knn.ivf_probes`).
     memory_check: called once V is built, before the join, with the bytes the rest of the
         call needs (:func:`estimate_join_memory` of V's size); it may raise to stop there.
 
@@ -122,7 +125,7 @@ def jaccard_distance(
     _validate_scale(max_distance, knn)
     cam = _validate_camera(camera, mod, x.shape[0])
     n = x.shape[0]
-    search = _Search(backend, block_size, knn)
+    search = _Search(backend, block_size, knn, nprobe)
     with torch.no_grad():
         if mod is None:
             nb = _plain_neighbours(x, k1, k2, search)
@@ -198,14 +201,17 @@ def _validate_scale(max_distance, knn: str) -> None:
 
 @dataclass(frozen=True)
 class _Search:
-    """How step 1 finds neighbours: :func:`knn_unit_rows`'s backend, block_size, method."""
+    """How step 1 finds neighbours: :func:`knn_unit_rows`'s backend, block_size, method, nprobe."""
 
     backend: str
     block_size: int
     method: str
+    nprobe: int | None = None
 
     def __call__(self, x: torch.Tensor, k: int, **rows) -> tuple[np.ndarray, np.ndarray]:
-        return knn_unit_rows(x, k, backend=self.backend, block_size=self.block_size, method=self.method, **rows)
+        return knn_unit_rows(
+            x, k, backend=self.backend, block_size=self.block_size, method=self.method, nprobe=self.nprobe, **rows
+        )
 
 
 def _validate_camera(camera, mod: np.ndarray | None, n: int) -> np.ndarray | None:
@@ -824,7 +830,7 @@ class _ColumnJoin:
 
 def estimate_jaccard_memory(
     n: int, k1: int = 30, d: int = 2048, block_size: int = 2048, *, k2: int = 6, max_distance: float = 1.0,
-    knn: str = "exact", unit_rows: bool = False, phase: str = "all",
+    knn: str = "exact", unit_rows: bool = False, phase: str = "all", nprobe: int | None = None,
 ) -> int:
     """Estimated peak extra memory (bytes) of :func:`jaccard_distance` on CPU (torch kNN)
     for N = ``n`` float32 features of dimension ``d``; an upper estimate, not a guarantee.
@@ -833,6 +839,7 @@ def estimate_jaccard_memory(
         no normalised copy is made. phase: ``"all"`` (the whole call) or ``"before_join"``
         (up to and including building V: what must fit before ``jaccard_distance``'s
         ``memory_check`` can look at V; see :func:`estimate_join_memory` for the rest).
+        nprobe: the approximate kNN's (None: its default).
 
     Derivation (the kNN phase, building V and the join do not overlap; the normalised copy
     of the features lives through all of them):
@@ -842,8 +849,8 @@ def estimate_jaccard_memory(
       the matrix product and top-k temporaries; approximate: the IVF index holds a copy of
       the candidate rows (4·n·d at most), and each chunk of C = min(n, IVF_QUERY_CHUNK)
       queries a copy of them and the gather buffer (4·C·d each), the per-list top-k
-      (8·C·nprobe·(k1 + 1), twice; nprobe: :func:`~bmil.cluster.knn.ivf_probes` of an index
-      over n rows) and one list's similarities (C × 3 mean list sizes, 4 bytes);
+      (8·C·nprobe·(k1 + 1), twice; default nprobe: :func:`~bmil.cluster.knn.ivf_probes` of
+      an index over n rows) and one list's similarities (C × 3 mean list sizes, 4 bytes);
       both: the neighbour lists (12 bytes per entry, twice);
     - V has at most min(2·k2, 10)·k1 nonzeros per row (each row averages 2·k2 rows of the
       pre-expansion weights, whose supports E(i) hold about k1 members: 23 at k1 = 30,
@@ -862,7 +869,8 @@ def estimate_jaccard_memory(
     lists = 2 * 12 * n * (k1 + 1)
     if knn == "approximate":
         c = min(n, IVF_QUERY_CHUNK)
-        blocks = c * (8 * d + 16 * ivf_probes(ivf_lists(n)) * (k1 + 1) + 4 * 3 * max(1, n // ivf_lists(n)))
+        probes = ivf_probes(ivf_lists(n)) if nprobe is None else min(nprobe, ivf_lists(n))
+        blocks = c * (8 * d + 16 * probes * (k1 + 1) + 4 * 3 * max(1, n // ivf_lists(n)))
     else:
         blocks = 2 * 4 * b * min(8 * b, n)
     knn_phase = 4 * n * d + blocks + lists

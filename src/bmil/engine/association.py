@@ -83,7 +83,7 @@ def cluster_distance(
     require_clustering_memory(n, int(features.shape[1]), k1, cfg, device)
     return jaccard_distance(
         features, k1=k1, k2=k2, modality=modality, lqe=cfg.lqe, backend=cfg.backend, block_size=cfg.block_size,
-        max_distance=cfg.eps, knn=resolve_knn(cfg.knn, n, cfg.approximate_above),
+        max_distance=cfg.eps, knn=resolve_knn(cfg.knn, n, cfg.approximate_above), nprobe=cfg.nprobe,
         memory_check=join_memory_check(n, cfg),  # the join runs on the host
     )
 

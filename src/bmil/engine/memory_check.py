@@ -108,7 +108,7 @@ def _require(
 def _estimate_before_join(n: int, dim: int, k1: int, cfg: ClusterConfig) -> int:
     return estimate_jaccard_memory(
         max(n, 1), max(k1, 1), max(dim, 1), cfg.block_size, k2=max(cfg.k2, 1), max_distance=cfg.eps,
-        knn=resolve_knn(cfg.knn, n, cfg.approximate_above), unit_rows=True, phase="before_join",
+        knn=resolve_knn(cfg.knn, n, cfg.approximate_above), unit_rows=True, phase="before_join", nprobe=cfg.nprobe,
     )
 
 
