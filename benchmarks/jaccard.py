@@ -230,7 +230,7 @@ def main() -> None:
     parser.add_argument("--bare-seconds", type=float, default=None,
                         help="exact bare kNN seconds to divide by when --configs has no knn (e.g. N = 34,167's)")
     parser.add_argument("--nprobe", type=int, default=None,
-                        help="lists probed per query by the approximate kNN (default bmil.cluster.knn.ivf_probes)")
+                        help="lists probed per query by the approximate kNN (default bmil.cluster.knn.IVF_NPROBE)")
     parser.add_argument("--lists-per-sqrt", type=float, default=None,
                         help="inverted lists per sqrt(candidates) (default bmil.cluster.knn.IVF_LISTS_PER_SQRT)")
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
@@ -243,8 +243,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     knn_module = importlib.import_module("bmil.cluster.knn")  # the module (bmil.cluster.knn is the function)
 
-    nprobe = args.nprobe if args.nprobe is not None else (
-        f"{knn_module.IVF_NPROBE}, or one list in {knn_module.IVF_LISTS_PER_PROBE} when more")
+    nprobe = args.nprobe if args.nprobe is not None else knn_module.IVF_NPROBE
     lists = args.lists_per_sqrt if args.lists_per_sqrt is not None else knn_module.IVF_LISTS_PER_SQRT
     print(f"k1 = {args.k1}, k2 = {args.k2}, d = {args.dim}, float32, torch exact kNN, eps {args.eps}; "
           f"approximate: {lists:g}·sqrt(M) lists, nprobe {nprobe}; load average at start {load:.2f}\n")

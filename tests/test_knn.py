@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bmil.cluster import knn
-from bmil.cluster.knn import IVF_MIN_CANDIDATES, ivf_lists, ivf_probes, resolve_knn
+from bmil.cluster.knn import IVF_MIN_CANDIDATES, ivf_lists, resolve_knn
 
 knn_module = importlib.import_module("bmil.cluster.knn")  # the module: bmil.cluster.knn is the function
 
@@ -127,17 +127,17 @@ def test_approximate_recall_on_a_small_case():
     assert np.mean([len(np.intersect1d(a, b)) / 15 for a, b in zip(few, exact_i, strict=True)]) < recall
 
 
-def test_default_probes_keep_the_share_of_a_larger_index():
-    # IVF_NPROBE (32) lists up to 32 · 48 = 1,536 lists, then one list in 48, rounded up
-    assert [ivf_probes(n) for n in (10, 32, 1442, 1536, 1537, 2366, 3225)] == [10, 32, 32, 32, 33, 50, 68]
+def test_lists_stop_growing_at_about_96_rows():
+    # 4·sqrt(M) lists up to (4 · 96)² = 147,456 candidates, then M / 96; at most M // 39 (22,229: 596 → 569)
+    cases = {1000: 25, 22_229: 569, 130_000: 1442, 147_456: 1536, 349_861: 3644, 650_139: 6772}
+    assert {m: ivf_lists(m) for m in cases} == cases
 
 
 def test_the_default_probes_are_what_knn_searches(monkeypatch):
     x = clustered(5000)
     members = np.arange(0, 5000, 2)
     assert ivf_lists(len(members)) == 64  # min(4·sqrt(2500), 2500 // 39)
-    monkeypatch.setattr(knn_module, "IVF_NPROBE", 2)
-    monkeypatch.setattr(knn_module, "IVF_LISTS_PER_PROBE", 4)  # 64 lists: 16 probed by default
+    monkeypatch.setattr(knn_module, "IVF_NPROBE", 16)
     default = knn(x, 15, candidates=members, method="approximate")
     np.testing.assert_array_equal(default[1], knn(x, 15, candidates=members, method="approximate", nprobe=16)[1])
     exact_i = brute_knn(x, 15, candidates=members)[1]

@@ -130,9 +130,9 @@ class ClusterConfig:
     ``knn``: neighbours of the Jaccard distance: ``exact``, ``approximate`` (an inverted file
     per modality, ``bmil.cluster.knn``) or ``auto`` (approximate when a clustering has more than
     ``approximate_above`` images).
-    ``nprobe``: lists each query of the approximate kNN searches; empty (None): 32, growing
-    with the index past about 150,000 images per modality (``bmil.cluster.knn.ivf_probes``).
-    More finds more of the true neighbours at proportional search time.
+    ``nprobe``: lists each query of the approximate kNN searches; empty (None): 32
+    (``bmil.cluster.knn.IVF_NPROBE``). More finds more of the true neighbours at
+    proportional search time.
     """
 
     k1: int = 30

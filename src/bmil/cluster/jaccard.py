@@ -110,8 +110,8 @@ def jaccard_distance(
         the stored values equal those of the full result.
     knn: "exact" or "approximate" neighbours in step 1 (:func:`bmil.cluster.knn`,
         ``method``: faiss IVF per modality on CPU features).
-    nprobe: lists each query of the approximate kNN searches (None: the index's default,
-        :func:`~bmil.cluster.knn.ivf_probes`).
+    nprobe: lists each query of the approximate kNN searches (None: the default,
+        ``bmil.cluster.knn.IVF_NPROBE``).
     memory_check: called once V is built, before the join, with the bytes the rest of the
         call needs (:func:`estimate_join_memory` of V's size); it may raise to stop there.
 
@@ -849,8 +849,8 @@ def estimate_jaccard_memory(
       the matrix product and top-k temporaries; approximate: the IVF index holds a copy of
       the candidate rows (4·n·d at most), and each chunk of C = min(n, IVF_QUERY_CHUNK)
       queries a copy of them and the gather buffer (4·C·d each), the per-list top-k
-      (8·C·nprobe·(k1 + 1), twice; default nprobe: :func:`~bmil.cluster.knn.ivf_probes` of
-      an index over n rows) and one list's similarities (C × 3 mean list sizes, 4 bytes);
+      (8·C·nprobe·(k1 + 1), twice; :func:`~bmil.cluster.knn.ivf_probes` of an index over
+      n rows) and one list's similarities (C × 3 mean list sizes, 4 bytes);
       both: the neighbour lists (12 bytes per entry, twice);
     - V has at most min(2·k2, 10)·k1 nonzeros per row (each row averages 2·k2 rows of the
       pre-expansion weights, whose supports E(i) hold about k1 members: 23 at k1 = 30,
@@ -869,7 +869,7 @@ def estimate_jaccard_memory(
     lists = 2 * 12 * n * (k1 + 1)
     if knn == "approximate":
         c = min(n, IVF_QUERY_CHUNK)
-        probes = ivf_probes(ivf_lists(n)) if nprobe is None else min(nprobe, ivf_lists(n))
+        probes = ivf_probes(ivf_lists(n), nprobe)
         blocks = c * (8 * d + 16 * probes * (k1 + 1) + 4 * 3 * max(1, n // ivf_lists(n)))
     else:
         blocks = 2 * 4 * b * min(8 * b, n)

@@ -7,13 +7,12 @@ by similarity descending; equal similarities are ordered by the lower global ind
 that order).
 
 Approximate method (``method="approximate"``): an inverted file over the candidate rows,
-``nlist = IVF_LISTS_PER_SQRT · sqrt(M)`` lists (M candidates; at least 1, at most M / 39),
+``nlist = max(IVF_LISTS_PER_SQRT · sqrt(M), M / IVF_LIST_ROWS)`` lists (M candidates; at least
+1, at most M / 39),
 their centroids from spherical k-means (``_IVF_ITERATIONS`` rounds on at most
 ``_IVF_TRAIN_PER_LIST`` points per list drawn with a fixed seed, scoring in
 :func:`centroid_dtype`); each query searches its ``nprobe`` nearest lists (default
-:func:`ivf_probes`: IVF_NPROBE, or one list in IVF_LISTS_PER_PROBE once the index has more than
-IVF_NPROBE · IVF_LISTS_PER_PROBE lists, so that a query scans the same share of a larger index), and
-each list is searched for all the queries probing it with one matrix product, on the
+IVF_NPROBE), and each list is searched for all the queries probing it with one matrix product, on the
 features' device (CPU or CUDA), ``IVF_QUERY_CHUNK`` queries at a time.
 faiss's ``IndexIVFFlat`` was slower than the exact product at d = 2048 on a 2-core CPU.
 Similarities of the neighbours it returns are exact inner products; only the neighbour set
@@ -34,10 +33,11 @@ KNN_CHOICES = ("exact", "approximate", "auto")
 # IVF parameters of the approximate method (see the module docstring).
 IVF_LISTS_PER_SQRT = 4
 IVF_NPROBE = 32
-# Past 32 · 48 = 1,536 lists (about 150,000 candidates) nprobe grows with the index, keeping the
-# share of lists a query scans at the 2.2 % that gave ARI 0.960 at N = 200,000; 32 lists of the
-# 3,225 of 650,000 candidates (1 %) gave 0.795 at N = 1,000,000 (docs/benchmarks.md).
-IVF_LISTS_PER_PROBE = 48
+# Past (4 · 96)² = 147,456 candidates the lists stop growing at about 96 rows each: a list of
+# more rows mixes more identities, and its centroid says less about any of them. At N = 1,000,000
+# 4·sqrt(M) lists (200 rows) gave ARI 0.795, lists of 96 rows 0.887 in less time; up to there
+# (N = 200,000 and below) nothing changes (docs/benchmarks.md, "Clustering at scale").
+IVF_LIST_ROWS = 96
 IVF_MIN_CANDIDATES = 2048
 _IVF_TRAIN_PER_LIST = 16
 _IVF_ITERATIONS = 6
@@ -184,14 +184,16 @@ def _knn_faiss(
 
 
 def ivf_lists(m: int) -> int:
-    """Number of inverted lists of the approximate index over ``m`` candidates."""
-    return int(max(1, min(IVF_LISTS_PER_SQRT * np.sqrt(m), m // 39)))
+    """Number of inverted lists of the approximate index over ``m`` candidates:
+    IVF_LISTS_PER_SQRT·sqrt(m), or m / IVF_LIST_ROWS when that is more; at least 1 and at
+    most m // 39 (k-means needs points per list)."""
+    return int(max(1, min(max(IVF_LISTS_PER_SQRT * np.sqrt(m), m / IVF_LIST_ROWS), m // 39)))
 
 
-def ivf_probes(nlist: int) -> int:
-    """Lists a query searches by default in an index of ``nlist`` lists: IVF_NPROBE, or
-    ceil(nlist / IVF_LISTS_PER_PROBE) when that is more (never more than nlist)."""
-    return int(min(nlist, max(IVF_NPROBE, -(-nlist // IVF_LISTS_PER_PROBE))))
+def ivf_probes(nlist: int, nprobe: int | None = None) -> int:
+    """Lists a query searches in an index of ``nlist`` lists: ``nprobe`` (None: IVF_NPROBE),
+    at most nlist."""
+    return int(min(nlist, IVF_NPROBE if nprobe is None else nprobe))
 
 
 def _candidate_mean(x: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
@@ -309,14 +311,14 @@ def _knn_ivf(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Approximate top-k of the ``q_rows`` among the ``c_rows``: an inverted file over the
     candidates (k-means lists), each query searching its ``nprobe`` nearest lists (None:
-    :func:`ivf_probes`)
+    IVF_NPROBE)
     (:func:`_search_lists`), IVF_QUERY_CHUNK queries at a time so that the per-list
     results ([chunk, nprobe·k], 8 bytes per entry) stay bounded. Similarities are exact
     float32 inner products.
     """
     dev = x.device
     nlist = ivf_lists(len(c_rows))
-    nprobe = ivf_probes(nlist) if nprobe is None else min(nprobe, nlist)
+    nprobe = ivf_probes(nlist, nprobe)
     # The index holds one copy of the candidate rows, grouped by list (sorted_cands); the
     # k-means sample and the list assignment gather from x a block at a time.
     center = _candidate_mean(x, c_rows)
@@ -378,8 +380,7 @@ def knn(
         may be cut differently at the k-th place).
     block_size: query rows per block.
     method: "exact" or "approximate" (the inverted file; see the module docstring).
-    nprobe: inverted lists searched per query by the approximate method (None:
-        :func:`ivf_probes` of the index's size).
+    nprobe: inverted lists searched per query by the approximate method (None: IVF_NPROBE).
 
     Returns (sims [Q, k] float32, idx [Q, k] int64): similarities descending, equal ones by
     lower index first; idx in the global 0..N-1 numbering. A query that is also a
