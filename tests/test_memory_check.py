@@ -65,7 +65,7 @@ def test_the_join_is_checked_with_the_size_of_v(monkeypatch):
     monkeypatch.setattr(jaccard_module, "_thresholded_distance", must_not_run)
     with pytest.raises(memory_check.ClusteringMemoryError, match="N = 60 features: the Jaccard join") as err:
         association.cluster_once(x, cfg, modality)
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and "lower cluster.k1 or cluster.k2" in str(err.value)
     assert "entries" not in seen  # stopped before the band order, the join's first step
     # the estimate it compared is that of V's actual size
     calls = []

@@ -76,16 +76,17 @@ def available_memory(device: torch.device | str = "cpu") -> int | None:
     return int(free) if host is None else min(int(free), host)
 
 
-def _hints(cfg: ClusterConfig) -> str:
-    return (
-        f"lower cluster.block_size (now {cfg.block_size}) or cluster.k1, try cluster.backend="
-        f"{'torch' if cfg.backend == 'faiss' else 'faiss'}, free memory or use a machine with more, "
-        "or set cluster.memory_check=false to try anyway"
-    )
+def _hints(cfg: ClusterConfig, join: bool = False) -> str:
+    """What to change; the join's memory depends on k1 and k2 (V's size), not on the kNN's settings."""
+    change = ("lower cluster.k1 or cluster.k2" if join else
+              f"lower cluster.block_size (now {cfg.block_size}) or cluster.k1, try cluster.backend="
+              f"{'torch' if cfg.backend == 'faiss' else 'faiss'}")
+    return f"{change}, free memory or use a machine with more, or set cluster.memory_check=false to try anyway"
 
 
 def _require(
-    estimate: int, what: str, cfg: ClusterConfig, device: torch.device | str, available: int | None
+    estimate: int, what: str, cfg: ClusterConfig, device: torch.device | str, available: int | None,
+    join: bool = False,
 ) -> None:
     """Raise :class:`ClusteringMemoryError` when ``estimate`` bytes exceed ``available``
     (default: :func:`available_memory` of ``device``); ``what`` names the step in the message.
@@ -100,7 +101,7 @@ def _require(
     if estimate > available:
         raise ClusteringMemoryError(
             f"{what} needs about {estimate / GIB:.2f} GiB but only {available / GIB:.2f} GiB is available on "
-            f"{torch.device(device)}: {_hints(cfg)}"
+            f"{torch.device(device)}: {_hints(cfg, join)}"
         )
     log.debug("%s needs about %.2f GiB of %.2f GiB available", what, estimate / GIB, available / GIB)
 
@@ -143,7 +144,7 @@ def join_memory_check(n: int, cfg: ClusterConfig, available: int | None = None) 
         return None
 
     def check(estimate: int) -> None:
-        _require(estimate, f"clustering N = {n} features: the Jaccard join", cfg, "cpu", available)
+        _require(estimate, f"clustering N = {n} features: the Jaccard join", cfg, "cpu", available, join=True)
 
     return check
 
