@@ -116,18 +116,23 @@ def test_approximate_neighbours_give_the_same_clusters():
 
 # ---------------------------------------------------------------- memory estimate vs measured peaks
 
-_PEAK = textwrap.dedent(
+# Run in a fresh interpreter (its peak RSS is the measurement): imports, the features, rss().
+_PRELUDE = textwrap.dedent(
     """
     import json, sys
-    import numpy as np
     sys.path.insert(0, {tests!r})
     from test_cluster_scale import identity_features
-    from bmil.cluster import jaccard_distance
 
     def rss(field):
         for line in open("/proc/self/status"):
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
+    """
+)
+
+_PEAK = _PRELUDE + textwrap.dedent(
+    """
+    from bmil.cluster import jaccard_distance
 
     small, m_small, _ = identity_features(400, {d}, {noise}, seed=1)
     jaccard_distance(small, 30, 6, modality=m_small, max_distance={t})  # libraries' own buffers first
@@ -167,17 +172,9 @@ def test_memory_estimate_holds_on_weak_and_well_separated_features(noise, t):
     assert peak <= estimate_jaccard_memory(n, 30, d, k2=6, max_distance=t, unit_rows=True)  # unit float32 rows
 
 
-_JOIN_PEAK = textwrap.dedent(
+_JOIN_PEAK = _PRELUDE + textwrap.dedent(
     """
-    import json, sys
-    sys.path.insert(0, {tests!r})
-    from test_cluster_scale import identity_features
     import bmil.cluster.jaccard as jm
-
-    def rss(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
 
     # a small join budget, so that V's entries (what the estimate is per) make the peak
     jm._TRIPLES_PER_BLOCK = 1 << 16

@@ -836,10 +836,11 @@ def estimate_jaccard_memory(
     for N = ``n`` float32 features of dimension ``d``; an upper estimate, not a guarantee.
 
     unit_rows: the features are float32 rows of unit length (what extraction returns), so
-        no normalised copy is made. phase: ``"all"`` (the whole call) or ``"before_join"``
-        (up to and including building V: what must fit before ``jaccard_distance``'s
-        ``memory_check`` can look at V; see :func:`estimate_join_memory` for the rest).
-        nprobe: the approximate kNN's (None: its default).
+        no normalised copy is made.
+    phase: ``"all"`` (the whole call) or ``"before_join"`` (up to and including building V:
+        what must fit before ``jaccard_distance``'s ``memory_check`` can look at V; see
+        :func:`estimate_join_memory` for the rest).
+    nprobe: the approximate kNN's lists per query (None: its default).
 
     Derivation (the kNN phase, building V and the join do not overlap; the normalised copy
     of the features lives through all of them):
