@@ -288,6 +288,7 @@ def test_join_summing_by_sorted_keys_equals_dense_bins(monkeypatch, max_distance
     import bmil.cluster.jaccard as jaccard_module
 
     x, modality = weak_blobs(300, 7)
+    monkeypatch.setattr(jaccard_module, "_DENSE_SHARE", 0)  # the banded join at t = 1 too
     dense = jaccard_distance(x, 10, 4, modality=modality, max_distance=max_distance)
     blocks = []
     original = jaccard_module._join_blocks
@@ -300,12 +301,14 @@ def test_join_summing_by_sorted_keys_equals_dense_bins(monkeypatch, max_distance
     np.testing.assert_array_equal(by_sort.data, dense.data)
 
 
-@pytest.mark.parametrize("max_distance", [0.6, 1.0])
-def test_join_with_64_bit_entry_indices_equals_32_bit(monkeypatch, max_distance):
+@pytest.mark.parametrize(("max_distance", "dense_share"), [(0.6, 4), (1.0, 0), (1.0, 4)])
+def test_join_with_64_bit_entry_indices_equals_32_bit(monkeypatch, max_distance, dense_share):
     # Past 2^30 entries of V the join's per-entry rows, positions and counts are int64;
-    # small data use int32. Both must give the same result, bit for bit.
+    # small data use int32. Both must give the same result, bit for bit (banded join with
+    # and without the threshold; dense_share 4: the dense join, as these features pick).
     import bmil.cluster.jaccard as jaccard_module
 
+    monkeypatch.setattr(jaccard_module, "_DENSE_SHARE", dense_share)
     x, modality = weak_blobs(300, 11)
     chosen = []
     original = jaccard_module._entry_index_dtype
@@ -316,6 +319,69 @@ def test_join_with_64_bit_entry_indices_equals_32_bit(monkeypatch, max_distance)
     assert chosen == [np.int32]
     assert np.array_equal(wide.indptr, narrow.indptr) and np.array_equal(wide.indices, narrow.indices)
     np.testing.assert_array_equal(wide.data, narrow.data)
+
+
+def _full_join(monkeypatch, which: str) -> None:
+    """Make jaccard_distance's full result take the dense or the banded join."""
+    import bmil.cluster.jaccard as jaccard_module
+
+    monkeypatch.setattr(jaccard_module, "_DENSE_SHARE", {"dense": 1 << 40, "banded": 0}[which])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("make", [blobs, weak_blobs])
+def test_dense_and_banded_full_joins_agree_bit_for_bit(monkeypatch, make, seed):
+    x, modality = make(140 + 40 * seed, seed)
+    for mod in (None, modality):
+        results = {}
+        for which in ("banded", "dense"):
+            _full_join(monkeypatch, which)
+            results[which] = jaccard_distance(x, 10, 4, modality=mod)
+        banded, dense_join = results["banded"], results["dense"]
+        assert dense_join.format == "csr" and dense_join.has_sorted_indices and (dense_join != dense_join.T).nnz == 0
+        assert np.array_equal(dense_join.indptr, banded.indptr) and np.array_equal(dense_join.indices, banded.indices)
+        np.testing.assert_array_equal(dense_join.data, banded.data)
+        assert np.all(dense_join.diagonal() == 0) and dense_join.data.max() < 1
+        np.testing.assert_allclose(dense(dense_join), reference_jaccard(x, 10, 4, mod), atol=1e-5)
+
+
+def test_dense_join_in_many_blocks_across_threads_equals_one_block(monkeypatch):
+    import bmil.cluster.jaccard as jaccard_module
+
+    x, modality = weak_blobs(300, 4)
+    _full_join(monkeypatch, "dense")
+    monkeypatch.setattr(jaccard_module, "_DENSE_BINS_PER_BLOCK", 1 << 30)
+    monkeypatch.setattr(jaccard_module, "_TRIPLES_PER_BLOCK", 1 << 30)
+    whole = jaccard_distance(x, 10, 4, modality=modality)
+    blocks = []
+    original = jaccard_module._dense_blocks
+    monkeypatch.setattr(jaccard_module, "_dense_blocks", lambda *a: blocks.extend(original(*a)) or blocks)
+    monkeypatch.setattr(jaccard_module, "_DENSE_BINS_PER_BLOCK", 300 * 7)  # 7 rows a block at most
+    monkeypatch.setattr(jaccard_module, "_TRIPLES_PER_BLOCK", 3000)  # and fewer where rows have many triples
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # four blocks in flight
+    split = jaccard_distance(x, 10, 4, modality=modality)
+    assert len(blocks) > 300 // 7 and min(r1 - r0 for r0, r1 in blocks) < 7
+    assert [r0 for r0, _ in blocks] == [0] + [r1 for _, r1 in blocks[:-1]] and blocks[-1][1] == 300
+    assert np.array_equal(split.indptr, whole.indptr) and np.array_equal(split.indices, whole.indices)
+    np.testing.assert_array_equal(split.data, whole.data)
+
+
+def test_dense_join_is_chosen_when_triples_reach_a_quarter_of_all_pairs():
+    from scipy import sparse
+
+    import bmil.cluster.jaccard as jaccard_module
+
+    # identity: 8 triples (each row meets itself) < 64 / 4; one shared column: 64 >= 64 / 4
+    assert not jaccard_module._nearly_dense(sparse.csr_array(sparse.eye(8, dtype=np.float32)))
+    one_column = sparse.csr_array((np.ones(8, np.float32), np.zeros(8, np.int32), np.arange(9)), shape=(8, 8))
+    assert jaccard_module._nearly_dense(one_column)
+
+    def spread(n: int, columns: int):  # row i's one entry in column i mod columns
+        return sparse.csr_array((np.ones(n, np.float32), np.arange(n) % columns, np.arange(n + 1)), shape=(n, n))
+
+    # 16 rows on 4 columns: 4 · 4² = 64 triples, exactly 256 / 4; on 8 columns 8 · 2² = 32
+    assert jaccard_module._nearly_dense(spread(16, 4))
+    assert not jaccard_module._nearly_dense(spread(16, 8))
 
 
 @pytest.mark.parametrize("bound", [1000, 1 << 60])  # packed sort; stable argsort (would overflow)

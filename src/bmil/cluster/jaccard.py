@@ -15,7 +15,10 @@ Steps (METHOD.md, "Modality-aware Jaccard distance"), each vectorised over row b
 5. Local query expansion as a sparse row-averaging matrix: V ← Q @ V.
 6. s(i, j) = Σ_k min(V[i,k], V[j,k]) for pairs sharing support, joining the rows of V with
    its columns block by block (rows in a banded order, each unordered pair once,
-   summed with ``np.bincount``); d = 1 − s/(2 − s), clipped at 0.
+   summed with ``np.bincount``); d = 1 − s/(2 − s), clipped at 0. When nearly every pair
+   shares support (the full result of weakly separated features) each block of rows
+   instead sums all its partners in a dense accumulator and is written straight into the
+   result (``_dense_min_overlap_distance``).
 
 The result stores every pair with d < 1 (the pairs that share support), explicit zeros
 included (the diagonal is exactly 0); an absent pair has distance 1. On clustered
@@ -46,6 +49,12 @@ LQE_MODES = ("release", "paper")
 # accumulator bins [rows in block, N]; both bound the block's temporary memory.
 _TRIPLES_PER_BLOCK = 1 << 21
 _BINS_PER_BLOCK = 1 << 17
+# The full result is summed densely (_dense_min_overlap_distance) when V's triples, both
+# directions, are at least N²/_DENSE_SHARE: then a block's dense bins [rows, N] cost no
+# more than a few passes over its triples. Its blocks hold up to _DENSE_BINS_PER_BLOCK bins
+# (8 MB of float64: measured fastest at N = 20,000 among 2^18 to 2^22).
+_DENSE_SHARE = 4
+_DENSE_BINS_PER_BLOCK = 1 << 20
 # Entries of the [B, m, m] reciprocity and [B, m, m/2] expansion gathers per row block.
 _GATHER_PER_BLOCK = 1 << 22
 # Membership queries of the expansion per row block: small, so the search stays in cache.
@@ -145,12 +154,15 @@ def jaccard_distance(
     del nb
     if memory_check is not None:
         memory_check(estimate_join_memory(n, v.nnz, k1, max_distance))
-    order = _band_order(v)
-    v = _rows_in_order(v, order)  # the original V is freed here, before the join
-    if max_distance >= 1.0:
-        dist = _min_overlap_distance(v, order)
+    if max_distance >= 1.0 and _nearly_dense(v):
+        dist = _dense_min_overlap_distance(v)
     else:
-        dist = _thresholded_distance(v, order, float(max_distance))
+        order = _band_order(v)
+        v = _rows_in_order(v, order)  # the original V is freed here, before the join
+        if max_distance >= 1.0:
+            dist = _min_overlap_distance(v, order)
+        else:
+            dist = _thresholded_distance(v, order, float(max_distance))
     log.debug("Jaccard distance: N = %d, %.1f stored pairs per row", n, dist.nnz / n)
     return dist
 
@@ -537,6 +549,97 @@ def _min_overlap_distance(v: sparse.csr_array, order: np.ndarray) -> sparse.csr_
     return _assemble(pieces, order, n)
 
 
+def _nearly_dense(v: sparse.csr_array) -> bool:
+    """True when the (row, column, partner) triples of V's join, counted from both ends of
+    every pair, reach N²/_DENSE_SHARE: the full result is then close to dense."""
+    column_rows = np.bincount(v.indices, minlength=v.shape[0]).astype(np.int64)
+    return int(column_rows @ column_rows) * _DENSE_SHARE >= v.shape[0] ** 2
+
+
+def _dense_min_overlap_distance(v: sparse.csr_array) -> sparse.csr_array:
+    """:func:`_min_overlap_distance` for a result close to dense (:func:`_nearly_dense`).
+
+    v: V [N, N] CSR in the samples' order. Each block of rows sums its overlaps with every
+    partner in dense bins [rows, N], in V's column order as there, so both (i, j) and (j, i)
+    are computed, from the same terms in the same order: the result is exactly symmetric
+    and equal to the banded join's, bit for bit. Computing each pair twice costs less than
+    the banded join's mirror and sort once half of all pairs are stored; the blocks' pairs
+    come out sorted by row and column and go straight into the result's arrays, allocated at
+    a bound (a row's pairs are at most its triples and N) whose untouched pages take no
+    memory. Peak: the result, 8 bytes per stored pair, plus V twice and the blocks in flight.
+    """
+    n = v.shape[0]
+    v.sort_indices()
+    dtype = _entry_index_dtype(v)
+    vc = v.tocsc()
+    vc.sort_indices()
+    colptr = vc.indptr.astype(dtype, copy=False)
+    fan = np.diff(colptr)[v.indices]
+    row_triples = np.bincount(_entry_rows(v, np.int64), weights=fan, minlength=n).astype(np.int64)
+    bound = int(np.minimum(row_triples, n).sum())
+    out_dtype = np.int32 if max(bound, n) < np.iinfo(np.int32).max else np.int64
+    indices, data = np.empty(bound, out_dtype), np.empty(bound, np.float32)
+    indptr = np.zeros(n + 1, out_dtype)
+    join = functools.partial(_dense_block, v, vc.indices.astype(dtype, copy=False), vc.data, colptr, fan)
+    blocks = _dense_blocks(row_triples, n)
+    stored = 0
+    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+        for (r0, r1), (counts, cols, dist) in zip(blocks, pool.map(join, blocks), strict=True):
+            indptr[r0 + 1 : r1 + 1] = counts
+            indices[stored : stored + len(cols)] = cols
+            data[stored : stored + len(cols)] = dist
+            stored += len(cols)
+    np.cumsum(indptr, out=indptr)
+    return sparse.csr_array((data[:stored], indices[:stored], indptr), shape=(n, n))
+
+
+def _dense_blocks(row_triples: np.ndarray, n: int) -> list[tuple[int, int]]:
+    """Row blocks (r0, r1): at most _DENSE_BINS_PER_BLOCK bins [rows, N] and at most
+    _TRIPLES_PER_BLOCK triples, one row at least. row_triples: int64 [N]."""
+    cumulative = np.concatenate([[0], np.cumsum(row_triples)])
+    rows = max(1, _DENSE_BINS_PER_BLOCK // n)
+    blocks, r0 = [], 0
+    while r0 < n:
+        by_triples = int(np.searchsorted(cumulative, cumulative[r0] + _TRIPLES_PER_BLOCK, side="right")) - 1
+        r1 = min(n, r0 + rows, max(by_triples, r0 + 1))
+        blocks.append((r0, r1))
+        r0 = r1
+    return blocks
+
+
+def _dense_block(
+    v: sparse.csr_array, col_rows: np.ndarray, col_data: np.ndarray, colptr: np.ndarray, fan: np.ndarray,
+    block: tuple[int, int],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pairs per row, columns, distances) of rows [r0, r1) against every row (d < 1, the
+    diagonal 0), ascending by row and column: int64 [r1 − r0], index and float32 arrays.
+
+    col_rows, col_data, colptr: V in CSC (sorted); fan: the rows of each entry's column."""
+    r0, r1 = block
+    n = v.shape[0]
+    e0, e1 = v.indptr[r0], v.indptr[r1]
+    dtype = colptr.dtype
+    fan = fan[e0:e1]
+    start = (np.cumsum(fan) - fan).astype(dtype, copy=False)
+    pos = np.repeat(colptr[v.indices[e0:e1]] - start, fan)
+    pos += np.arange(len(pos), dtype=dtype)
+    overlap = np.minimum(np.repeat(v.data[e0:e1], fan), col_data[pos])
+    bins = np.repeat(np.repeat(np.arange(r1 - r0, dtype=dtype) * n, np.diff(v.indptr[r0 : r1 + 1])), fan)
+    bins += col_rows[pos]
+    del pos
+    s = np.bincount(bins, weights=overlap, minlength=(r1 - r0) * n)
+    del bins, overlap
+    keys = np.flatnonzero(s > 0)  # a bool scan: several times faster than on the floats
+    s = s[keys]
+    dist = np.maximum(1.0 - s / (2.0 - s), 0.0).astype(np.float32)
+    rows = keys // n
+    cols = keys - rows * n
+    dist[cols == rows + r0] = 0.0
+    keep = dist < 1.0
+    rows, cols, dist = rows[keep], cols[keep], dist[keep]
+    return np.bincount(rows, minlength=r1 - r0), cols, dist
+
+
 def _sharing_pairs(join: _ColumnJoin, block: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rows, cols, distance) of the pairs of one row block (r0, r1, width) of the join
     with distance below 1."""
@@ -891,13 +994,17 @@ def estimate_join_memory(n: int, v_entries: int, k1: int = 30, max_distance: flo
       suffix split's sort; measured 48–61 beyond the two terms below on weakly and well
       separated features (N = 20,000–40,000, t = 0.6);
     - the join's fixed per-block budget of triples (64 bytes each, with the sort of a wide
-      block) and bins, for each of the at most _JOIN_WORKERS blocks in flight;
-    - the result, 26 bytes per stored pair during assembly: max_distance < 1 (what
-      clustering asks for): at most 4·k1 pairs per row (about 16 measured at t = 0.6 on
-      both kinds of features); max_distance = 1 (every pair sharing support): weakly
-      separated features make nearly every pair share support (5,144 of 6,000 per row
-      measured), so the dense worst case, n pairs per row.
+      block) and bins (float64 sums and, in the dense join, a bool mask), for each of the
+      at most _JOIN_WORKERS blocks in flight;
+    - the result: max_distance < 1 (what clustering asks for): at most 4·k1 pairs per row
+      (about 16 measured at t = 0.6 on both kinds of features), 26 bytes each during the
+      banded join's assembly; max_distance = 1 (every pair sharing support): weakly
+      separated features make nearly every pair share support (9,156 of 20,000 per row
+      measured), so the dense worst case, n pairs per row at the dense join's 8 bytes
+      (the banded join, 26 bytes a pair, runs only when fewer than n²/_DENSE_SHARE pairs
+      can share support: :func:`_nearly_dense`).
     """
-    pairs = n * min(n, 4 * k1) if max_distance < 1.0 else n * n
-    fixed = _JOIN_WORKERS * (64 * _TRIPLES_PER_BLOCK + 8 * _BINS_PER_BLOCK)
-    return int(_JOIN_BYTES_PER_V_ENTRY * v_entries + fixed + 26 * pairs)
+    full = max(8 * n * n, 26 * n * n // _DENSE_SHARE)
+    result = 26 * n * min(n, 4 * k1) if max_distance < 1.0 else full
+    fixed = _JOIN_WORKERS * (64 * _TRIPLES_PER_BLOCK + 9 * max(_BINS_PER_BLOCK, _DENSE_BINS_PER_BLOCK))
+    return int(_JOIN_BYTES_PER_V_ENTRY * v_entries + fixed + result)
