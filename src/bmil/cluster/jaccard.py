@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -566,7 +567,8 @@ def _dense_min_overlap_distance(v: sparse.csr_array) -> sparse.csr_array:
     the banded join's mirror and sort once half of all pairs are stored; the blocks' pairs
     come out sorted by row and column and go straight into the result's arrays, allocated at
     a bound (a row's pairs are at most its triples and N) whose untouched pages take no
-    memory. Peak: the result, 8 bytes per stored pair, plus V twice and the blocks in flight.
+    memory, then shrunk in place. Peak: the result, 8 bytes per stored pair, plus V twice
+    and the blocks in flight.
     """
     n = v.shape[0]
     v.sort_indices()
@@ -580,17 +582,36 @@ def _dense_min_overlap_distance(v: sparse.csr_array) -> sparse.csr_array:
     out_dtype = np.int32 if max(bound, n) < np.iinfo(np.int32).max else np.int64
     indices, data = np.empty(bound, out_dtype), np.empty(bound, np.float32)
     indptr = np.zeros(n + 1, out_dtype)
-    join = functools.partial(_dense_block, v, vc.indices.astype(dtype, copy=False), vc.data, colptr, fan)
-    blocks = _dense_blocks(row_triples, n)
+    join = functools.partial(_dense_block, v, vc.indices.astype(dtype, copy=False), vc.data, colptr, fan, out_dtype)
     stored = 0
-    with ThreadPoolExecutor(max_workers=_workers()) as pool:
-        for (r0, r1), (counts, cols, dist) in zip(blocks, pool.map(join, blocks), strict=True):
-            indptr[r0 + 1 : r1 + 1] = counts
-            indices[stored : stored + len(cols)] = cols
-            data[stored : stored + len(cols)] = dist
-            stored += len(cols)
+    for (r0, r1), (counts, cols, dist) in _in_order(join, _dense_blocks(row_triples, n)):
+        indptr[r0 + 1 : r1 + 1] = counts
+        indices[stored : stored + len(cols)] = cols
+        data[stored : stored + len(cols)] = dist
+        stored += len(cols)
     np.cumsum(indptr, out=indptr)
-    return sparse.csr_array((data[:stored], indices[:stored], indptr), shape=(n, n))
+    # Shrunk in place (realloc, no copy; scipy would copy views of much larger arrays). No
+    # view of either array exists here (the writes' slices are gone), which is what
+    # refcheck guards against; its count also sees the interpreter's own references.
+    indices.resize(stored, refcheck=False)
+    data.resize(stored, refcheck=False)
+    return sparse.csr_array((data, indices, indptr), shape=(n, n))
+
+
+def _in_order(fn: Callable, items: list):
+    """(item, fn(item)) for each item, in order, computed on the thread pool with at most
+    two blocks per worker done or running ahead of the one being consumed."""
+    workers = _workers()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append((item, pool.submit(fn, item)))
+            if len(pending) > 2 * workers:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
 
 
 def _dense_blocks(row_triples: np.ndarray, n: int) -> list[tuple[int, int]]:
@@ -609,10 +630,10 @@ def _dense_blocks(row_triples: np.ndarray, n: int) -> list[tuple[int, int]]:
 
 def _dense_block(
     v: sparse.csr_array, col_rows: np.ndarray, col_data: np.ndarray, colptr: np.ndarray, fan: np.ndarray,
-    block: tuple[int, int],
+    out_dtype: type, block: tuple[int, int],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(pairs per row, columns, distances) of rows [r0, r1) against every row (d < 1, the
-    diagonal 0), ascending by row and column: int64 [r1 − r0], index and float32 arrays.
+    diagonal 0), ascending by row and column: int64 [r1 − r0], ``out_dtype`` and float32.
 
     col_rows, col_data, colptr: V in CSC (sorted); fan: the rows of each entry's column."""
     r0, r1 = block
@@ -636,8 +657,7 @@ def _dense_block(
     cols = keys - rows * n
     dist[cols == rows + r0] = 0.0
     keep = dist < 1.0
-    rows, cols, dist = rows[keep], cols[keep], dist[keep]
-    return np.bincount(rows, minlength=r1 - r0), cols, dist
+    return np.bincount(rows[keep], minlength=r1 - r0), cols[keep].astype(out_dtype), dist[keep]
 
 
 def _sharing_pairs(join: _ColumnJoin, block: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
