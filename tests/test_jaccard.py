@@ -301,11 +301,11 @@ def test_join_summing_by_sorted_keys_equals_dense_bins(monkeypatch, max_distance
     np.testing.assert_array_equal(by_sort.data, dense.data)
 
 
-@pytest.mark.parametrize(("max_distance", "dense_share"), [(0.6, 4), (1.0, 0), (1.0, 4)])
+@pytest.mark.parametrize(("max_distance", "dense_share"), [(0.6, 50), (1.0, 0), (1.0, 1 << 40)])
 def test_join_with_64_bit_entry_indices_equals_32_bit(monkeypatch, max_distance, dense_share):
     # Past 2^30 entries of V the join's per-entry rows, positions and counts are int64;
-    # small data use int32. Both must give the same result, bit for bit (banded join with
-    # and without the threshold; dense_share 4: the dense join, as these features pick).
+    # small data use int32. Both must give the same result, bit for bit (the banded join
+    # with and without the threshold, and the dense join).
     import bmil.cluster.jaccard as jaccard_module
 
     monkeypatch.setattr(jaccard_module, "_DENSE_SHARE", dense_share)
@@ -366,13 +366,21 @@ def test_dense_join_in_many_blocks_across_threads_equals_one_block(monkeypatch):
     np.testing.assert_array_equal(split.data, whole.data)
 
 
-def test_dense_join_is_chosen_when_triples_reach_a_quarter_of_all_pairs():
+def test_dense_join_is_chosen_when_triples_reach_a_share_of_all_pairs(monkeypatch):
     from scipy import sparse
 
     import bmil.cluster.jaccard as jaccard_module
 
-    # identity: 8 triples (each row meets itself) < 64 / 4; one shared column: 64 >= 64 / 4
-    assert not jaccard_module._nearly_dense(sparse.csr_array(sparse.eye(8, dtype=np.float32)))
+    def identity(n: int):
+        return sparse.csr_array(sparse.eye(n, dtype=np.float32))
+
+    # the default share, 50: the identity has n triples (each row meets itself)
+    assert jaccard_module._DENSE_SHARE == 50
+    assert jaccard_module._nearly_dense(identity(50))  # 50 · 50 >= 50²
+    assert not jaccard_module._nearly_dense(identity(51))  # 51 · 50 < 51²
+    monkeypatch.setattr(jaccard_module, "_DENSE_SHARE", 4)
+    # identity: 8 triples < 64 / 4; one shared column: 64 >= 64 / 4
+    assert not jaccard_module._nearly_dense(identity(8))
     one_column = sparse.csr_array((np.ones(8, np.float32), np.zeros(8, np.int32), np.arange(9)), shape=(8, 8))
     assert jaccard_module._nearly_dense(one_column)
 

@@ -51,10 +51,13 @@ LQE_MODES = ("release", "paper")
 _TRIPLES_PER_BLOCK = 1 << 21
 _BINS_PER_BLOCK = 1 << 17
 # The full result is summed densely (_dense_min_overlap_distance) when V's triples, both
-# directions, are at least N²/_DENSE_SHARE: then a block's dense bins [rows, N] cost no
-# more than a few passes over its triples. Its blocks hold up to _DENSE_BINS_PER_BLOCK bins
-# (8 MB of float64: measured fastest at N = 20,000 among 2^18 to 2^22).
-_DENSE_SHARE = 4
+# directions, are at least N²/_DENSE_SHARE. Measured (2 cores, the join alone, same V): the
+# dense join was faster at every N²/triples up to 45 (N = 200,000 well separated: 48.4 s
+# against 56.6 s; 100,000 weakly separated, 11: 27.6 against 55.3 s) and leaner at all (8
+# bytes a stored pair against the banded assembly's 26); its N² bins cost about 1 ns each,
+# so far beyond that the banded join is faster. Its blocks hold up to
+# _DENSE_BINS_PER_BLOCK bins (8 MB of float64: fastest at N = 20,000 among 2^18 to 2^22).
+_DENSE_SHARE = 50
 _DENSE_BINS_PER_BLOCK = 1 << 20
 # Entries of the [B, m, m] reciprocity and [B, m, m/2] expansion gathers per row block.
 _GATHER_PER_BLOCK = 1 << 22
