@@ -647,7 +647,8 @@ def _dense_block(
     start = (np.cumsum(fan) - fan).astype(dtype, copy=False)
     pos = np.repeat(colptr[v.indices[e0:e1]] - start, fan)
     pos += np.arange(len(pos), dtype=dtype)
-    overlap = np.minimum(np.repeat(v.data[e0:e1], fan), col_data[pos])
+    overlap = col_data[pos]
+    np.minimum(overlap, np.repeat(v.data[e0:e1], fan), out=overlap)
     bins = np.repeat(np.repeat(np.arange(r1 - r0, dtype=dtype) * n, np.diff(v.indptr[r0 : r1 + 1])), fan)
     bins += col_rows[pos]
     del pos
@@ -655,12 +656,21 @@ def _dense_block(
     del bins, overlap
     keys = np.flatnonzero(s > 0)  # a bool scan: several times faster than on the floats
     s = s[keys]
-    dist = np.maximum(1.0 - s / (2.0 - s), 0.0).astype(np.float32)
-    rows = keys // n
-    cols = keys - rows * n
-    dist[cols == rows + r0] = 0.0
-    keep = dist < 1.0
-    return np.bincount(rows[keep], minlength=r1 - r0), cols[keep].astype(out_dtype), dist[keep]
+    d = 2.0 - s  # d = max(1 − s/(2 − s), 0), in place (the banded join's operations)
+    np.divide(s, d, out=d)
+    np.subtract(1.0, d, out=d)
+    np.maximum(d, 0.0, out=d)
+    dist = d.astype(np.float32)
+    del d, s
+    local = np.arange(r1 - r0, dtype=np.int64)
+    diagonal = local * (n + 1) + r0  # key of (i, i): present whenever row i has an entry
+    at = np.minimum(np.searchsorted(keys, diagonal), len(keys) - 1)
+    dist[at[keys[at] == diagonal]] = 0.0
+    if not (dist < 1.0).all():  # pairs whose tiny overlap rounds d to 1 are not stored
+        keep = dist < 1.0
+        keys, dist = keys[keep], dist[keep]
+    counts = np.diff(np.searchsorted(keys, np.arange(r1 - r0 + 1, dtype=np.int64) * n))
+    return counts, (keys - np.repeat(local * n, counts)).astype(out_dtype), dist
 
 
 def _sharing_pairs(join: _ColumnJoin, block: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
