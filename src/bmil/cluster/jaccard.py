@@ -579,15 +579,19 @@ def _dense_min_overlap_distance(v: sparse.csr_array) -> sparse.csr_array:
     vc = v.tocsc()
     vc.sort_indices()
     colptr = vc.indptr.astype(dtype, copy=False)
-    fan = np.diff(colptr)[v.indices]
-    row_triples = np.bincount(_entry_rows(v, np.int64), weights=fan, minlength=n).astype(np.int64)
-    bound = int(np.minimum(row_triples, n).sum())
+    join = _ColumnJoin(  # every entry (i, k) meets all the rows of column k, i itself included
+        n=n, indptr=v.indptr.astype(np.int64), data=v.data, first=colptr[v.indices],
+        fan=np.diff(colptr)[v.indices], col_rows=vc.indices.astype(np.int32, copy=False), col_data=vc.data,
+    )
+    del vc
+    triples = join.triples_by_row(_entry_rows(v, dtype))
+    bound = int(np.minimum(np.diff(triples), n).sum())
     out_dtype = np.int32 if max(bound, n) < np.iinfo(np.int32).max else np.int64
     indices, data = np.empty(bound, out_dtype), np.empty(bound, np.float32)
     indptr = np.zeros(n + 1, out_dtype)
-    join = functools.partial(_dense_block, v, vc.indices.astype(dtype, copy=False), vc.data, colptr, fan, out_dtype)
     stored = 0
-    for (r0, r1), (counts, cols, dist) in _in_order(join, _dense_blocks(row_triples, n)):
+    block_pairs = functools.partial(_dense_block, join, out_dtype)
+    for (r0, r1), (counts, cols, dist) in _in_order(block_pairs, _dense_blocks(triples)):
         indptr[r0 + 1 : r1 + 1] = counts
         indices[stored : stored + len(cols)] = cols
         data[stored : stored + len(cols)] = dist
@@ -617,14 +621,14 @@ def _in_order(fn: Callable, items: list):
             yield done, future.result()
 
 
-def _dense_blocks(row_triples: np.ndarray, n: int) -> list[tuple[int, int]]:
+def _dense_blocks(triples: np.ndarray) -> list[tuple[int, int]]:
     """Row blocks (r0, r1): at most _DENSE_BINS_PER_BLOCK bins [rows, N] and at most
-    _TRIPLES_PER_BLOCK triples, one row at least. row_triples: int64 [N]."""
-    cumulative = np.concatenate([[0], np.cumsum(row_triples)])
+    _TRIPLES_PER_BLOCK triples, one row at least. triples: int64 [N+1], cumulative by row."""
+    n = len(triples) - 1
     rows = max(1, _DENSE_BINS_PER_BLOCK // n)
     blocks, r0 = [], 0
     while r0 < n:
-        by_triples = int(np.searchsorted(cumulative, cumulative[r0] + _TRIPLES_PER_BLOCK, side="right")) - 1
+        by_triples = int(np.searchsorted(triples, triples[r0] + _TRIPLES_PER_BLOCK, side="right")) - 1
         r1 = min(n, r0 + rows, max(by_triples, r0 + 1))
         blocks.append((r0, r1))
         r0 = r1
@@ -632,37 +636,21 @@ def _dense_blocks(row_triples: np.ndarray, n: int) -> list[tuple[int, int]]:
 
 
 def _dense_block(
-    v: sparse.csr_array, col_rows: np.ndarray, col_data: np.ndarray, colptr: np.ndarray, fan: np.ndarray,
-    out_dtype: type, block: tuple[int, int],
+    join: _ColumnJoin, out_dtype: type, block: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(pairs per row, columns, distances) of rows [r0, r1) against every row (d < 1, the
     diagonal 0), ascending by row and column: int64 [r1 − r0], ``out_dtype`` and float32.
-
-    col_rows, col_data, colptr: V in CSC (sorted); fan: the rows of each entry's column."""
+    join: every entry meeting all the rows of its column (:func:`_dense_min_overlap_distance`)."""
     r0, r1 = block
-    n = v.shape[0]
-    e0, e1 = v.indptr[r0], v.indptr[r1]
-    dtype = colptr.dtype
-    fan = fan[e0:e1]
-    start = (np.cumsum(fan) - fan).astype(dtype, copy=False)
-    pos = np.repeat(colptr[v.indices[e0:e1]] - start, fan)
-    pos += np.arange(len(pos), dtype=dtype)
-    overlap = col_data[pos]
-    np.minimum(overlap, np.repeat(v.data[e0:e1], fan), out=overlap)
-    bins = np.repeat(np.repeat(np.arange(r1 - r0, dtype=dtype) * n, np.diff(v.indptr[r0 : r1 + 1])), fan)
-    bins += col_rows[pos]
-    del pos
+    n = join.n
+    local = np.arange(r1 - r0, dtype=np.int64)
+    # bins [rows, N] fit the entry index dtype (at most max(_DENSE_BINS_PER_BLOCK, N) of them)
+    bins, overlap = join.keyed_overlaps(r0, r1, (local * n).astype(join.first.dtype))
     s = np.bincount(bins, weights=overlap, minlength=(r1 - r0) * n)
     del bins, overlap
     keys = np.flatnonzero(s > 0)  # a bool scan: several times faster than on the floats
-    s = s[keys]
-    d = 2.0 - s  # d = max(1 − s/(2 − s), 0), in place (the banded join's operations)
-    np.divide(s, d, out=d)
-    np.subtract(1.0, d, out=d)
-    np.maximum(d, 0.0, out=d)
-    dist = d.astype(np.float32)
-    del d, s
-    local = np.arange(r1 - r0, dtype=np.int64)
+    dist = _overlap_distance(s[keys])
+    del s
     diagonal = local * (n + 1) + r0  # key of (i, i): present whenever row i has an entry
     at = np.minimum(np.searchsorted(keys, diagonal), len(keys) - 1)
     dist[at[keys[at] == diagonal]] = 0.0
@@ -673,11 +661,21 @@ def _dense_block(
     return counts, (keys - np.repeat(local * n, counts)).astype(out_dtype), dist
 
 
+def _overlap_distance(s: np.ndarray) -> np.ndarray:
+    """float32 d = max(1 − s/(2 − s), 0) of float64 min-overlap sums s (rows of V sum to 1),
+    in place on one temporary; every join computes it here, so their results agree bit for bit."""
+    d = 2.0 - s
+    np.divide(s, d, out=d)
+    np.subtract(1.0, d, out=d)
+    np.maximum(d, 0.0, out=d)
+    return d.astype(np.float32)
+
+
 def _sharing_pairs(join: _ColumnJoin, block: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rows, cols, distance) of the pairs of one row block (r0, r1, width) of the join
     with distance below 1."""
     rows, cols, s = join.block(*block)
-    dist = np.maximum(1.0 - s / (2.0 - s), 0.0).astype(np.float32)
+    dist = _overlap_distance(s)
     keep = dist < 1.0
     return rows[keep], cols[keep], dist[keep]
 
@@ -750,7 +748,7 @@ def _passing_pairs(
     maybe = x + np.minimum(suffix_mass[rows], suffix_mass[cols]) >= s_min - _BOUND_SLACK
     rows, cols, x = rows[maybe], cols[maybe], x[maybe]
     s = x + tails.overlap(r0, r1, rows, cols)
-    dist = np.maximum(1.0 - s / (2.0 - s), 0.0).astype(np.float32)
+    dist = _overlap_distance(s)
     keep = dist <= max_distance
     return rows[keep], cols[keep], dist[keep]
 
@@ -915,8 +913,9 @@ class _ColumnJoin:
     """The (i, k, j) join of V's rows with (some of) its columns, one row block at a time.
 
     n: rows of V; indptr int64 [N+1], data float32 [nnz]: V in CSR;
-    first int64 [nnz]: position in ``col_rows``/``col_data`` of the first partner j > i of
-    entry (i, k); fan int64 [nnz]: number of partners (consecutive from ``first``);
+    first [nnz]: position in ``col_rows``/``col_data`` of the first partner of entry (i, k)
+    (the first j > i in the banded joins, the column's first row in the dense one); fan
+    [nnz]: number of partners (consecutive from ``first``); both of one integer dtype;
     col_rows int32, col_data float32: column lists (V in CSC, possibly followed by others).
     """
 
@@ -935,23 +934,28 @@ class _ColumnJoin:
         last = np.where(self.fan > 0, self.col_rows[np.maximum(self.first + self.fan - 1, 0)], entry_rows)
         return np.maximum.reduceat(last, self.indptr[:-1]).astype(np.int64)
 
+    def keyed_overlaps(self, r0: int, r1: int, row_key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(key, overlap) of each triple (i, k, j) with i in [r0, r1): row_key[i − r0] + j
+        (row_key's dtype) and min(V[i,k], V[j,k]) (float32); ordered by i, then k (V's CSR
+        order), then j, so a sum over a key's triples runs over k in V's column order."""
+        e0, e1 = self.indptr[r0], self.indptr[r1]
+        fan = self.fan[e0:e1]
+        start = (np.cumsum(fan) - fan).astype(self.first.dtype, copy=False)
+        pos = np.repeat(self.first[e0:e1] - start, fan)
+        pos += np.arange(len(pos), dtype=pos.dtype)
+        overlap = self.col_data[pos]
+        np.minimum(overlap, np.repeat(self.data[e0:e1], fan), out=overlap)
+        key = np.repeat(np.repeat(row_key, np.diff(self.indptr[r0 : r1 + 1])), fan)
+        key += self.col_rows[pos]
+        return key, overlap
+
     def block(self, r0: int, r1: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(rows, cols, s) of the pairs i in [r0, r1), j > i, meeting in a triple: int64,
         int64, float64 (s > 0, summed over this join's triples).
 
         width: partners lie in r0 .. r0 + width - 1 (accumulator bins [r1 - r0, width]).
         """
-        e0, e1 = self.indptr[r0], self.indptr[r1]
-        fan = self.fan[e0:e1]
-        total = int(fan.sum())
-        start = np.cumsum(fan) - fan
-        pos = np.repeat(self.first[e0:e1] - start, fan) + np.arange(total, dtype=np.int64)
-        partner = self.col_rows[pos]
-        overlap = np.minimum(np.repeat(self.data[e0:e1], fan), self.col_data[pos])
-        del pos
-        local = np.repeat(np.arange(r1 - r0, dtype=np.int64), np.diff(self.indptr[r0 : r1 + 1]))
-        pair = np.repeat(local * width - r0, fan) + partner
-        del partner
+        pair, overlap = self.keyed_overlaps(r0, r1, np.arange(r1 - r0, dtype=np.int64) * width - r0)
         if (r1 - r0) * width <= _BINS_PER_BLOCK:
             s = np.bincount(pair, weights=overlap, minlength=(r1 - r0) * width)
             del pair, overlap
