@@ -199,14 +199,17 @@ def test_demo_summary_has_the_published_keys(synthetic_root, tmp_path, make_conf
             assert summary[name][key] == pytest.approx(expected, abs=1e-6), (name, key)
 
 
-def test_best_model_is_selected_by_test_rank1_and_the_last_is_kept(synthetic_root, tmp_path, make_config,
-                                                                 monkeypatch):
-    """The release's selection: evaluate at a stage's first epoch and every 2 after it (and at its
-    last), stage 1 on one trial, keep the best test-set Rank-1; the last epoch's scores beside it."""
+@pytest.mark.parametrize("select_last", [False, True], ids=["release", "select_last"])
+def test_best_model_is_selected_by_test_rank1_on_the_release_schedule_and_the_last_is_kept(
+        synthetic_root, tmp_path, make_config, monkeypatch, select_last):
+    """The release's selection: evaluate at a stage's first epoch and every 2 after it
+    (``epoch % 2 == 0``), stage 1 on one trial, keep the best test-set Rank-1 among those; the
+    last epoch is evaluated and reported beside it but selected only with train.select_last."""
     from types import SimpleNamespace
 
-    # Scripted scores where Rank-1 and mAP disagree on the best epoch.
-    scripted = iter([(0.3, 0.6), (0.5, 0.2), (0.4, 0.1), (0.2, 0.9), (0.7, 0.3)])
+    # Scripted (Rank-1, mAP): Rank-1 and mAP disagree on the best epoch, and the last epoch of
+    # stage 1 (3, off the schedule) has the best Rank-1 of all.
+    scripted = iter([(0.3, 0.6), (0.5, 0.2), (0.8, 0.1), (0.2, 0.9), (0.7, 0.3)])
     calls = []
 
     def fake_evaluate(self, trials=None):
@@ -224,19 +227,51 @@ def test_best_model_is_selected_by_test_rank1_and_the_last_is_kept(synthetic_roo
 
     monkeypatch.setattr(Trainer, "_run_epoch", run_epoch)
     cfg = make_config(synthetic_root, tmp_path, "train.stage1_epochs=4", "train.stage2_epochs=3",
-                      "train.iterations=1", "train.eval_every=2", "eval.trials=3")
+                      "train.iterations=1", "train.eval_every=2", "eval.trials=3", f"train.select_last={select_last}")
     assert cfg.train.select_by == "rank1" and cfg.train.stage1_eval_trials == 1
     summary = Trainer(cfg, progress=False).fit()
-    # Stage 1: epochs 0, 2 and its last (3), one trial; stage 2: its first (4) and last (6), eval.trials.
+    # Stage 1: epochs 0, 2 and its last (3), one trial; stage 2: its first (4) and 6 (first + 2, also its last).
     assert calls == [(0, 1), (2, 1), (3, 1), (4, None), (6, None)]
-    assert summary["stage1"]["epoch"] == 2 and summary["stage1"]["metrics"]["all"]["rank1"] == 0.5
-    assert summary["stage1"]["last"]["epoch"] == 3 and summary["stage1"]["last"]["metrics"]["all"]["rank1"] == 0.4
+    best1 = 3 if select_last else 2
+    assert summary["stage1"]["epoch"] == best1
+    assert summary["stage1"]["metrics"]["all"]["rank1"] == (0.8 if select_last else 0.5)
+    assert summary["stage1"]["last"]["epoch"] == 3 and summary["stage1"]["last"]["metrics"]["all"]["rank1"] == 0.8
     assert summary["stage2"]["epoch"] == 6 and summary["stage2"]["last"]["epoch"] == 6
     assert "test set" in summary["stage1"]["selected_by"]
     ckpt = tmp_path / "checkpoints"
-    assert torch.load(ckpt / "best_stage1.pt", weights_only=False)["epoch"] == 2
+    assert torch.load(ckpt / "best_stage1.pt", weights_only=False)["epoch"] == best1
     assert torch.load(ckpt / "last_stage1.pt", weights_only=False)["epoch"] == 3
     assert torch.load(ckpt / "last_stage2.pt", weights_only=False)["epoch"] == 6
+
+
+def test_stage_two_starts_from_the_selected_stage_one_model(synthetic_root, tmp_path, make_config, monkeypatch):
+    """Stage 1's scores are forced so that the selected epoch (2) is not its last (3): the
+    weights at the first stage-2 step are best_stage1.pt's, not the last stage-1 model's."""
+    from types import SimpleNamespace
+
+    scripted = iter([0.3, 0.6, 0.4, 0.5])
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, trials=None: [
+        SimpleNamespace(setting="all", mean={"rank1": next(scripted), "mAP": 0.0})])
+    seen = {}
+    real_train_epoch = Trainer.train_epoch
+
+    def train_epoch(self, epoch, features, assoc):
+        if epoch == self.cfg.train.stage1_epochs:  # before the first stage-2 step
+            seen.update({k: v.clone() for k, v in self.model.state_dict().items()})
+        return real_train_epoch(self, epoch, features, assoc)
+
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+    cfg = make_config(synthetic_root, tmp_path, "train.stage1_epochs=4", "train.stage2_epochs=1",
+                      "train.iterations=2", "train.eval_every=2")
+    summary = Trainer(cfg, progress=False).fit()
+    assert summary["stage1"]["epoch"] == 2 and summary["stage1"]["last"]["epoch"] == 3
+    ckpt = tmp_path / "checkpoints"
+    best = torch.load(ckpt / "best_stage1.pt", weights_only=False)
+    last = torch.load(ckpt / "last_stage1.pt", weights_only=False)
+    assert best["epoch"] == 2 and last["epoch"] == 3
+    assert seen.keys() == best["model"].keys()
+    assert all(torch.equal(seen[k], v) for k, v in best["model"].items())
+    assert not all(torch.equal(seen[k], v) for k, v in last["model"].items())
 
 
 def test_selection_by_map_is_an_option(synthetic_root, tmp_path, make_config, monkeypatch):
@@ -262,11 +297,16 @@ def test_bn_split_feeds_batchnorm_what_one_gpu_of_the_release_sees(synthetic_roo
     seen = []
     inner = trainer.run.train_model
 
-    def recording(x, mods):
-        seen.append((x.clone(), mods.clone()))
-        return inner(x, mods)
+    class Recording(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
 
-    trainer.run.train_model = recording
+        def forward(self, x, mods):
+            seen.append((x.clone(), mods.clone()))
+            return self.inner(x, mods)
+
+    trainer.run.train_model = Recording()
     trainer.model.train()
     out = trainer.run.forward(batches, labels)
     assert len(seen) == 2
@@ -287,6 +327,50 @@ def test_bn_split_feeds_batchnorm_what_one_gpu_of_the_release_sees(synthetic_roo
         expected = inner(torch.cat([visible[:, 0], visible[:, 1]]) if m == 0 else infrared[:, 0],
                          torch.full((2 * b if m == 0 else b,), m))
         torch.testing.assert_close(whole[m][0], torch.nn.functional.normalize(expected, dim=1), atol=1e-5, rtol=1e-4)
+
+
+def test_bn_split_updates_running_statistics_from_the_first_pass_only():
+    """train.bn_split=2: after one training forward the running mean and variance are the
+    momentum update from pass 1's images alone (only DataParallel replica 0's buffers survive),
+    while pass 2 is still normalised with its own batch statistics; re-computed by hand."""
+    from bmil.engine.forward import forward_batches
+
+    class Toy(torch.nn.Module):  # a BatchNorm over the images, flattened
+        def __init__(self):
+            super().__init__()
+            self.bn = torch.nn.BatchNorm2d(3, momentum=0.1)
+
+        def forward(self, x, mods):
+            return self.bn(x).flatten(1)
+
+    torch.manual_seed(0)
+    b = 4
+    visible = torch.randn(b, 2, 3, 4, 2) * 2 + 1
+    infrared = torch.randn(b, 1, 3, 4, 2) - 3
+    batches = {0: (visible, torch.arange(b)), 1: (infrared, torch.arange(b))}
+    labels = {0: np.arange(b), 1: np.arange(b)}
+    for split in (1, 2):
+        net = Toy().train()
+        out = forward_batches(net, batches, labels, torch.device("cpu"), bn_split=split)
+        passes = ([torch.cat([visible[:, 0], visible[:, 1], infrared[:, 0]])] if split == 1 else
+                  [torch.cat([visible[:, 0], infrared[: b // 2, 0]]), torch.cat([visible[:, 1], infrared[b // 2:, 0]])])
+        first = passes[0].double()
+        mean = first.mean(dim=(0, 2, 3))
+        var = first.var(dim=(0, 2, 3), unbiased=True)
+        torch.testing.assert_close(net.bn.running_mean.double(), 0.9 * torch.zeros(3, dtype=torch.float64) + 0.1 * mean)
+        torch.testing.assert_close(net.bn.running_var.double(), 0.9 * torch.ones(3, dtype=torch.float64) + 0.1 * var)
+        assert int(net.bn.num_batches_tracked) == 1
+        # Each pass normalised with its own batch statistics (biased variance, eps 1e-5).
+        for j, x in enumerate(passes):
+            x = x.double()
+            m = x.mean(dim=(0, 2, 3), keepdim=True)
+            v = x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+            expected = torch.nn.functional.normalize(((x - m) / torch.sqrt(v + 1e-5)).flatten(1), dim=1)
+            rows_v = len(visible) * (2 if split == 1 else 1)
+            got = torch.cat([out[0].features.reshape(2, b, -1)[j] if split == 2 else out[0].features,
+                             out[1].features[j * b // 2:(j + 1) * b // 2] if split == 2 else out[1].features])
+            assert got.shape[0] == rows_v + (b if split == 1 else b // 2)
+            torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_bn_split_must_divide_the_batch(make_config, synthetic_root, tmp_path):

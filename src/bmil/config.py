@@ -159,6 +159,10 @@ class LossConfig:
     ``split_prototypes`` is a clustering switch despite its section: it splits every global
     cluster of stage 2 into one sub-cluster per modality (one global-memory prototype each,
     the split-and-contrast of METHOD.md); false keeps one prototype per global cluster.
+    ``global_gradient``: which prototypes the stage-2 global loss takes its gradient against:
+    ``release`` (the infrared term against the prototypes the visible batch has already moved,
+    the order the release's in-place memory update produces) or ``simultaneous`` (both terms
+    against the prototypes as they were); see :class:`bmil.engine.objectives.GlobalObjective`.
     """
 
     temperature: float = 0.05
@@ -167,6 +171,7 @@ class LossConfig:
     mean_margin: float = 0.2
     split_prototypes: bool = True
     num_candidates: int = 50
+    global_gradient: str = "release"
 
 
 @dataclass
@@ -186,6 +191,8 @@ class TrainConfig:
     ``select_by``: the best model of a stage is the one with the highest test-set ``rank1``
     (the release) or ``mAP`` of the first protocol setting — selection on the test set, which
     the results say; the last epoch's model and scores are kept beside it.
+    ``select_last``: let a stage's last epoch, evaluated even when off the ``eval_every``
+    schedule, be selected too (false: the release, whose last epoch, 49, is never evaluated).
     ``stage1_eval_trials``: gallery trials evaluated during stage 1 (the release: trial 0
     only; 0 = ``eval.trials``); stage 2 evaluates ``eval.trials``.
     ``num_ids``: P, the pseudo identities per training batch, ``num_instances`` (K) images
@@ -217,6 +224,7 @@ class TrainConfig:
     bn_split: int = 1
     eval_every: int = 2
     select_by: str = "rank1"
+    select_last: bool = False
     stage1_eval_trials: int = 1
     extract_batch: int = 128
 
@@ -262,6 +270,7 @@ _CHOICES = {
     "cluster.knn": ("exact", "approximate", "auto"),
     "cluster.global_visible": ("left_out", "all"),
     "train.select_by": ("rank1", "mAP"),
+    "loss.global_gradient": ("release", "simultaneous"),
     "eval.mode": ("all", "indoor"),
     "eval.resize": ("lanczos", "bicubic"),
     "eval.direction": ("both", "v2t", "t2v", "v2i", "i2v"),

@@ -3,6 +3,8 @@ network together, laid out as the release lays them out."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
@@ -41,6 +43,22 @@ def network_features(network: nn.Module, x: torch.Tensor, modality: torch.Tensor
     return F.normalize(feats.float(), dim=1)
 
 
+@contextmanager
+def running_stats_frozen(network: nn.Module) -> Iterator[None]:
+    """Within the block, every BatchNorm of ``network`` that tracks running statistics still
+    normalises a training-mode batch with that batch's statistics but leaves its running mean,
+    variance and batch count unchanged (as a DataParallel replica other than the first does)."""
+    norms = [m for m in network.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
 def forward_batches(network: nn.Module, batches: Batches, labels: dict[int, np.ndarray], device: torch.device,
                     *, bn_split: int = 1, amp: bool = False) -> dict[int, ModalityFeatures]:
     """Features of the batches of every modality in ``batches`` in one forward, with each
@@ -50,7 +68,9 @@ def forward_batches(network: nn.Module, batches: Batches, labels: dict[int, np.n
     as the release concatenates them; with ``bn_split`` = g the batch goes through the
     network in g passes, pass j taking the j-th contiguous g-th of every modality, so each
     BatchNorm sees what one GPU of the release's g-GPU DataParallel sees (g = 2: first-view
-    visible + half the infrared, then the rest). Outputs keep the order of ``batches``.
+    visible + half the infrared, then the rest). Only the first pass updates the BatchNorm
+    running statistics, as only replica 0's buffers survive DataParallel; every pass normalises
+    with its own batch statistics. Outputs keep the order of ``batches``.
     """
     images, targets = {}, {}
     for m, (views, index) in batches.items():
@@ -61,7 +81,11 @@ def forward_batches(network: nn.Module, batches: Batches, labels: dict[int, np.n
     for j in range(bn_split):
         x = torch.cat([chunks[m][j] for m in images])
         mods = torch.cat([torch.full((len(chunks[m][j]),), m, dtype=torch.long) for m in images])
-        parts.append(network_features(network, x, mods, device, amp))
+        if j == 0:
+            parts.append(network_features(network, x, mods, device, amp))
+        else:
+            with running_stats_frozen(network):
+                parts.append(network_features(network, x, mods, device, amp))
     pieces: dict[int, list[torch.Tensor]] = {m: [] for m in images}
     for j, feats in enumerate(parts):
         for m, f in zip(images, feats.split([len(chunks[m][j]) for m in images]), strict=True):

@@ -185,10 +185,13 @@ class Trainer:
 
     def _maybe_evaluate(self, epoch: int, stage: int) -> dict[str, Any] | None:
         """Evaluate at the first epoch of the stage, every ``eval_every`` after it and at its
-        last; keep the best model by ``train.select_by`` and the last epoch's model."""
+        last. The selected model (``train.select_by``) is the best of the scheduled
+        evaluations (the release's ``epoch % 2 == 0``); the last epoch's scores are kept as
+        ``last`` and compete for selection only with ``train.select_last``."""
         t, r = self.cfg.train, self.run
         first, last = self._stage_bounds(stage)
-        if not self.labelled or not ((epoch - first) % t.eval_every == 0 or epoch == last):
+        scheduled = (epoch - first) % t.eval_every == 0
+        if not self.labelled or not (scheduled or epoch == last):
             return None
         trials = (t.stage1_eval_trials or self.cfg.eval.trials) if stage == 1 else None
         results = self.evaluate(trials)
@@ -197,7 +200,7 @@ class Trainer:
         metrics = {res.setting: res.mean for res in results}
         score = float(results[0].mean[t.select_by])
         r.history.append({"epoch": epoch, "stage": stage, "metrics": metrics})
-        if score > r.best[stage].score:
+        if (scheduled or t.select_last) and score > r.best[stage].score:
             r.best[stage] = StageBest(score=score, epoch=epoch, metrics=metrics)
             if self.dist.is_main:
                 self._save(epoch, f"best_stage{stage}.pt")
@@ -262,7 +265,9 @@ class Trainer:
     def summary(self) -> dict[str, Any]:
         """Per stage: the selected model's epoch and metrics, how it was selected, and the
         last epoch's metrics (``last``)."""
-        selection = (f"best test-set {self.cfg.train.select_by} among the evaluations of the stage "
+        t = self.cfg.train
+        selection = (f"best test-set {t.select_by} among the stage's evaluations every {t.eval_every} epochs"
+                     f"{' and at its last' if t.select_last else ''} "
                      "(selection on the test set, as the authors' release does)")
         return {
             f"stage{k}": {"epoch": v.epoch, "metrics": v.metrics, "selected_by": selection,
