@@ -3,6 +3,11 @@
 All functions take batch features already L2-normalised by the caller, return a scalar
 tensor that is differentiable w.r.t. the features, and never back-propagate into the
 memories (their prototypes are buffers).
+
+The global loss can take its gradient against other prototypes than those its value is
+computed with (``backward_memory``): the release's memory computes the gradient w.r.t. the
+features against its bank as it is when the backward runs, which another loss term's
+backward may already have moved (see :class:`bmil.engine.objectives.GlobalObjective`).
 """
 
 from __future__ import annotations
@@ -11,6 +16,34 @@ import torch
 import torch.nn.functional as F
 
 from bmil.memory import PrototypeMemory
+
+
+class _MemoryLogits(torch.autograd.Function):
+    """``features @ prototypes.T`` whose gradient w.r.t. ``features`` is taken against
+    ``backward_prototypes``: ``grad_logits @ backward_prototypes`` (no gradient to either bank)."""
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, prototypes: torch.Tensor,  # type: ignore[override]
+                backward_prototypes: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(backward_prototypes)
+        return features @ prototypes.T
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        (backward_prototypes,) = ctx.saved_tensors
+        return grad @ backward_prototypes, None, None
+
+
+def memory_logits(
+    features: torch.Tensor, prototypes: torch.Tensor, backward_prototypes: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Similarities ``[B, S]`` of ``features`` ``[B, D]`` to ``prototypes`` ``[S, D]``; with
+    ``backward_prototypes`` ``[S, D]`` their gradient w.r.t. ``features`` is taken against
+    those instead (the value is unchanged)."""
+    prototypes = prototypes.to(features.dtype)
+    if backward_prototypes is None:
+        return features @ prototypes.T
+    return _MemoryLogits.apply(features, prototypes, backward_prototypes.to(features.dtype))
 
 
 def info_nce(
@@ -58,6 +91,7 @@ def multi_positive_loss(
     positive_mask: torch.Tensor,
     temperature: float = 0.05,
     num_candidates: int = 50,
+    backward_prototypes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Multi-positive InfoNCE over each sample's positives and hardest negatives.
 
@@ -72,6 +106,9 @@ def multi_positive_loss(
         positive_mask: ``[B, S]`` bool (see :func:`bmil.memory.positive_mask`).
         temperature: tau.
         num_candidates: size of the candidate set, positives included.
+        backward_prototypes: ``[S, D]`` or None: take the gradient w.r.t. ``features``
+            against these (see :func:`memory_logits`); the value and the candidates come
+            from ``prototypes``.
 
     Returns:
         The mean of L_b over samples with at least one positive. Samples without a positive
@@ -81,7 +118,7 @@ def multi_positive_loss(
     if num_candidates < 1:
         raise ValueError(f"num_candidates must be at least 1, got {num_candidates}")
     positive_mask = torch.as_tensor(positive_mask, device=features.device).bool()
-    logits = features @ prototypes.to(features.dtype).T / temperature  # [B, S]
+    logits = memory_logits(features, prototypes, backward_prototypes) / temperature  # [B, S]
     num_positives = positive_mask.sum(dim=1)  # [B]
 
     # Rank the non-positives of each row by similarity (0 = hardest); positives go last.
@@ -105,16 +142,21 @@ def global_loss(
     positive_mask: torch.Tensor,
     temperature: float = 0.05,
     num_candidates: int = 50,
+    backward_memory: PrototypeMemory | None = None,
 ) -> torch.Tensor:
     """Stage-2 split-and-contrast loss against the global (sub-cluster) memory.
 
     Hybrid memory: ``0.5 * (multi-positive over hard + multi-positive over mean)``; single
-    bank: the multi-positive loss over it.
+    bank: the multi-positive loss over it. ``backward_memory`` (same banks and shapes, or
+    None): the gradient w.r.t. ``features`` is taken against its banks.
     """
+    def bank(name: str) -> torch.Tensor | None:
+        return None if backward_memory is None else getattr(backward_memory, name)
+
+    def term(name: str) -> torch.Tensor:
+        return multi_positive_loss(features, getattr(memory, name), positive_mask, temperature, num_candidates,
+                                   backward_prototypes=bank(name))
+
     if not memory.hybrid:
-        return multi_positive_loss(
-            features, memory.prototypes, positive_mask, temperature, num_candidates
-        )
-    hard = multi_positive_loss(features, memory.hard, positive_mask, temperature, num_candidates)
-    mean = multi_positive_loss(features, memory.mean, positive_mask, temperature, num_candidates)
-    return 0.5 * (hard + mean)
+        return term("prototypes")
+    return 0.5 * (term("hard") + term("mean"))

@@ -125,6 +125,16 @@ class PrototypeMemory(nn.Module):
         else:
             self._update_sequential(features, labels)
 
+    def moved(self, features: torch.Tensor, labels: torch.Tensor) -> PrototypeMemory:
+        """A copy of this memory after :meth:`update` with ``features`` ``[B, D]`` and
+        ``labels`` ``[B]``; this memory is left as it is."""
+        bank = getattr(self, self.bank_names[0])
+        other = PrototypeMemory(self.num_clusters, self.dim, momentum=self.momentum, hybrid=self.hybrid)
+        other.to(device=bank.device, dtype=bank.dtype)
+        other.load_state_dict(self.state_dict())
+        other.update(features, labels)
+        return other
+
     def _move(self, bank: torch.Tensor, clusters: torch.Tensor, targets: torch.Tensor) -> None:
         """``bank[c] <- normalise(mu * bank[c] + (1 - mu) * target)``; ``clusters`` unique."""
         moved = self.momentum * bank[clusters] + (1.0 - self.momentum) * targets

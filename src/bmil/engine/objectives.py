@@ -91,22 +91,38 @@ class GlobalObjective(Objective):
 
     sub_labels: modality → sub-cluster of every image [N_m]; sub_to_cluster: [S] the global
     cluster of each sub-cluster (prototype).
+
+    gradient (``loss.global_gradient``): ``release``: the infrared term's gradient w.r.t. the
+    features is taken against the prototypes after the visible batch's momentum update, the
+    visible term's against the prototypes as they were. The release calls its one global
+    memory twice (infrared, then visible) and back-propagates the sum once; its memory moves
+    the bank in place in its backward, and autograd runs the later (visible) call's backward
+    first. ``simultaneous``: both against the prototypes as they were. In both, the loss
+    values, the hardest negatives and the memory update after the step (visible batch, then
+    infrared) are the same.
     """
 
     sub_labels: dict[int, np.ndarray] = field(default_factory=dict)
     sub_to_cluster: torch.Tensor | None = None
     temperature: float = 0.05
     num_candidates: int = 50
+    gradient: str = "release"
 
     def loss(self, outputs: dict[int, ModalityFeatures]) -> torch.Tensor:
         parts, self._pending = [], []
-        for m in MODALITIES:
+        for m in MODALITIES:  # visible first: the order the release's memory moves in
             f, y, index, views = outputs[m]
             # Rows are view-major (all first views, then all second views), as the labels y.
-            sub = torch.from_numpy(self.sub_labels[m][index.numpy()]).repeat(views)
+            sub = torch.from_numpy(self.sub_labels[m][index.numpy()]).repeat(views).to(f.device)
+            # release: the gradient against the prototypes the batches before this one moved.
+            moved = None
+            if self.gradient == "release" and self._pending:
+                moved = self.memory
+                for features, labels in self._pending:
+                    moved = moved.moved(*self.gather(features, labels))
             parts.append(global_loss(f, self.memory, positive_mask(y, self.sub_to_cluster),
-                                     self.temperature, self.num_candidates))
-            self._pending.append((f.detach(), sub.to(f.device)))
+                                     self.temperature, self.num_candidates, backward_memory=moved))
+            self._pending.append((f.detach(), sub))
         return 0.5 * (parts[0] + parts[1])
 
 
@@ -166,6 +182,7 @@ def global_objective(features: np.ndarray, assoc: Association, modality: np.ndar
         sub_labels={m: assoc.sub.sub_labels[index[m]] for m in MODALITIES},
         sub_to_cluster=torch.from_numpy(assoc.sub.sub_to_cluster).to(device),
         temperature=cfg.loss.temperature, num_candidates=cfg.loss.num_candidates,
+        gradient=cfg.loss.global_gradient,
     )
 
 
