@@ -32,6 +32,31 @@ def test_paper_hyperparameters_in_sysu_and_regdb_presets():
     assert regdb.cluster.eps == pytest.approx(0.3) and regdb.data.dataset == "regdb"
 
 
+def test_regdb_preset_is_the_release_s_regdb_recipe():
+    """run_train_regdb.sh / train_regdb.py: no visible subset split (every image in intra and
+    global clustering), eps 0.3 in every DBSCAN, visible batches of batch_size // 2 = 4 × 16
+    against infrared 8 × 16, --iters 100, the infrared view without colour jitter in both
+    stages; everything else as SYSU-MM01's recipe."""
+    regdb, sysu = load_config(preset_path("regdb")), load_config(preset_path("sysu"))
+    assert regdb.cluster.subset_ratio == 1.0 and regdb.cluster.eps == pytest.approx(0.3)
+    assert (regdb.train.num_ids, regdb.train.visible_num_ids, regdb.train.num_instances) == (8, 4, 16)
+    assert regdb.train.iterations == 100 and not regdb.data.infrared_jitter
+    assert (sysu.cluster.subset_ratio, sysu.train.visible_num_ids, sysu.train.iterations) == (0.5, None, 200)
+    assert sysu.data.infrared_jitter
+    same = ("stage1_epochs", "stage2_epochs", "lr", "weight_decay", "lr_step", "lr_gamma", "eval_every", "select_by")
+    assert all(getattr(regdb.train, k) == getattr(sysu.train, k) for k in same)
+    assert (regdb.cluster.k1, regdb.cluster.k2, regdb.cluster.min_samples) == (30, 6, 4)
+    assert regdb.eval.direction == "both" and regdb.eval.trials == 1  # v2t first: the release selects on it
+
+
+def test_visible_num_ids_is_validated():
+    with pytest.raises(ConfigError, match="'train.visible_num_ids' must be >= 1"):
+        load_config(None, ["train.visible_num_ids=0"])
+    with pytest.raises(ConfigError, match="train.visible_num_ids × train.num_instances"):
+        load_config(None, ["train.visible_num_ids=1", "train.num_instances=3", "train.num_ids=2", "train.bn_split=2"])
+    assert load_config(None, ["train.visible_num_ids=4"]).train.visible_num_ids == 4
+
+
 def test_ablation_rows_are_switch_presets():
     rows = {i: load_config(preset_path(f"ablation/m{i}")) for i in range(1, 7)}
     assert not rows[1].train.global_association
@@ -99,15 +124,16 @@ def test_yaml_base_and_bad_files(tmp_path):
         preset_path("nosuchpreset")
 
 
-def _recipe_rows() -> dict[str, tuple[int, int, float, int]]:
-    """{preset: (ids, instances, lr, bn batch)} from the table of docs/recipes.md."""
+def _recipe_rows() -> dict[str, tuple[int, int, int | None, float, int]]:
+    """{preset: (ids, instances, visible ids or None, lr, bn batch)} from the table of docs/recipes.md."""
     rows = {}
-    pattern = re.compile(r"^\| `([^`]+)`(?: … `[^`]+`)? \| (\d+) × (\d+) \| ([0-9.e-]+) \| (\d+) \|")
+    pattern = re.compile(r"^\| `([^`]+)`(?: … `[^`]+`)? \| (\d+) × (\d+)(?: \(visible (\d+) × \d+\))? \| "
+                         r"([0-9.e-]+) \| (\d+) \|")
     for line in (REPO / "docs" / "recipes.md").read_text().splitlines():
         match = pattern.match(line)
         if match:
-            name, ids, instances, lr, bn = match.groups()
-            rows[name] = (int(ids), int(instances), float(lr), int(bn))
+            name, ids, instances, visible, lr, bn = match.groups()
+            rows[name] = (int(ids), int(instances), None if visible is None else int(visible), float(lr), int(bn))
     return rows
 
 
@@ -115,9 +141,9 @@ def test_recipes_give_each_preset_its_batch_lr_and_bn_batch():
     rows = _recipe_rows()
     presets = sorted(p.stem for p in (REPO / "src" / "bmil" / "configs").glob("*.yaml"))
     assert set(presets) <= set(rows), f"presets without a recipe: {set(presets) - set(rows)}"
-    for name, (ids, instances, lr, bn) in rows.items():
+    for name, (ids, instances, visible, lr, bn) in rows.items():
         cfg = load_config(preset_path(name))
         t = cfg.train
-        assert (t.num_ids, t.num_instances, t.lr) == (ids, instances, lr), name
+        assert (t.num_ids, t.num_instances, t.visible_num_ids, t.lr) == (ids, instances, visible, lr), name
         views = 2 if cfg.data.channel_aug else 1
-        assert bn == (views + 1) * ids * instances, name
+        assert bn == views * (visible or ids) * instances + ids * instances, name

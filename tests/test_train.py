@@ -640,3 +640,29 @@ def test_epoch_whose_global_clusters_each_hold_one_modality(synthetic_root, tmp_
     assert record["global/clusters"] > 0 and record["global/cross_clusters"] == 0
     assert math.isfinite(record["loss/global"]) and math.isfinite(record["loss/intra"])
     assert "no global cluster holds both modalities" in caplog.text
+
+
+def test_visible_batches_draw_train_visible_num_ids_identities(synthetic_root, tmp_path, make_config):
+    """The release's RegDB loaders: visible batches of visible_num_ids × K (two views each),
+    infrared batches of num_ids × K."""
+    trainer = Trainer(make_config(synthetic_root, tmp_path, "train.visible_num_ids=2"), progress=False)
+    t = trainer.cfg.train
+    assert (t.num_ids, t.num_instances) == (4, 4)
+    for m, ids in ((VISIBLE, 2), (INFRARED, 4)):
+        labels = np.arange(len(trainer.index[m])) % 6
+        loader = trainer.run.loader(m, labels, seed=0)
+        views, index = next(iter(loader))
+        assert loader.batch_size == ids * 4 and views.shape[:2] == (ids * 4, 2 if m == VISIBLE else 1)
+        assert len(np.unique(labels[index.numpy()])) == ids
+
+
+def test_infrared_jitter_off_gives_stage_one_the_stage_two_view(make_config, synthetic_root, tmp_path):
+    from bmil.engine.run import stage_views
+
+    on = make_config(synthetic_root, tmp_path)
+    off = make_config(synthetic_root, tmp_path, "data.infrared_jitter=false")
+    assert on.data.infrared_jitter
+    view = {(jitter, stage): repr(stage_views(cfg, stage)[INFRARED])
+            for jitter, cfg in ((True, on), (False, off)) for stage in (1, 2)}
+    assert "ColorJitter" in view[(True, 1)] and "ColorJitter" not in view[(True, 2)]
+    assert view[(False, 1)] == view[(False, 2)] == view[(True, 2)]

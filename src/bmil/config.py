@@ -77,6 +77,9 @@ class DataConfig:
     one of R, G, B after normalisation and erasing; infrared 3/4 one channel, 1/8 grayscale,
     1/8 unchanged, colour jitter in stage 1 only) or ``legacy`` (bmil's earlier views);
     see :mod:`bmil.data.transforms`.
+    ``infrared_jitter``: colour jitter on the stage-1 infrared view (the release's SYSU-MM01
+    recipe); false gives stage 1 the stage-2 infrared view (its RegDB recipe has no jitter in
+    either stage).
     """
 
     dataset: str = "synthetic"
@@ -90,6 +93,7 @@ class DataConfig:
     workers: int | None = None
     ids_from_folders: bool = False
     cache_images: bool = False
+    infrared_jitter: bool = True
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -197,6 +201,9 @@ class TrainConfig:
     only; 0 = ``eval.trials``); stage 2 evaluates ``eval.trials``.
     ``num_ids``: P, the pseudo identities per training batch, ``num_instances`` (K) images
     each; not ``synthetic.num_ids``, the synthetic population.
+    ``visible_num_ids``: P of the visible batches when it differs from the infrared one
+    (empty: ``num_ids``); the release's RegDB recipe draws 4 visible identities (two views
+    each) against 8 infrared ones.
     ``sampler``: how a batch's images of each pseudo identity are drawn: ``camera`` (the
     release: a random anchor, then images from other cameras than the anchor's; one pass over
     the identities in random order) or ``uniform`` (bmil's earlier draw, cameras ignored);
@@ -207,6 +214,7 @@ class TrainConfig:
     stage2_epochs: int = 50
     iterations: int = 200
     num_ids: int = 8
+    visible_num_ids: int | None = None
     num_instances: int = 16
     sampler: str = "camera"
     lr: float = 3.5e-4
@@ -362,11 +370,16 @@ def _validate(cfg: Config) -> None:
     for key in ("iterations", "num_ids", "num_instances", "extract_batch", "eval_every", "lr_step", "bn_split"):
         if getattr(cfg.train, key) < 1:
             raise ConfigError(f"configuration key 'train.{key}' must be >= 1")
-    if (cfg.train.num_ids * cfg.train.num_instances) % cfg.train.bn_split:
-        raise ConfigError(
-            f"configuration key 'train.bn_split' ({cfg.train.bn_split}) must divide the batch of "
-            f"train.num_ids × train.num_instances = {cfg.train.num_ids * cfg.train.num_instances} images"
-        )
+    if cfg.train.visible_num_ids is not None and cfg.train.visible_num_ids < 1:
+        raise ConfigError(f"configuration key 'train.visible_num_ids' must be >= 1 (or empty: train.num_ids), "
+                          f"got {cfg.train.visible_num_ids}")
+    for key in ("num_ids", "visible_num_ids"):
+        ids = getattr(cfg.train, key)
+        if ids is not None and (ids * cfg.train.num_instances) % cfg.train.bn_split:
+            raise ConfigError(
+                f"configuration key 'train.bn_split' ({cfg.train.bn_split}) must divide the batch of "
+                f"train.{key} × train.num_instances = {ids * cfg.train.num_instances} images"
+            )
     if cfg.train.stage1_eval_trials < 0:
         raise ConfigError("configuration key 'train.stage1_eval_trials' must be >= 0 (0: eval.trials)")
 

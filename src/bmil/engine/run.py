@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bmil.config import Config, config_to_dict
+from bmil.config import Config, TrainConfig, config_to_dict
 from bmil.data import PseudoIdentitySampler, TrainDataset, infrared_views, visible_views
 from bmil.data.records import INFRARED, MODALITIES, VISIBLE, Record, record_arrays
 from bmil.engine import distributed
@@ -96,12 +96,22 @@ class StageBest:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+def batch_ids(train: TrainConfig, modality: int) -> int:
+    """P, the pseudo identities of one training batch of ``modality`` (``train.num_ids``, or
+    ``train.visible_num_ids`` for visible images when set)."""
+    if modality == VISIBLE and train.visible_num_ids is not None:
+        return train.visible_num_ids
+    return train.num_ids
+
+
 def stage_views(cfg: Config, stage: int) -> dict[int, list]:
     """Training views per modality in ``stage`` (the infrared view drops its jitter in stage 2)."""
     d = cfg.data
     return {
         VISIBLE: visible_views(d.height, d.width, d.channel_aug, d.pad, d.augmentation),
-        INFRARED: infrared_views(d.height, d.width, d.pad, stage=stage, augmentation=d.augmentation),
+        # data.infrared_jitter false: the jitter-free stage-2 view in stage 1 too (the release's RegDB).
+        INFRARED: infrared_views(d.height, d.width, d.pad, stage=stage if d.infrared_jitter else 2,
+                                 augmentation=d.augmentation),
     }
 
 
@@ -228,11 +238,13 @@ class Run:
         t = self.cfg.train
         # The release's sampler draws each anchor's companions from other cameras.
         cameras = self.camids[self.index[modality]] if t.sampler == "camera" else None
-        sampler = PseudoIdentitySampler(labels, t.num_ids, t.num_instances, t.iterations, seed=seed, cameras=cameras)
+        num_ids = batch_ids(t, modality)
+        sampler = PseudoIdentitySampler(labels, num_ids, t.num_instances, t.iterations, seed=seed, cameras=cameras)
         if self.dist.enabled:  # this rank's num_ids / world_size identities of every batch
             sampler = distributed.IdentityShardSampler(sampler, self.dist)
+        share = distributed.per_rank_ids(num_ids, self.dist)
         return DataLoader(
-            self.datasets[modality], batch_size=self.per_rank_ids * t.num_instances, sampler=sampler, drop_last=True,
+            self.datasets[modality], batch_size=share * t.num_instances, sampler=sampler, drop_last=True,
             num_workers=loader_workers(self.cfg, self.device), pin_memory=self.device.type == "cuda",
             persistent_workers=False, worker_init_fn=seed_worker,
         )
@@ -272,7 +284,8 @@ def build_run(cfg: Config, *, resume: bool = False) -> Run:
     the model (SyncBatchNorm / channels-last as configured), the memory check, datasets,
     optimiser, then ``train.init_from`` or, with ``resume``, ``checkpoints/last.pt``."""
     dist = distributed.init_distributed(resolve_device(cfg.train.device))
-    distributed.per_rank_ids(cfg.train.num_ids, dist)  # a clear error when ranks cannot share the ids
+    for m in MODALITIES:  # a clear error when ranks cannot share the ids
+        distributed.per_rank_ids(batch_ids(cfg.train, m), dist)
     distributed.require_one_forward_per_step(cfg.train.separate_global_step, dist)
     if cfg.train.bn_split > 1 and dist.enabled:
         raise ConfigError("train.bn_split > 1 emulates the release's multi-GPU BatchNorm batch in one process; "

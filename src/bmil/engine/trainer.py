@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from bmil.config import Config, save_config
-from bmil.data.records import Record
+from bmil.data.records import VISIBLE, Record
 from bmil.engine import distributed
 from bmil.engine.association import Association, associate, draw_subsets, features_read
 from bmil.engine.checkpoint import save_checkpoint
@@ -25,6 +25,7 @@ from bmil.engine.objectives import Objective, build_objectives, group_loss, step
 from bmil.engine.run import (  # noqa: F401  (seed_worker, check_signature, TrainingError: public here too)
     StageBest,
     TrainingError,
+    batch_ids,
     build_run,
     check_signature,
     seed_everything,
@@ -216,8 +217,10 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.out / "config.yaml")
             # Per process: this rank's share of the P×K identities, both modalities' views in one BN pass.
-            batch = self.run.per_rank_ids * self.cfg.train.num_instances
-            bn_batch = (batch * (2 if self.cfg.data.channel_aug else 1) + batch) // self.cfg.train.bn_split
+            t = self.cfg.train
+            batch = self.run.per_rank_ids * t.num_instances
+            visible = distributed.per_rank_ids(batch_ids(t, VISIBLE), self.dist) * t.num_instances
+            bn_batch = (visible * (2 if self.cfg.data.channel_aug else 1) + batch) // t.bn_split
             write_run_info(self.out, device=str(self.device), world_size=self.dist.world_size,
                            per_process_batch=batch,
                            bn_batch=bn_batch * (self.dist.world_size if self.run.sync_bn else 1),
