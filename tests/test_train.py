@@ -69,8 +69,10 @@ def test_stage_two_adds_the_global_loss(finished_run):
 def test_optimiser_steps_lower_both_losses_on_a_fixed_batch(synthetic_root, tmp_path, make_config):
     """The trainer's own objectives, forward and step, both stages' losses, fixed memories."""
     # Every visible image in the global clustering: the tiny data's left-out half alone gives one cluster.
-    trainer = Trainer(make_config(synthetic_root, tmp_path, "train.lr=1e-3", "cluster.global_visible=all"),
-                      progress=False)
+    # loss.global_gradient=simultaneous: with memories that never move, that is the exact gradient of the
+    # fixed loss (the release's order takes the infrared term's against prototypes the visible batch moved).
+    trainer = Trainer(make_config(synthetic_root, tmp_path, "train.lr=1e-3", "cluster.global_visible=all",
+                                  "loss.global_gradient=simultaneous"), progress=False)
     rng = trainer_mod.seed_everything(0, 0)
     features = trainer.extract(trainer.records, flip=False)
     assoc = trainer.associate(features, 2, rng)
