@@ -5,9 +5,12 @@ Times a few repetitions of each piece of an epoch at SYSU-MM01's sizes and scale
 - training iterations, stage 1 (intra step) and stage 2 (intra step + global step), with the
   real loader: synthetic JPEGs of SYSU-MM01's sizes (90-200 × 250-480 px), the sysu
   preset's training views (two visible views, the stage's infrared view), the camera-aware
-  P×K sampler (8 × 16 per modality), DataLoader workers; the release network (ResNet-50,
+  P×K sampler (8 × 16 per modality), DataLoader workers; by default with the resized-image
+  cache (filled first; its fill is a piece of its own) and ``data.jitter=tensor``
+  (``--no-cache``, ``--jitter pil``: the preset's defaults); the release network (ResNet-50,
   non-local, 288×144), fused Adam; fp32 and bf16 autocast (CUDA only);
-- the loader alone (one stage-1 batch pair) and a loader's start (first batch of an epoch);
+- the loader alone (one stage-1 batch pair, as configured and with PIL jitter and no
+  cache) and a loader's start (first batch of an epoch);
 - feature extraction (flip-averaged) of the 34,167 training images each epoch, timed on a
   few thousand images and scaled;
 - the clustering calls of an epoch (:func:`bmil.cluster.jaccard_distance` + DBSCAN, eps 0.6)
@@ -45,6 +48,7 @@ import torch.nn.functional as F
 from bmil.cluster import dbscan_labels, jaccard_distance
 from bmil.data.images import TrainDataset
 from bmil.data.records import Record
+from bmil.data.resized_cache import ResizedCache
 from bmil.data.sampler import PseudoIdentitySampler
 from bmil.data.transforms import infrared_views, visible_views
 from bmil.engine.extract import extract_features, resolve_device
@@ -181,10 +185,13 @@ def clustered_features(n: int, dim: int, device: torch.device, seed: int) -> tor
 class Training:
     """The recipe's training iteration on loader batches (stage 1 or 2, fp32 or bf16)."""
 
-    def __init__(self, records: list[Record], sizes: Sizes, device: torch.device, workers: int) -> None:
-        self.sizes, self.device, self.workers = sizes, device, workers
+    def __init__(self, records: list[Record], sizes: Sizes, device: torch.device, workers: int,
+                 jitter: str = "tensor", cache: bool = True) -> None:
+        self.sizes, self.device, self.workers, self.jitter = sizes, device, workers, jitter
         self.records = records
         self.index = {m: [i for i, r in enumerate(records) if r.modality == m] for m in (VISIBLE, INFRARED)}
+        self.caches = {m: ResizedCache(len(ix), sizes.height, sizes.width) for m, ix in self.index.items()} \
+            if cache else {}
         self.model = build_model(depth=sizes.depth, non_local=True, pretrained="none", width=sizes.channels).to(device)
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -202,16 +209,33 @@ class Training:
         # Global sub-clusters: person p's visible prototype is 2p, its infrared one 2p + 1.
         self.sub_to_cluster = torch.arange(2 * ids, device=device) // 2
 
-    def loader(self, modality: int, stage: int, seed: int) -> torch.utils.data.DataLoader:
+    def fill_cache(self) -> float:
+        """Seconds per image to fill the resized-image caches (decode + resize), done once a
+        run (its first epoch, spread over the loader workers)."""
+        start = time.perf_counter()
+        for m, ix in self.index.items():
+            dataset = self.dataset(m, 1)
+            for i in range(len(ix)):
+                dataset[i]
+        return (time.perf_counter() - start) / len(self.records)
+
+    def dataset(self, modality: int, stage: int, jitter: str | None = None, cached: bool = True) -> TrainDataset:
+        s, jitter = self.sizes, jitter or self.jitter
+        records = [self.records[i] for i in self.index[modality]]
+        views = {VISIBLE: visible_views(s.height, s.width, pad=s.pad, jitter=jitter),
+                 INFRARED: infrared_views(s.height, s.width, pad=s.pad, stage=stage, jitter=jitter)}
+        return TrainDataset(records, views, resized=self.caches.get(modality) if cached else None)
+
+    def loader(self, modality: int, stage: int, seed: int, dataset: TrainDataset | None = None,
+               ) -> torch.utils.data.DataLoader:
         s = self.sizes
         records = [self.records[i] for i in self.index[modality]]
-        views = {VISIBLE: visible_views(s.height, s.width, pad=s.pad),
-                 INFRARED: infrared_views(s.height, s.width, pad=s.pad, stage=stage)}
         labels = np.array([r.pid for r in records])
         cameras = np.array([r.camid for r in records])
         sampler = PseudoIdentitySampler(labels, s.num_ids, s.num_instances, 10_000, seed=seed, cameras=cameras)
         return torch.utils.data.DataLoader(
-            TrainDataset(records, views), batch_size=s.num_ids * s.num_instances, sampler=sampler, drop_last=True,
+            dataset or self.dataset(modality, stage), batch_size=s.num_ids * s.num_instances, sampler=sampler,
+            drop_last=True,
             num_workers=self.workers, pin_memory=self.device.type == "cuda",
         )
 
@@ -266,9 +290,10 @@ class Training:
         sync(self.device)
         return first, (time.perf_counter() - start) / self.sizes.iterations
 
-    def loader_only(self) -> float:
+    def loader_only(self, jitter: str | None = None, cached: bool = True) -> float:
         """Seconds per stage-1 batch pair drawn from warm loaders (no network)."""
-        loaders = [iter(self.loader(m, 1, seed)) for seed, m in enumerate((VISIBLE, INFRARED))]
+        loaders = [iter(self.loader(m, 1, seed, self.dataset(m, 1, jitter, cached)))
+                   for seed, m in enumerate((VISIBLE, INFRARED))]
         for it in loaders:
             next(it)
         start = time.perf_counter()
@@ -344,6 +369,8 @@ def recipe_counts() -> dict[str, float]:
 def run_all(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     sizes = SMOKE if args.smoke else Sizes()
+    if args.smoke:
+        torch.set_num_threads(1)  # tiny tensors: threads only wait for each other
     if args.iterations:
         sizes.iterations = args.iterations
     workers = args.workers
@@ -359,13 +386,19 @@ def run_all(args: argparse.Namespace) -> dict:
         def build() -> float:
             nonlocal training
             start = time.perf_counter()
-            training = Training(records, sizes, device, workers)
+            training = Training(records, sizes, device, workers, args.jitter, not args.no_cache)
             return time.perf_counter() - start
 
         bench.run(Piece("build network (once)", "run", per_recipe=1), build)
         if training is not None:
-            bench.run(Piece("loader only, stage-1 batch pair", "iteration", per_recipe=0,
+            if not args.no_cache:
+                bench.run(Piece("resized-image cache fill (once, over the workers)", "image",
+                                per_recipe=TRAIN_IMAGES / max(1, workers)), training.fill_cache)
+            loader = f"{args.jitter} jitter{'' if args.no_cache else ' + resized-image cache'}"
+            bench.run(Piece(f"loader only, stage-1 batch pair ({loader})", "iteration", per_recipe=0,
                             note="inside the iterations below, not added"), training.loader_only)
+            bench.run(Piece("loader only, stage-1 batch pair (pil jitter, no cache)", "iteration", per_recipe=0,
+                            note="for comparison, not added"), lambda: training.loader_only("pil", False))
             for amp in precisions:
                 tag = "bf16" if amp else "fp32"
                 for stage in (1, 2):
@@ -392,10 +425,12 @@ def run_all(args: argparse.Namespace) -> dict:
                             per_recipe=calls), lambda n=n, aware=aware: time_clustering(n, sizes, device, aware))
         bench.run(Piece(f"evaluation, {sizes.queries:,} queries × {sizes.gallery} gallery", "trial",
                         per_recipe=counts["eval_trials"]), lambda: time_evaluation(sizes, TRIALS) / TRIALS)
-    return summarise(bench, device, sizes, workers, precisions)
+    loader = f"data.jitter={args.jitter}, resized-image cache {'off' if args.no_cache else 'on'}"
+    return summarise(bench, device, sizes, workers, precisions, loader)
 
 
-def summarise(bench: Bench, device: torch.device, sizes: Sizes, workers: int, precisions: list[bool]) -> dict:
+def summarise(bench: Bench, device: torch.device, sizes: Sizes, workers: int, precisions: list[bool],
+              loader: str) -> dict:
     """Totals per precision: a piece tagged with the other precision is left out."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'x86_64'})"
     totals = {}
@@ -405,7 +440,8 @@ def summarise(bench: Bench, device: torch.device, sizes: Sizes, workers: int, pr
         totals["bf16" if amp else "fp32"] = sum(p.total for p in parts) / 3600
     return {
         "device": name, "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(), "loader_workers": workers, "smoke": sizes is SMOKE,
+        "cpu_count": os.cpu_count(), "loader_workers": workers, "loader": loader,
+        "smoke": sizes is SMOKE,
         "pieces": [{"name": p.name, "unit": p.unit, "seconds_per_unit": p.seconds, "units": p.per_recipe,
                     "recipe_seconds": p.total, "status": p.status, "note": p.note} for p in bench.pieces],
         "recipe_hours": totals, "release_hours": RELEASE["hours"], "release": RELEASE,
@@ -417,7 +453,8 @@ def summarise(bench: Bench, device: torch.device, sizes: Sizes, workers: int, pr
 def print_table(result: dict) -> None:
     print(f"Recipe time (SYSU-MM01, {EPOCHS[0]} + {EPOCHS[1]} epochs × {ITERATIONS} iterations); "
           f"device: {result['device']}; torch {result['torch']}, {result['cpu_threads']} threads, "
-          f"{result['loader_workers']} loader workers{'; SMOKE sizes' if result['smoke'] else ''}\n")
+          f"{result['loader_workers']} loader workers ({result['loader']})"
+          f"{'; SMOKE sizes' if result['smoke'] else ''}\n")
     print("| piece | s / unit | units in recipe | recipe h | status |")
     print("|---|---|---|---|---|")
     for p in result["pieces"]:
@@ -442,6 +479,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help="loader workers (default: min(8, cores) on CUDA, as the sysu preset; 0 on a CPU)")
     parser.add_argument("--iterations", type=int, default=0, help="timed iterations per training piece")
+    parser.add_argument("--jitter", default="tensor", choices=("pil", "tensor"), help="data.jitter of the loader")
+    parser.add_argument("--no-cache", action="store_true", help="no resized-image cache (data.resized_cache_gib=0)")
     args = parser.parse_args()
     result = run_all(args)
     print_table(result)
