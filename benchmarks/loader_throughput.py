@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import functional as F
 
 from bmil.data.images import TrainDataset, load_image
 from bmil.data.records import INFRARED, VISIBLE, Record
@@ -91,52 +93,67 @@ class Clock:
         return {name: 1e3 * float(np.median(values)) for name, values in self.calls.items()}
 
 
-def before(records: list[Record], views: list[TrainView], repeats: int) -> dict[str, float]:
-    """ms per image of each step of ``T.Compose(view.transforms)`` for every view, the
-    decode once per image."""
-    clock = Clock()
-    for _ in range(repeats):
-        for record in records:
-            image = clock.time("decode", load_image, record.path)
-            for view in views:
-                x = image
-                for step in view.transforms:
-                    x = clock.time(_step_name(step), step, x)
-            clock.next_image()
-    return clock.ms()
-
-
-def after_steps(pixels: list[torch.Tensor], views: list[TrainView], repeats: int) -> dict[str, float]:
-    """ms per image of each random step of :meth:`TrainView.from_resized` (tensor jitter)."""
-    clock = Clock()
-    for _ in range(repeats):
-        for p in pixels:
-            for view in views:
-                crop = clock.time("pad + crop + flip (uint8)", view._crop_flip, p)
-                x = clock.time("to float", view._to_float, crop)
-                if view.jitter is not None:
-                    x = clock.time("colour jitter", view.jitter, x)
-                x = clock.time("Normalize", view._normalize_, x)
-                x = clock.time("ChannelRandomErasing", view.erasing, x)
-                if view.channel_step is not None:
-                    x = clock.time(type(view.channel_step).__name__, view.channel_step, x)
-            clock.next_image()
-    return clock.ms()
-
-
 def _step_name(step) -> str:
     name = type(step).__name__
     return "colour jitter" if "ColorJitter" in name else name
 
 
-def end_to_end(dataset: TrainDataset, repeats: int) -> float:
-    """ms per image of ``dataset[i]`` (all the modality's views; median over reads)."""
-    clock = Clock()
+def _pil_jitter(jitter, crop: torch.Tensor) -> torch.Tensor:
+    return F.to_tensor(jitter(Image.fromarray(crop.numpy())))
+
+
+def before_steps(clock: Clock, path: str, views: list[TrainView]) -> None:
+    """Each step of ``T.Compose(view.transforms)`` for every view, the decode once."""
+    image = clock.time("decode", load_image, path)
+    for view in views:
+        x = image
+        for step in view.transforms:
+            x = clock.time(_step_name(step), step, x)
+    clock.next_image()
+
+
+def after_steps(clock: Clock, pixels: torch.Tensor, views: list[TrainView]) -> None:
+    """Each random step of :meth:`TrainView.from_resized` for every view."""
+    for view in views:
+        crop = clock.time("pad + crop + flip (uint8)", view._crop_flip, pixels)
+        if view.jitter is not None and "Tensor" not in type(view.jitter).__name__:  # PIL, then to tensor
+            x = clock.time("colour jitter", _pil_jitter, view.jitter, crop)
+        else:
+            x = clock.time("to float", view._to_float, crop)
+            if view.jitter is not None:
+                x = clock.time("colour jitter", view.jitter, x)
+        x = clock.time("Normalize", view._normalize_, x)
+        x = clock.time("ChannelRandomErasing", view.erasing, x)
+        if view.channel_step is not None:
+            x = clock.time(type(view.channel_step).__name__, view.channel_step, x)
+    clock.next_image()
+
+
+def measure(records: list[Record], old: list[TrainView], new: list[TrainView], modality: int,
+            repeats: int) -> dict:
+    """Interleaved, image by image (so that a busy moment of a shared machine hits both
+    alike): the old pipeline's steps and whole read (decode, every view as ``T.Compose``),
+    the new pipeline's steps and whole ``TrainDataset`` read from a filled cache, and the
+    new read without the cache. ms per image, medians."""
+    h, w = new[0].height, new[0].width
+    cache = ResizedCache(len(records), h, w)
+    cached = TrainDataset(records, {modality: new}, resized=cache)
+    uncached = TrainDataset(records, {modality: new})
+    fill = Clock()
+    for i in range(len(records)):
+        fill.time("fill", cached.__getitem__, i)  # the first reads fill the cache
+        fill.next_image()
+    steps_before, steps_after, reads = Clock(), Clock(), Clock()
     for _ in range(repeats):
-        for i in range(len(dataset)):
-            clock.time("read", dataset.__getitem__, i)
-            clock.next_image()
-    return clock.ms()["read"]
+        for i, record in enumerate(records):
+            before_steps(steps_before, record.path, old)
+            after_steps(steps_after, cache.pixels[i], new)
+            reads.time("before", lambda path=record.path: [T.Compose(v.transforms)(load_image(path)) for v in old])
+            reads.time("after", cached.__getitem__, i)
+            reads.time("after, no cache", uncached.__getitem__, i)
+            reads.next_image()
+    return {"before": steps_before.ms(), "after": steps_after.ms(), "reads": reads.ms(),
+            "fill": fill.ms()["fill"]}
 
 
 def main() -> None:
@@ -149,53 +166,50 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     h, w = args.height, args.width
+    old = {"visible": visible_views(h, w), "infrared": infrared_views(h, w, stage=1),
+           "infrared stage 2": infrared_views(h, w, stage=2)}
+    new = {"visible": visible_views(h, w, jitter=args.jitter),
+           "infrared": infrared_views(h, w, stage=1, jitter=args.jitter),
+           "infrared stage 2": infrared_views(h, w, stage=2, jitter=args.jitter)}
+    mod_of = {"visible": VISIBLE, "infrared": INFRARED, "infrared stage 2": INFRARED}
     with tempfile.TemporaryDirectory() as tmp:
         records = write_jpegs(Path(tmp), args.images)
         by_mod = {m: [r for r in records if r.modality == m] for m in (VISIBLE, INFRARED)}
-        old = {"visible": visible_views(h, w), "infrared": infrared_views(h, w, stage=1),
-               "infrared stage 2": infrared_views(h, w, stage=2)}
-        new = {"visible": visible_views(h, w, jitter=args.jitter),
-               "infrared": infrared_views(h, w, stage=1, jitter=args.jitter),
-               "infrared stage 2": infrared_views(h, w, stage=2, jitter=args.jitter)}
-        mod_of = {"visible": VISIBLE, "infrared": INFRARED, "infrared stage 2": INFRARED}
-        rows_before = {k: before(by_mod[mod_of[k]], v, args.repeats) for k, v in old.items()}
-        pixels = {m: [old["visible"][0].resize(load_image(r.path)) for r in rs] for m, rs in by_mod.items()}
-        rows_after = {k: after_steps(pixels[mod_of[k]], v, args.repeats) for k, v in new.items()}
-        fill_ms, totals = {}, {}
-        for key, views in new.items():
-            rs = by_mod[mod_of[key]]
-            cache = ResizedCache(len(rs), h, w)
-            dataset = TrainDataset(rs, {mod_of[key]: views}, resized=cache)
-            fill_ms[key] = end_to_end(dataset, 1)  # the first reads fill the cache
-            totals[key] = end_to_end(dataset, args.repeats)
-            totals[key + " (no cache)"] = end_to_end(TrainDataset(rs, {mod_of[key]: views}), 1)
+        rows = {k: measure(by_mod[mod_of[k]], old[k], new[k], mod_of[k], args.repeats) for k in old}
     steps = ["decode", "Resize", "Pad", "RandomCrop", "RandomHorizontalFlip", "pad + crop + flip (uint8)", "to float",
              "colour jitter", "ToTensor", "Normalize", "ChannelRandomErasing", "ChannelExchange", "ChannelAdaptiveGray"]
     print(f"Training loader, {h}×{w}, pad 10, one torch thread; CPU: {cpu_model()}; torch {torch.__version__}; "
-          f"{args.images} JPEGs per modality × {args.repeats}; after = resized-image cache + {args.jitter} jitter\n")
-    print("ms per image (all the image's views) | " + " | ".join(f"{k} before | {k} after" for k in old))
+          f"{args.images} JPEGs per modality × {args.repeats}; after = resized-image cache + {args.jitter} jitter; "
+          "medians over images, before and after interleaved image by image\n")
+    print("| ms per image (all its views) | " + " | ".join(f"{k} before | {k} after" for k in old) + " |")
     print("|---" * (1 + 2 * len(old)) + "|")
     for step in steps:
         cells = []
         for key in old:
-            b, a = rows_before[key].get(step), rows_after[key].get(step)
+            b, a = rows[key]["before"].get(step), rows[key]["after"].get(step)
             cells += ["–" if b is None else f"{b:.3f}", "–" if a is None else f"{a:.3f}"]
         if any(c != "–" for c in cells):
             print(f"| {step} | " + " | ".join(cells) + " |")
-    sums = []
+    cells = []
     for key in old:
-        sums += [f"{sum(rows_before[key].values()):.3f}", f"{totals[key]:.3f}"]
-    print("| **total** (after: TrainDataset[i] end to end, cache filled) | " + " | ".join(sums) + " |")
+        cells += [f"{rows[key]['reads']['before']:.3f}", f"{rows[key]['reads']['after']:.3f}"]
+    print("| **whole read** (before: decode + each view's T.Compose; after: TrainDataset[i], cache filled) | "
+          + " | ".join(cells) + " |")
     print()
     for key in old:
-        print(f"{key}: cache fill (decode + resize, once a run) {fill_ms[key]:.3f} ms an image; "
-              f"without the cache {totals[key + ' (no cache)']:.3f} ms an image")
-    core_s_before = BATCH * (sum(rows_before["visible"].values()) + sum(rows_before["infrared"].values())) / 1e3
-    core_s = BATCH * (totals["visible"] + totals["infrared"]) / 1e3
-    stage2 = 2 * BATCH * (totals["visible"] + totals["infrared stage 2"]) / 1e3
-    print(f"before: {core_s_before:.3f} core-seconds per sysu iteration (stage 1 batch: 128 visible + 128 infrared)")
-    print(f"stage 2 (two batches, infrared without jitter), after: {stage2:.3f} core-seconds per iteration")
-    print(f"loader: {core_s:.3f} core-seconds per sysu iteration")
+        r = rows[key]
+        print(f"{key}: cache fill (first read: decode + resize + views) {r['fill']:.3f} ms an image, once a run; "
+              f"after without the cache {r['reads']['after, no cache']:.3f} ms an image")
+
+    def core_s(when: str, infrared: str = "infrared", batches: int = 1) -> float:
+        return batches * BATCH * (rows["visible"]["reads"][when] + rows[infrared]["reads"][when]) / 1e3
+
+    before, after = core_s("before"), core_s("after")
+    print(f"stage 2 (two batches, infrared without jitter): before {core_s('before', 'infrared stage 2', 2):.3f}, "
+          f"after {core_s('after', 'infrared stage 2', 2):.3f} core-seconds per iteration")
+    print(f"before: {before:.3f} core-seconds per sysu iteration (128 visible + 128 infrared); "
+          f"after / before = {after / before:.2f}")
+    print(f"loader: {after:.3f} core-seconds per sysu iteration")
 
 
 if __name__ == "__main__":

@@ -43,8 +43,10 @@ def test_smoke_run_writes_a_complete_table(tmp_path):
     result = json.loads(out.read_text())
     assert result["smoke"] and result["complete"], [p for p in result["pieces"] if p["status"] != "ok"]
     names = " ".join(p["name"] for p in result["pieces"])
-    for piece in ("stage-1 iteration", "stage-2 iteration", "extraction", "global", "evaluation"):
+    for piece in ("stage-1 iteration", "stage-2 iteration", "extraction", "global", "evaluation",
+                  "resized-image cache fill", "loader only, stage-1 batch pair (pil jitter, no cache)"):
         assert piece in names
+    assert result["loader"] == "data.jitter=tensor, resized-image cache on"
     # The estimate is the sum of (seconds per unit × units) over the pieces.
     total = sum(p["seconds_per_unit"] * p["units"] for p in result["pieces"])
     assert abs(result["recipe_hours"]["fp32"] - total / 3600) < 1e-9 * max(1.0, total)

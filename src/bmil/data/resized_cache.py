@@ -39,14 +39,22 @@ def _free_shared_bytes(folder: str = SHARED_MEMORY) -> int | None:
     return stats.f_bavail * stats.f_frsize
 
 
+def _shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor in shared memory; its pages are taken as they are
+    written (``share_memory_`` on an ordinary tensor would copy all of it first)."""
+    try:
+        storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    except (AttributeError, RuntimeError):  # a torch without it: allocate, then share
+        return torch.empty(shape, dtype=torch.uint8).share_memory_()
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
 class ResizedCache:
     """uint8 pixels [count, height, width, 3] in shared memory, filled on first read."""
 
     def __init__(self, count: int, height: int, width: int) -> None:
         self.shape = (count, height, width, 3)
-        self.pixels = torch.empty(0, dtype=torch.uint8)
-        self.pixels.set_(torch.UntypedStorage._new_shared(count * 3 * height * width))
-        self.pixels = self.pixels.view(self.shape)
+        self.pixels = _shared_uint8(self.shape)
         self.filled = torch.zeros(count, dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
