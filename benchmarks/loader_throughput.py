@@ -71,17 +71,18 @@ def write_jpegs(folder: Path, count: int, seed: int = 0) -> list[Record]:
 
 
 class Clock:
-    """Per-image seconds of named steps; the median over images resists the pauses of a
-    shared machine (a step run twice for one image, e.g. two views, adds up)."""
+    """Per-image CPU seconds of this thread (core-seconds: the time another process holds
+    the core is not counted) in named steps, median over images (a step run twice for one
+    image, e.g. for two views, adds up)."""
 
     def __init__(self) -> None:
         self.calls: dict[str, list[float]] = defaultdict(list)
         self.image: dict[str, float] = defaultdict(float)
 
     def time(self, name: str, fn, *args):
-        start = time.perf_counter()
+        start = time.thread_time()
         out = fn(*args)
-        self.image[name] += time.perf_counter() - start
+        self.image[name] += time.thread_time() - start
         return out
 
     def next_image(self) -> None:
@@ -180,7 +181,7 @@ def main() -> None:
              "colour jitter", "ToTensor", "Normalize", "ChannelRandomErasing", "ChannelExchange", "ChannelAdaptiveGray"]
     print(f"Training loader, {h}×{w}, pad 10, one torch thread; CPU: {cpu_model()}; torch {torch.__version__}; "
           f"{args.images} JPEGs per modality × {args.repeats}; after = resized-image cache + {args.jitter} jitter; "
-          "medians over images, before and after interleaved image by image\n")
+          "thread CPU time, medians over images, before and after interleaved image by image\n")
     print("| ms per image (all its views) | " + " | ".join(f"{k} before | {k} after" for k in old) + " |")
     print("|---" * (1 + 2 * len(old)) + "|")
     for step in steps:

@@ -232,7 +232,8 @@ class Training:
         records = [self.records[i] for i in self.index[modality]]
         labels = np.array([r.pid for r in records])
         cameras = np.array([r.camid for r in records])
-        sampler = PseudoIdentitySampler(labels, s.num_ids, s.num_instances, 10_000, seed=seed, cameras=cameras)
+        sampler = PseudoIdentitySampler(labels, s.num_ids, s.num_instances, s.iterations + 2, seed=seed,
+                                         cameras=cameras)
         return torch.utils.data.DataLoader(
             dataset or self.dataset(modality, stage), batch_size=s.num_ids * s.num_instances, sampler=sampler,
             drop_last=True,
