@@ -125,6 +125,24 @@ def test_cache_is_shared_with_loader_workers(tmp_path):
         assert torch.equal(cache.pixels[i], view.resize(Image.open(record.path).convert("RGB")))
 
 
+def test_cache_travels_by_handle_to_spawned_workers():
+    """Spawned workers receive the dataset through multiprocessing's ForkingPickler, for which
+    torch passes shared tensors by handle: a write through the copy reaches the original."""
+    import io
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401 - registers torch's reductions
+
+    cache = ResizedCache(2, H, W)
+    buffer = io.BytesIO()
+    ForkingPickler(buffer).dump((cache, train_transform(H, W, "channel")))
+    copy, view = pickle.loads(buffer.getvalue())
+    copy.get(1, lambda: torch.full((H, W, 3), 9, dtype=torch.uint8))
+    assert bool(cache.filled[1]) and int(cache.pixels[1].max()) == 9 and not bool(cache.filled[0])
+    assert isinstance(view, TrainView) and view(photo(0)).shape == (3, H, W)
+
+
 def test_cache_budget_is_opt_in_with_a_clear_sentence():
     assert cache_bytes(34_167, 288, 144) == 34_167 * (3 * 288 * 144 + 1)  # 4,250,955,639 B = 3.959 GiB
     assert resized_cache(10, H, W, 0) == (None, "")
