@@ -24,9 +24,10 @@ def _load_module():
 def test_recipe_counts_hand_worked():
     counts = _load_module().recipe_counts()
     assert counts["s1_iterations"] == counts["s2_iterations"] == 50 * 200
-    # 100 epochs of the 34,167 training images; evaluations at epochs 0, 2, ..., 48 of each
-    # stage: stage 1 on trial 0 (3,803 queries + 384 gallery), stage 2 on 10 trials (+ 3,840).
-    assert counts["extract_images"] == 100 * 34_167 + 25 * (3_803 + 384) + 25 * (3_803 + 3_840)
+    # Stage-1 epochs extract the clustered visible half + the infrared images (11,129 + 11,909),
+    # stage-2 epochs all 34,167; evaluations at epochs 0, 2, ..., 48 of each stage: stage 1
+    # on trial 0 (3,803 queries + 384 gallery), stage 2 on 10 trials (+ 3,840).
+    assert counts["extract_images"] == 50 * 23_038 + 50 * 34_167 + 25 * (3_803 + 384) + 25 * (3_803 + 3_840)
     assert counts["intra_calls"] == 100 and counts["global_calls"] == 50
     assert counts["eval_trials"] == 25 + 25 * 10
 
