@@ -80,6 +80,14 @@ class DataConfig:
     ``infrared_jitter``: colour jitter on the stage-1 infrared view (the release's SYSU-MM01
     recipe); false gives stage 1 the stage-2 infrared view (its RegDB recipe has no jitter in
     either stage).
+    ``jitter``: how the release views' colour jitter runs: ``pil`` (torchvision's on PIL
+    images) or ``tensor`` (the same random draws applied to float tensors, several times
+    cheaper; outputs differ from ``pil`` only by PIL's 8-bit rounding, see
+    :mod:`bmil.data.jitter`).
+    ``resized_cache_gib``: keep the training images resized to height × width (uint8,
+    3·H·W bytes an image, 3.96 GiB for SYSU-MM01 at 288×144) in shared memory, read by every
+    loader worker in every epoch, when they take at most this many GiB; 0 (default) turns it
+    off. The same tensors as without it; a warning says when it does not fit.
     """
 
     dataset: str = "synthetic"
@@ -94,6 +102,8 @@ class DataConfig:
     ids_from_folders: bool = False
     cache_images: bool = False
     infrared_jitter: bool = True
+    jitter: str = "pil"
+    resized_cache_gib: float = 0.0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -273,6 +283,7 @@ _CHOICES = {
     "cluster.lqe": ("release", "paper"),
     "model.non_local_width": ("release", "half"),
     "data.augmentation": ("release", "legacy"),
+    "data.jitter": ("pil", "tensor"),
     "train.sampler": ("camera", "uniform"),
     "cluster.backend": ("torch", "faiss"),
     "cluster.knn": ("exact", "approximate", "auto"),
@@ -365,6 +376,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("configuration keys 'train.stage1_epochs'/'train.stage2_epochs' must be >= 0")
     if cfg.cluster.nprobe is not None and cfg.cluster.nprobe < 1:
         raise ConfigError(f"configuration key 'cluster.nprobe' must be >= 1 (or empty), got {cfg.cluster.nprobe}")
+    if cfg.data.resized_cache_gib < 0:
+        raise ConfigError(f"configuration key 'data.resized_cache_gib' must be >= 0 (0: off), "
+                          f"got {cfg.data.resized_cache_gib}")
     if cfg.data.workers is not None and cfg.data.workers < 0:
         raise ConfigError(f"configuration key 'data.workers' must be >= 0, got {cfg.data.workers}")
     for key in ("iterations", "num_ids", "num_instances", "extract_batch", "eval_every", "lr_step", "bn_split"):

@@ -15,6 +15,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms import functional as TF
 
 from bmil.data.records import Record
+from bmil.data.resized_cache import ResizedCache
+from bmil.data.transforms import TrainView
 from bmil.errors import DatasetError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -134,6 +136,11 @@ class TrainDataset(Dataset):
     transforms_by_modality: {modality: [transform, ...]}; V is the length of the list for the
     record's modality (by default 2 for visible: standard + channel view, 1 for infrared).
     All transforms of one modality must produce tensors of the same shape.
+    When every view of the record's modality is a :class:`~bmil.data.transforms.TrainView`
+    of one size, the image is resized once for all of them, and ``resized`` (a
+    :class:`~bmil.data.resized_cache.ResizedCache` with one slot per record) keeps the
+    resized pixels for later reads and epochs; both give the same tensors as running each
+    view on the decoded image.
     """
 
     def __init__(
@@ -141,9 +148,14 @@ class TrainDataset(Dataset):
         records: Sequence[Record],
         transforms_by_modality: Mapping[int, Sequence[Transform]],
         cache: bool = False,
+        resized: ResizedCache | None = None,
     ) -> None:
         self._source = _ImageSource(records, cache)
         self.records = self._source.records
+        if resized is not None and len(resized) != len(self.records):
+            raise ValueError(f"TrainDataset got a resized-image cache of {len(resized)} slots "
+                             f"for {len(self.records)} records; they must match.")
+        self.resized = resized
         self.set_transforms(transforms_by_modality)
 
     def set_transforms(self, transforms_by_modality: Mapping[int, Sequence[Transform]]) -> None:
@@ -160,6 +172,19 @@ class TrainDataset(Dataset):
         return len(self._source)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self._source.image(index)
         transforms = self.transforms_by_modality[self.records[index].modality]
-        return torch.stack([transform(image) for transform in transforms]), index
+        if not _one_resize(transforms):
+            image = self._source.image(index)
+            return torch.stack([transform(image) for transform in transforms]), index
+        first = transforms[0]
+        if self.resized is not None and self.resized.shape[1:3] == (first.height, first.width):
+            pixels = self.resized.get(index, lambda: first.resize(self._source.image(index)))
+        else:
+            pixels = first.resize(self._source.image(index))
+        return torch.stack([transform.from_resized(pixels) for transform in transforms]), index
+
+
+def _one_resize(transforms: Sequence[Transform]) -> bool:
+    """True when every transform is a TrainView resizing to the same size."""
+    sizes = {(t.height, t.width) if isinstance(t, TrainView) else None for t in transforms}
+    return len(sizes) == 1 and None not in sizes

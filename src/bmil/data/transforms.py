@@ -27,10 +27,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
+
+from bmil.data.jitter import TensorColorJitter
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,6 +45,7 @@ PAD = 10
 JITTER = 0.5
 VIEWS = ("standard", "channel", "infrared", "infrared_stage2")
 AUGMENTATIONS = ("release", "legacy")
+JITTERS = ("pil", "tensor")
 
 
 def _uniform(low: float, high: float) -> float:
@@ -173,18 +177,98 @@ def _normalize() -> T.Normalize:
     return T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-def _jitter() -> T.ColorJitter:
-    return T.ColorJitter(brightness=JITTER, contrast=JITTER, saturation=JITTER, hue=JITTER)
+def _jitter(backend: str = "pil") -> T.ColorJitter:
+    """Colour jitter 0.5 ×4: torchvision's on PIL images ("pil") or :class:`TensorColorJitter`
+    on float tensors ("tensor"; the same random draws, see :mod:`bmil.data.jitter`)."""
+    cls = TensorColorJitter if backend == "tensor" else T.ColorJitter
+    return cls(brightness=JITTER, contrast=JITTER, saturation=JITTER, hue=JITTER)
 
 
-def _release_steps(view: str) -> tuple[list, list]:
-    """(steps after the flip, before to-tensor; steps after erasing) of a release view."""
-    return {
-        "standard": ([], []),
-        "channel": ([_jitter()], [ChannelExchange()]),
-        "infrared": ([_jitter()], [ChannelAdaptiveGray(0.5)]),
-        "infrared_stage2": ([], [ChannelAdaptiveGray(0.5)]),
+class TrainView(T.Compose):
+    """One release training view: PIL image -> normalised tensor [3, H, W].
+
+    ``transforms`` lists its steps (resize, pad, random crop, flip, [jitter], to-tensor,
+    normalise, erasing, [channel step]) as ``T.Compose`` would run them; this class runs the
+    same steps with the same random draws in the same order, on a uint8 tensor after the
+    resize: pad + crop is one slice of the image into a zero canvas, the flip a tensor flip.
+    With torchvision's PIL jitter the output equals ``T.Compose(view.transforms)`` bit for bit;
+    with :class:`TensorColorJitter` the jitter runs on the float tensor.
+
+    The resize is the only step before the first random one, so :meth:`resize` (deterministic)
+    and :meth:`from_resized` (random) split the view: a cache of resized images
+    (:class:`bmil.data.resized_cache.ResizedCache`) gives the same tensors as decoding anew.
+    """
+
+    def __init__(self, height: int, width: int, pad: int, jitter: T.ColorJitter | None,
+                 channel_step: ChannelExchange | ChannelAdaptiveGray | None) -> None:
+        self.height, self.width, self.pad = height, width, pad
+        self.resize_step = T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC)
+        self.crop, self.flip = T.RandomCrop((height, width)), T.RandomHorizontalFlip()
+        self.jitter, self.normalize = jitter, _normalize()
+        self.erasing, self.channel_step = ChannelRandomErasing(p=0.5), channel_step
+        self._mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+        self._std = torch.tensor(IMAGENET_STD)[:, None, None]
+        steps = [self.resize_step, T.Pad(pad), self.crop, self.flip, jitter, T.ToTensor(), self.normalize,
+                 self.erasing, channel_step]
+        super().__init__([step for step in steps if step is not None])
+        # Only the shape of the padded image matters to RandomCrop.get_params.
+        self._padded = torch.empty((3, height + 2 * pad, width + 2 * pad), device="meta")
+
+    def resize(self, image: Image.Image) -> torch.Tensor:
+        """The bicubic resize of an RGB PIL image: uint8 tensor [H, W, 3]."""
+        return torch.from_numpy(np.array(self.resize_step(image), dtype=np.uint8))
+
+    def _crop_flip(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pad with zeros, random crop, random horizontal flip of uint8 [H, W, 3]."""
+        height, width, pad = self.height, self.width, self.pad
+        top, left, _, _ = T.RandomCrop.get_params(self._padded, (height, width))
+        top, left = top - pad, left - pad  # the crop's corner in image coordinates
+        out = torch.zeros_like(pixels)
+        rows = slice(max(0, top), min(height, top + height))
+        cols = slice(max(0, left), min(width, left + width))
+        out[rows.start - top : rows.stop - top, cols.start - left : cols.stop - left] = pixels[rows, cols]
+        if torch.rand(1) < self.flip.p:
+            out = out.flip(1)
+        return out
+
+    def from_resized(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The view's random steps on a resized image ``pixels`` (uint8 [H, W, 3], as
+        :meth:`resize` returns it): float tensor [3, H, W]."""
+        if tuple(pixels.shape) != (self.height, self.width, 3) or pixels.dtype != torch.uint8:
+            raise ValueError(f"TrainView expects uint8 pixels of shape ({self.height}, {self.width}, 3), "
+                             f"got {pixels.dtype} {tuple(pixels.shape)}.")
+        crop = self._crop_flip(pixels)
+        if self.jitter is not None and not isinstance(self.jitter, TensorColorJitter):
+            image = F.to_tensor(self.jitter(Image.fromarray(crop.numpy())))
+        else:
+            image = self._to_float(crop)
+            if self.jitter is not None:
+                image = self.jitter(image)
+        image = self.erasing(self._normalize_(image))
+        return image if self.channel_step is None else self.channel_step(image)
+
+    def _to_float(self, crop: torch.Tensor) -> torch.Tensor:
+        """F.to_tensor's arithmetic (to float, divide by 255): uint8 [H, W, 3] -> [3, H, W]."""
+        image = torch.empty((3, self.height, self.width), dtype=self._mean.dtype)
+        return image.copy_(crop.permute(2, 0, 1)).div_(255)
+
+    def _normalize_(self, image: torch.Tensor) -> torch.Tensor:
+        """T.Normalize's arithmetic (subtract the mean, divide by the std), in place."""
+        return image.sub_(self._mean).div_(self._std)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.from_resized(self.resize(image))
+
+
+def _release_view(height: int, width: int, view: str, pad: int, jitter: str) -> TrainView:
+    """The release's ``view`` (jitter after the flip, the channel step after erasing)."""
+    steps = {
+        "standard": (None, None),
+        "channel": (_jitter(jitter), ChannelExchange()),
+        "infrared": (_jitter(jitter), ChannelAdaptiveGray(0.5)),
+        "infrared_stage2": (None, ChannelAdaptiveGray(0.5)),
     }[view]
+    return TrainView(height, width, pad, *steps)
 
 
 def _legacy_steps(view: str) -> list:
@@ -199,14 +283,17 @@ def _legacy_steps(view: str) -> list:
 
 
 def train_transform(
-    height: int, width: int, view: str = "standard", pad: int = PAD, augmentation: str = "release"
+    height: int, width: int, view: str = "standard", pad: int = PAD, augmentation: str = "release",
+    jitter: str = "pil",
 ) -> T.Compose:
     """PIL image -> augmented normalised tensor [3, height, width].
 
     view: "standard", "channel" (visible second view), "infrared" (stage 1) or
     "infrared_stage2" (see the module docstring). pad: pixels of zero padding before the
     random crop (10 at the paper's 288×144; scale it down for small inputs).
-    augmentation: "release" (default) or "legacy".
+    augmentation: "release" (default; a :class:`TrainView`) or "legacy" (a ``T.Compose``).
+    jitter: the release views' colour jitter, "pil" (torchvision's, default) or "tensor"
+    (:class:`~bmil.data.jitter.TensorColorJitter`: the same draws, on the float tensor).
     """
     if view not in VIEWS:
         raise ValueError(f"train_transform view must be one of {', '.join(VIEWS)}, got {view!r}.")
@@ -214,22 +301,19 @@ def train_transform(
         raise ValueError(
             f"train_transform augmentation must be one of {', '.join(AUGMENTATIONS)}, got {augmentation!r}."
         )
-    before_resize, after_flip, after_erasing = [], [], []
+    if jitter not in JITTERS:
+        raise ValueError(f"train_transform jitter must be one of {', '.join(JITTERS)}, got {jitter!r}.")
     if augmentation == "release":
-        after_flip, after_erasing = _release_steps(view)
-    else:
-        before_resize = _legacy_steps(view)
+        return _release_view(height, width, view, pad, jitter)
     return T.Compose([
-        *before_resize,
+        *_legacy_steps(view),
         T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC),
         T.Pad(pad),
         T.RandomCrop((height, width)),
         T.RandomHorizontalFlip(),
-        *after_flip,
         T.ToTensor(),
         _normalize(),
         ChannelRandomErasing(p=0.5),
-        *after_erasing,
     ])
 
 
@@ -257,17 +341,18 @@ test_transform.__test__ = False
 
 
 def visible_views(
-    height: int, width: int, channel_aug: bool = True, pad: int = PAD, augmentation: str = "release"
+    height: int, width: int, channel_aug: bool = True, pad: int = PAD, augmentation: str = "release",
+    jitter: str = "pil",
 ) -> list[T.Compose]:
     """Transforms of a visible training image: [standard, channel], or [standard] when off."""
-    views = [train_transform(height, width, "standard", pad, augmentation)]
+    views = [train_transform(height, width, "standard", pad, augmentation, jitter)]
     if channel_aug:
-        views.append(train_transform(height, width, "channel", pad, augmentation))
+        views.append(train_transform(height, width, "channel", pad, augmentation, jitter))
     return views
 
 
 def infrared_views(
-    height: int, width: int, pad: int = PAD, stage: int = 1, augmentation: str = "release"
+    height: int, width: int, pad: int = PAD, stage: int = 1, augmentation: str = "release", jitter: str = "pil",
 ) -> list[T.Compose]:
     """Transforms of an infrared training image in ``stage`` (1 or 2): [infrared view].
 
@@ -276,4 +361,4 @@ def infrared_views(
     if stage not in (1, 2):
         raise ValueError(f"infrared_views stage must be 1 or 2, got {stage!r}.")
     view = "infrared" if stage == 1 else "infrared_stage2"
-    return [train_transform(height, width, view, pad, augmentation)]
+    return [train_transform(height, width, view, pad, augmentation, jitter)]

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from bmil.config import Config, TrainConfig, config_to_dict
 from bmil.data import PseudoIdentitySampler, TrainDataset, infrared_views, visible_views
 from bmil.data.records import INFRARED, MODALITIES, VISIBLE, Record, record_arrays
+from bmil.data.resized_cache import resized_caches
 from bmil.engine import distributed
 from bmil.engine.checkpoint import load_checkpoint
 from bmil.engine.datasets import has_labels, loader_workers, log_dataset_counts, train_records
@@ -108,10 +109,10 @@ def stage_views(cfg: Config, stage: int) -> dict[int, list]:
     """Training views per modality in ``stage`` (the infrared view drops its jitter in stage 2)."""
     d = cfg.data
     return {
-        VISIBLE: visible_views(d.height, d.width, d.channel_aug, d.pad, d.augmentation),
+        VISIBLE: visible_views(d.height, d.width, d.channel_aug, d.pad, d.augmentation, d.jitter),
         # data.infrared_jitter false: the jitter-free stage-2 view in stage 1 too (the release's RegDB).
         INFRARED: infrared_views(d.height, d.width, d.pad, stage=stage if d.infrared_jitter else 2,
-                                 augmentation=d.augmentation),
+                                 augmentation=d.augmentation, jitter=d.jitter),
     }
 
 
@@ -311,7 +312,11 @@ def build_run(cfg: Config, *, resume: bool = False) -> Run:
     signature = model_signature(model)
     require_training_memory(cfg, len(index[VISIBLE]), len(index[INFRARED]), signature["feat_dim"])
     views = stage_views(cfg, 1)
-    datasets = {m: TrainDataset([records[i] for i in index[m]], views, cache=cfg.data.cache_images)
+    d = cfg.data
+    resized, reason = resized_caches({m: len(index[m]) for m in MODALITIES}, d.height, d.width, d.resized_cache_gib)
+    if reason:
+        log.warning("%s", reason)
+    datasets = {m: TrainDataset([records[i] for i in index[m]], views, cache=d.cache_images, resized=resized.get(m))
                 for m in MODALITIES}
     run = Run(cfg=cfg, dist=dist, records=records, pids=pids, camids=camids, modality=modality, index=index,
               labelled=labelled, model=model, sync_bn=sync_bn, signature=signature, datasets=datasets)
