@@ -38,15 +38,14 @@ def model_and_records(synthetic_root):
 
 
 def _raw_outputs(model, records) -> tuple[np.ndarray, np.ndarray]:
-    """float64 BN-neck outputs [N, D] of the images and of their mirror images, one image at a time."""
+    """float64 BN-neck outputs [N, D] of the images and of their mirror images (eval mode)."""
     transform = test_transform(64, 32, "bicubic")
-    plain, mirrored = [], []
+    images = torch.stack([transform(Image.open(r.path).convert("RGB")) for r in records])
+    modality = torch.tensor([r.modality for r in records])
     with torch.no_grad():
-        for r in records:
-            image = transform(Image.open(r.path).convert("RGB"))[None]
-            plain.append(model(image, torch.tensor([r.modality])).double().numpy()[0])
-            mirrored.append(model(torch.flip(image, dims=[3]), torch.tensor([r.modality])).double().numpy()[0])
-    return np.array(plain), np.array(mirrored)
+        plain = model(images, modality).double().numpy()
+        mirrored = model(torch.flip(images, dims=[3]), modality).double().numpy()
+    return plain, mirrored
 
 
 def test_clustering_and_test_feature_formulas_are_the_release_s(model_and_records):
