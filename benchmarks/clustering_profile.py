@@ -42,9 +42,9 @@ def main() -> None:
     jaccard_module = importlib.import_module("bmil.cluster.jaccard")
     times: dict = {}
     time_ivf_stages(knn_module, times)
-    _timed(jaccard_module, "knn_unit_rows", lambda a, kw: "knn", times)
+    _timed(jaccard_module, "knn_per_group", lambda a, kw: "knn", times)
     peaks: dict = {}
-    search = jaccard_module.knn_unit_rows
+    search = jaccard_module.knn_per_group
 
     def knn_then_mark(*a, **kw):  # after each kNN call: note the peak so far, reset it
         try:
@@ -53,7 +53,7 @@ def main() -> None:
             peaks["knn"] = max(peaks.get("knn", 0), _rss_kib("VmHWM") - base)
             reset_peak_rss()
 
-    jaccard_module.knn_unit_rows = knn_then_mark
+    jaccard_module.knn_per_group = knn_then_mark
     sizes: dict = {}
     thresholded = jaccard_module._thresholded_distance
 

@@ -68,12 +68,14 @@ def save_model_checkpoint(cfg, model: torch.nn.Module, path: Path) -> Path:
 
 
 def flip_averaged_features(model: torch.nn.Module, paths, modality: int, transform) -> np.ndarray:
-    """Flip-averaged, L2-normalised features of the images at ``paths``, computed directly from
-    the model on ``transform``-ed images."""
+    """Test features of the images at ``paths``, computed directly from the model on
+    ``transform``-ed images: n(n(f) + n(f_flip)), n = L2-normalise."""
     images = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+    normalise = torch.nn.functional.normalize
     with torch.no_grad():
-        feats = model(images, modality) + model(torch.flip(images, dims=[3]), modality)
-    return torch.nn.functional.normalize(feats, dim=1).numpy()
+        mirrored = model(torch.flip(images, dims=[3]), modality)
+        feats = normalise(model(images, modality), dim=1) + normalise(mirrored, dim=1)
+    return normalise(feats, dim=1).numpy()
 
 
 # ImageNet normalisation, as the test-time and training transforms apply it.

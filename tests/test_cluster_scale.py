@@ -98,8 +98,8 @@ def test_nprobe_in_the_configuration_reaches_the_search(monkeypatch):
         config_from_dict({"cluster": {"nprobe": 0}})
     x, modality, _ = identity_features(400, 64, 0.9)
     asked = []
-    real = jaccard_module.knn_unit_rows
-    monkeypatch.setattr(jaccard_module, "knn_unit_rows", lambda *a, **kw: asked.append(kw) or real(*a, **kw))
+    real = jaccard_module.knn_per_group
+    monkeypatch.setattr(jaccard_module, "knn_per_group", lambda *a, **kw: asked.append(kw) or real(*a, **kw))
     association.cluster_distance(x, cfg, modality)
     assert asked and all(kw["nprobe"] == 3 and kw["method"] == "approximate" for kw in asked)
 

@@ -1,4 +1,4 @@
-"""bmil.cluster.jaccard_distance against a slow dense reference written from METHOD.md."""
+"""bmil.cluster.jaccard_distance against slow dense references written from the method and from the release's code."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from helpers import jaccard_from_weights, ordered_by_similarity, reciprocal_weig
 
 
 def reference_jaccard(feats, k1, k2, modality=None, lqe="release") -> np.ndarray:
-    """Dense N×N Jaccard distance, step by step from METHOD.md, with plain loops over i."""
+    """Dense N×N Jaccard distance, step by step from the method, with plain loops over i."""
     sim = unit_similarity(feats)
     n = len(sim)
     # step 1: rank lists; and the lists that local query expansion averages over
@@ -33,7 +33,7 @@ def reference_jaccard(feats, k1, k2, modality=None, lqe="release") -> np.ndarray
             expand_over.append([near_vis[:k_lqe], near_ir[:k_lqe]])
     v = reciprocal_weights(sim, rank, k1)  # steps 2 to 4
     v_qe = np.zeros_like(v)
-    for i in range(n):  # step 5; k2 = 1 means none, in both modes (METHOD.md, the release)
+    for i in range(n):  # step 5; k2 = 1 means none, in both modes (the release)
         lists = expand_over[i]
         if k2 == 1:
             v_qe[i] = v[i]
@@ -108,6 +108,121 @@ def test_modes_differ():
     paper = reference_jaccard(x, 10, 4, modality, "paper")
     assert np.abs(plain - release).max() > 0.05
     assert np.abs(release - paper).max() > 0.05
+
+
+# ---------------------------------------------------------------- rows below unit length (the release's)
+
+
+def release_reference(feats, k1, k2, modality=None) -> np.ndarray:
+    """Dense N×N distance as the release computes it on rows of any length, plain loops over
+    i in float64: faiss_rerank.py ranks the k1 nearest by squared Euclidean distance
+    (IndexFlatL2); faiss_rerank_xmodal.py (search_option 5) takes the k1//2 largest inner
+    products of each modality and merges them by inner product, and averages V over the k2
+    first of each modality's list; both weight by exp(−(2 − 2·x·y)) of the rows as given.
+    Equal keys are ordered by lower index (the release leaves ties to faiss / torch)."""
+    x = feats.astype(np.float64)
+    ip = x @ x.T
+    n = len(x)
+
+    def by(key, cands):  # cands by key ascending, ties by lower index
+        cands = np.asarray(cands)
+        return cands[np.lexsort((cands, key[cands]))]
+
+    rank, expand_over = [], []
+    if modality is None:
+        sq = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+        for i in range(n):
+            full = by(sq[i], np.arange(n))
+            rank.append(full[:k1])
+            expand_over.append([full[:k2]])
+    else:
+        half = k1 // 2
+        vis, ir = np.flatnonzero(modality == 0), np.flatnonzero(modality == 1)
+        for i in range(n):
+            near_vis, near_ir = by(-ip[i], vis), by(-ip[i], ir)
+            rank.append(by(-ip[i], np.concatenate([near_vis[:half], near_ir[:half]])))
+            expand_over.append([near_vis[:k2], near_ir[:k2]])
+    v = reciprocal_weights(ip, rank, k1)
+    if k2 == 1:
+        return jaccard_from_weights(v)
+    return jaccard_from_weights(np.array([np.mean([v[lst].mean(axis=0) for lst in lists], axis=0)
+                                          for lists in expand_over]))
+
+
+def flip_averaged_blobs(n: int, seed: int, d: int = 16, ids: int = 10, view: float = 1.5):
+    """Like the release's clustering features: (n(a) + n(b)) / 2 of two noisy views a, b of
+    blobs (norms about 0.6 to 1), ~40 % infrared with a modality offset."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(ids, d))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    pid = rng.integers(0, ids, n)
+    modality = (rng.random(n) < 0.4).astype(np.int64)
+    a = centres[pid] + 0.5 * rng.normal(size=(n, d)) / np.sqrt(d) + 0.5 * modality[:, None] * centres[0]
+    b = a + view * rng.normal(size=(n, d)) / np.sqrt(d)
+    unit = [v / np.linalg.norm(v, axis=1, keepdims=True) for v in (a, b)]
+    return ((unit[0] + unit[1]) / 2).astype(np.float32), modality
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize(("k1", "k2"), [(6, 1), (6, 3), (10, 4), (9, 1), (12, 6)])
+@pytest.mark.parametrize("aware", [False, True])
+def test_rows_below_unit_length_are_ranked_and_weighted_as_the_release_does(seed, k1, k2, aware):
+    x, modality = flip_averaged_blobs(110 + 30 * seed, seed)
+    norms = np.linalg.norm(x, axis=1)
+    assert norms.max() < 1 and norms.min() < 0.85
+    mod = modality if aware else None
+    ours = dense(jaccard_distance(x, k1, k2, modality=mod))
+    np.testing.assert_allclose(ours, release_reference(x, k1, k2, mod), atol=1e-5)
+    # Not what normalising the rows first gives (the reference is sensitive to the lengths).
+    assert np.abs(ours - reference_jaccard(x, k1, k2, mod)).max() > 0.02
+
+
+def test_unit_rows_rank_alike_by_distance_inner_product_and_cosine():
+    x, modality = flip_averaged_blobs(120, 3)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    for mod in (None, modality):
+        ours = dense(jaccard_distance(unit, 10, 4, modality=mod))
+        np.testing.assert_allclose(ours, reference_jaccard(unit, 10, 4, mod), atol=1e-5)
+        np.testing.assert_allclose(ours, release_reference(unit, 10, 4, mod), atol=1e-5)
+
+
+def release_input() -> tuple[np.ndarray, np.ndarray]:
+    """40 rows (24 visible first, then 16 infrared) of d = 8, (n(a) + n(b)) / 2 with views
+    far apart (norms 0.70 to 0.98; two rows' largest same-modality inner product is not
+    with themselves)."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(5, 8))
+    pid = rng.integers(0, 5, 40)
+    a = centres[pid] + 0.3 * rng.normal(size=(40, 8))
+    b = a + 1.0 * rng.normal(size=(40, 8))
+    x = (a / np.linalg.norm(a, axis=1, keepdims=True) + b / np.linalg.norm(b, axis=1, keepdims=True)) / 2
+    return x.astype(np.float32), np.r_[np.zeros(24, np.int64), np.ones(16, np.int64)]
+
+
+# Obtained by running the release's own clustercontrast/utils/faiss_rerank.py
+# (compute_jaccard_distance, search_option=3: faiss IndexFlatL2 on the CPU) and
+# faiss_rerank_xmodal.py (compute_jaccard_distance_xmodal, search_option=5, rgbNum=24) on
+# release_input() as a torch tensor (faiss-cpu 1.x, torch CPU): for each (variant, k1, k2),
+# the sum of the dense N×N result, its entries below 1, and Σ W·d with
+# W = np.random.default_rng(1).random((40, 40)).
+RELEASE_OUTPUT = {
+    ("plain", 6, 3): (1378.6627, 522, 693.8446),
+    ("plain", 6, 1): (1444.0106, 394, 728.6388),
+    ("plain", 8, 4): (1302.7667, 688, 655.1120),
+    ("modality", 6, 3): (1290.6568, 874, 649.2128),
+    ("modality", 6, 1): (1471.8374, 302, 739.4007),
+    ("modality", 8, 4): (1219.9279, 1058, 614.4052),
+}
+
+
+@pytest.mark.parametrize(("variant", "k1", "k2"), sorted(RELEASE_OUTPUT))
+def test_matches_the_release_s_own_output_on_rows_below_unit_length(variant, k1, k2):
+    x, modality = release_input()
+    ours = dense(jaccard_distance(x, k1, k2, modality=modality if variant == "modality" else None))
+    total, below, weighted = RELEASE_OUTPUT[(variant, k1, k2)]
+    assert int((ours < 1).sum()) == below
+    assert ours.sum() == pytest.approx(total, abs=2e-3)
+    assert (np.random.default_rng(1).random((40, 40)) * ours).sum() == pytest.approx(weighted, abs=2e-3)
 
 
 # ---------------------------------------------------------------- structure of the result
@@ -442,3 +557,25 @@ def test_later_rows_in_a_column_store_equal_a_binary_search(share):
     np.testing.assert_array_equal(found[0], expected[0])
     np.testing.assert_array_equal(found[1], expected[1])
     assert (found[1] > 0).sum() > 100  # most entries have later rows in their column
+
+
+def test_one_search_for_both_modalities_equals_one_search_per_modality(monkeypatch):
+    """The modality-aware rank lists come from one product per query block against all rows
+    (knn_per_group); searching each modality on its own gives the same distance, bit for bit
+    on these features (rounding could differ only where a product's shape changes it)."""
+    import bmil.cluster.jaccard as jaccard_module
+    from bmil.cluster.knn import knn_unit_rows
+
+    x, modality = blobs(300, 8, d=32)
+    for feats in (x, flip_averaged_blobs(300, 8, d=32)[0]):
+        fused = jaccard_distance(feats, 20, 6, modality=modality, block_size=64)
+
+        def per_modality(self, x, groups, ks, queries=None):
+            return [knn_unit_rows(x, k, candidates=g, queries=queries, block_size=self.block_size,
+                                  metric=self.metric) for g, k in zip(groups, ks, strict=True)]
+
+        with monkeypatch.context() as m:
+            m.setattr(jaccard_module._Search, "per_group", per_modality)
+            separate = jaccard_distance(feats, 20, 6, modality=modality, block_size=64)
+        assert np.array_equal(fused.indptr, separate.indptr) and np.array_equal(fused.indices, separate.indices)
+        np.testing.assert_array_equal(fused.data, separate.data)

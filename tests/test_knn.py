@@ -99,6 +99,86 @@ def test_bad_arguments(feats):
         knn(feats, 3, method="approximate", nprobe=0)
 
 
+# ---------------------------------------------------------------- several groups, other metrics
+
+
+def tie_features(n: int = 60, d: int = 8, seed: int = 2) -> np.ndarray:
+    """Unit rows with entries in {0, ±0.5}: every product is an exact multiple of 0.25, so
+    similarities tie exactly; rows 10 and 40 duplicate row 3."""
+    rng = np.random.default_rng(seed)
+    feats = np.zeros((n, d), np.float32)
+    for i in range(n):
+        cols = rng.choice(d, 4, replace=False)
+        feats[i, cols] = rng.choice([-0.5, 0.5], 4)
+    feats[10] = feats[3]
+    feats[40] = feats[3]
+    return feats
+
+
+@pytest.mark.parametrize("block_size", [1, 7, 2048])
+@pytest.mark.parametrize("layout", ["interleaved", "in_order"])
+@pytest.mark.parametrize("data", ["random", "ties"])
+def test_groups_in_one_search_equal_separate_searches(block_size, layout, data, monkeypatch):
+    """One product per query block against all groups' candidates finds, in each group, the
+    neighbours of a separate search per group, ties included, across column blocks (made
+    small here) and with the groups' columns in order (no copy) or interleaved. The
+    similarities agree to rounding: a product's rounding may depend on its shape (here with
+    one-row blocks), not its maths."""
+    monkeypatch.setattr(knn_module, "_COLUMN_FACTOR", 3)  # column blocks of 3 × block_size
+    rng = np.random.default_rng(7)
+    x = tie_features() if data == "ties" else rng.normal(size=(60, 12)).astype(np.float32)
+    x = torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True))
+    if layout == "in_order":
+        groups = [np.arange(0, 37), np.arange(37, 60)]
+    else:
+        mod = rng.random(60) < 0.4
+        groups = [np.flatnonzero(~mod), np.flatnonzero(mod)]
+    ks = [9, min(14, len(groups[1]))]
+    fused = knn_module.knn_per_group(x, groups, ks, block_size=block_size)
+    for (sims, idx), cands, k in zip(fused, groups, ks, strict=True):
+        sep_sims, sep_idx = knn_module.knn_unit_rows(x, k, candidates=cands, block_size=block_size)
+        np.testing.assert_array_equal(idx, sep_idx)
+        np.testing.assert_allclose(sims, sep_sims, rtol=0, atol=2e-7)
+        ref_sims, ref_idx = brute_knn(x.numpy(), k, cands)
+        np.testing.assert_array_equal(idx, ref_idx)
+        np.testing.assert_allclose(sims, ref_sims, atol=1e-6)
+
+
+def test_groups_with_queries_faiss_and_approximate_agree_with_one_group_each(feats):
+    x = knn_module.as_unit_tensor(feats)
+    groups, queries = [np.arange(0, 97, 3), np.arange(1, 97, 3)], np.arange(5, 60)
+    for kw in ({}, {"backend": "faiss"}, {"method": "approximate"}):
+        fused = knn_module.knn_per_group(x, groups, [4, 6], queries=queries, **kw)
+        for (sims, idx), cands, k in zip(fused, groups, [4, 6], strict=True):
+            ref_sims, ref_idx = brute_knn(feats, k, cands, queries)
+            np.testing.assert_array_equal(idx, ref_idx)
+            np.testing.assert_allclose(sims, ref_sims, atol=1e-5)
+    with pytest.raises(ValueError, match="must not share rows"):
+        knn_module.knn_per_group(x, [np.arange(10), np.arange(5, 20)], [2, 2])
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("method", ["exact", "approximate"])
+def test_inner_product_and_euclidean_metrics_on_rows_as_given(backend, method, monkeypatch):
+    """metric="ip" ranks by x·y, "l2" by −|x − y|² (returned), on rows not normalised;
+    checked against a float64 brute force (the approximate index searches every list here)."""
+    monkeypatch.setattr(knn_module, "IVF_MIN_CANDIDATES", 50)
+    monkeypatch.setattr(knn_module, "IVF_NPROBE", 10_000)
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(120, 10)) * rng.uniform(0.3, 1.0, size=(120, 1))).astype(np.float32)
+    f = x.astype(np.float64)
+    cands = np.arange(0, 120, 2)
+    for metric, key in (("ip", f @ f[cands].T), ("l2", -((f[:, None] - f[None, cands]) ** 2).sum(-1))):
+        order = np.lexsort((np.broadcast_to(cands, key.shape), -key), axis=-1)[:, :7]
+        sims, idx = knn(x, 7, candidates=cands, metric=metric, backend=backend, method=method)
+        np.testing.assert_array_equal(idx, cands[order])
+        np.testing.assert_allclose(sims, np.take_along_axis(key, order, 1), atol=1e-5)
+    # The cosine ranking differs on these rows (the metrics matter).
+    assert not np.array_equal(knn(x, 7, candidates=cands)[1], knn(x, 7, candidates=cands, metric="ip")[1])
+    with pytest.raises(ValueError, match="metric must be one of"):
+        knn(x, 3, metric="manhattan")
+
+
 # ---------------------------------------------------------------- approximate method
 
 

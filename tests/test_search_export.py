@@ -190,9 +190,11 @@ def test_onnx_export_equals_pytorch(checkpoint, tmp_path, capsys):
         assert str(onnx_path) in out
         session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         got = session.run(None, {"images": images.numpy()})[0]
-        with torch.no_grad():
-            feats = model(images, modality) + model(torch.flip(images, dims=[3]), modality)
-        expected = torch.nn.functional.normalize(feats, dim=1).numpy()
+        normalise = torch.nn.functional.normalize
+        with torch.no_grad():  # the test feature: n(n(f) + n(f_flip))
+            feats = normalise(model(images, modality), dim=1) + normalise(
+                model(torch.flip(images, dims=[3]), modality), dim=1)
+        expected = normalise(feats, dim=1).numpy()
         assert got.shape == (3, model.feat_dim)  # batch 3 although exported with 2
         np.testing.assert_allclose(got, expected, atol=1e-4)
     # the two stems differ, so the two files must too

@@ -165,8 +165,9 @@ def test_demo_summary_has_the_published_keys(synthetic_root, tmp_path, make_conf
     assert on_disk["stage2.rank1"] == pytest.approx(next(iter(history[2].values()))["rank1"])
     table = demo_table(summary)
     assert f"{100 * summary['stage2.mAP']:.1f}" in table
-    # The headline ARIs come from the best stage-1 model's flip-averaged test features, which are
-    # also what training clusters (cluster.flip), on the images stage 2's first global clustering
+    # The headline ARIs come from the best stage-1 model's flip-averaged clustering features (the
+    # mean of the two views' unit features, not normalised again), which are what training
+    # clusters (cluster.flip), on the images stage 2's first global clustering
     # sees: visible subset 1 of that epoch's split and every infrared image. Recomputed here
     # through the library's distance and DBSCAN and scikit-learn's ARI, the split from the
     # epoch's generator, not through the demo's own helpers; then the same on all images.
@@ -183,7 +184,7 @@ def test_demo_summary_has_the_published_keys(synthetic_root, tmp_path, make_conf
     records = train_records(cfg)
     pids, _, modality = record_arrays(records)
     features = extract_features(model, records, height=64, width=32, batch_size=64, device="cpu", flip=True,
-                                workers=0, amp=False, progress=False, desc="check")
+                                workers=0, amp=False, progress=False, desc="check", feature="clustering")
     visible = np.flatnonzero(modality == VISIBLE)
     _, left_out = visible_subsets(len(visible), cfg.cluster.subset_ratio,
                                   trainer_mod.seed_everything(cfg.train.seed, cfg.train.stage1_epochs))

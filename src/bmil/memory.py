@@ -58,7 +58,8 @@ class PrototypeMemory(nn.Module):
         """Initialise every prototype to its cluster's L2-normalised mean feature.
 
         Args:
-            features: ``[N, D]`` features (L2-normalised by the caller).
+            features: ``[N, D]`` features, e.g. the clustering features (rows of norm at
+                most 1, not unit); each cluster's mean is L2-normalised here.
             labels: ``[N]`` cluster ids 0..C-1, -1 for images left out (outliers). Every id
                 in 0..max must occur at least once.
 

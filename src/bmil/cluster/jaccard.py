@@ -1,17 +1,20 @@
 """k-reciprocal Jaccard distance (Zhong et al., CVPR 2017) and BMIL's modality-aware variant,
 computed sparsely: no N×N matrix anywhere; memory linear in N plus the result itself.
 
-Steps (METHOD.md, "Modality-aware Jaccard distance"), each vectorised over row blocks:
+Steps (the k-reciprocal encoding and BMIL's modality-aware changes to it), each vectorised over row blocks:
 
 1. ``rank[i]``: the k1 nearest neighbours of i, i itself first (exact kNN). Modality-aware:
-   the k1//2 nearest visible and the k1//2 nearest infrared, merged, sorted by similarity.
+   the k1//2 nearest visible and the k1//2 nearest infrared (both from one product per block
+   of rows against all rows), merged, sorted by similarity. "Nearest" is by cosine for unit
+   rows; rows below unit length are ranked as the release ranks them (see
+   :func:`jaccard_distance`).
    Camera-and-modality-aware (beyond the paper): within the query's own modality its own
    camera gets at most an even share of the k1//2 places (``_camera_balanced``).
 2. Reciprocity R(i, k) by gathering ``rank[rank[i, :k+1], :k+1]`` and looking for i.
 3. Expansion E(i): R(i, k1) plus R(c, round(k1/2)) of each candidate c whose half set
    overlaps R(i, k1) by more than 2/3; membership via ``searchsorted`` on row-offset keys.
-4. V (CSR): softmax over E(i) of −(2 − 2·cos); cosines from the kNN where i's rank list
-   has them, otherwise gathered dot products.
+4. V (CSR): softmax over E(i) of −(2 − 2·x_i·x_j) (the cosine for unit rows); the inner
+   products from the kNN where i's rank list has them, otherwise gathered dot products.
 5. Local query expansion as a sparse row-averaging matrix: V ← Q @ V.
 6. s(i, j) = Σ_k min(V[i,k], V[j,k]) for pairs sharing support, joining the rows of V with
    its columns block by block (rows in a banded order, each unordered pair once,
@@ -41,7 +44,16 @@ import torch
 from scipy import sparse
 from scipy.sparse.csgraph import reverse_cuthill_mckee
 
-from bmil.cluster.knn import IVF_QUERY_CHUNK, METHODS, as_unit_tensor, ivf_lists, ivf_probes, knn_unit_rows
+from bmil.cluster.knn import (
+    IVF_QUERY_CHUNK,
+    METHODS,
+    UNIT_TOLERANCE,
+    as_float_tensor,
+    ivf_lists,
+    ivf_probes,
+    knn_per_group,
+    row_norms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +106,20 @@ def jaccard_distance(
 ) -> sparse.csr_array:
     """Sparse k-reciprocal Jaccard distance between all rows of ``features``.
 
-    features: float array or tensor [N, d]; rows are L2-normalised here (they need not be
-        unit length already). CUDA tensors run the kNN on the GPU, the rest on the CPU.
+    features: float array or tensor [N, d]. CUDA tensors run the kNN on the GPU, the rest
+        on the CPU. Three cases, by the rows' L2 norms:
+        - all unit length (within ``bmil.cluster.knn.UNIT_TOLERANCE``; the library default,
+          e.g. bmil's test features): cosine similarity, used without a copy;
+        - all at most unit length, not all unit (the release's clustering features, the
+          mean of an image's and its mirror's unit features, which bmil's training
+          clusters): used as they are, as the release uses them: the plain distance ranks
+          neighbours by Euclidean distance (faiss ``IndexFlatL2`` in ``faiss_rerank.py``),
+          the modality-aware one by inner product (``faiss_rerank_xmodal.py``), where a row
+          need not be its own nearest (a longer row of its modality may come first); the
+          weights of step 4 use the inner products x_i·x_j of these rows. For unit rows both
+          rankings are the cosine one;
+        - any row longer than unit (e.g. raw network outputs): L2-normalised here, then as
+          unit rows.
     k1: neighbourhood size (rank list length); N must exceed k1.
     k2: local query expansion size.
     modality: None for the plain distance, or ints [N] (0 visible, 1 infrared, any order)
@@ -122,7 +146,7 @@ def jaccard_distance(
         Pairs that cannot reach it are not computed (see :func:`_thresholded_distance`);
         the stored values equal those of the full result.
     knn: "exact" or "approximate" neighbours in step 1 (:func:`bmil.cluster.knn`,
-        ``method``: faiss IVF per modality on CPU features).
+        ``method``: the inverted file, per modality).
     nprobe: lists each query of the approximate kNN searches (None: the default,
         ``bmil.cluster.knn.IVF_NPROBE``).
     memory_check: called once V is built, before the join, with the bytes the rest of the
@@ -133,17 +157,20 @@ def jaccard_distance(
     diagonal stored as 0); an absent pair has distance 1 (or, with max_distance < 1, a
     distance above max_distance). The matrix is exactly symmetric.
     """
-    x = as_unit_tensor(features)
+    x, as_given = _feature_rows(features)
     mod = _validate(x, k1, k2, modality, lqe)
     _validate_scale(max_distance, knn)
     cam = _validate_camera(camera, mod, x.shape[0])
     n = x.shape[0]
-    search = _Search(backend, block_size, knn, nprobe)
+    # Rows below unit length are ranked as the release ranks them: by Euclidean distance in
+    # the plain distance (faiss IndexFlatL2), by inner product in the modality-aware one.
+    metric = "l2" if as_given and mod is None else "ip"
+    search = _Search(backend, block_size, knn, nprobe, metric)
     with torch.no_grad():
         if mod is None:
             nb = _plain_neighbours(x, k1, k2, search)
         else:
-            nb = _modality_neighbours(x, mod, k1, k2, lqe, search, cam)
+            nb = _modality_neighbours(x, mod, k1, k2, lqe, search, cam, self_first=not as_given)
     kh = int(np.around(k1 / 2))
     full_len, half_len = min(k1 + 1, nb.rank.shape[1]), min(kh + 1, nb.rank.shape[1])
     recip_full = _reciprocal(nb.rank, full_len)
@@ -171,6 +198,22 @@ def jaccard_distance(
     return dist
 
 
+def _feature_rows(features: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(x [N, d] float32, as_given): ``features`` as they are when every row has unit length
+    (within UNIT_TOLERANCE) or every row is at most that long (as_given: the release's
+    flip-averaged clustering features, used unnormalised); otherwise (a row longer than
+    unit) L2-normalised, as_given False. Unit rows are used as they are, without a copy."""
+    x = as_float_tensor(features)
+    if x.shape[0] == 0:
+        return x, False
+    norms = row_norms(x)
+    if bool(((norms - 1).abs() <= UNIT_TOLERANCE).all()):
+        return x, False
+    if bool((norms <= 1 + UNIT_TOLERANCE).all()):
+        return x, True
+    return torch.nn.functional.normalize(x, dim=1), False
+
+
 def _validate(x: torch.Tensor, k1: int, k2: int, modality, lqe: str) -> np.ndarray | None:
     """Check the arguments; the modality as an int64 array (None in plain mode)."""
     n = x.shape[0]
@@ -179,8 +222,8 @@ def _validate(x: torch.Tensor, k1: int, k2: int, modality, lqe: str) -> np.ndarr
             raise ValueError(f"{name} must be a positive integer, got {k!r}.")
     if lqe not in LQE_MODES:
         raise ValueError(f"lqe must be one of {LQE_MODES}, got {lqe!r}.")
-    # A NaN or infinite entry makes its row's norm NaN or infinite (x's rows are normalised,
-    # so no finite row overflows); 70× faster than isfinite over every entry at 200k × 2048.
+    # A NaN or infinite entry makes its row's norm NaN or infinite (x's rows are at most unit
+    # length, so no finite row overflows); 70× faster than isfinite over every entry at 200k × 2048.
     if not bool(torch.isfinite(torch.linalg.vector_norm(x, dim=1)).all()):
         raise ValueError("features contain NaN or infinite values.")
     if n <= k1:
@@ -217,16 +260,24 @@ def _validate_scale(max_distance, knn: str) -> None:
 
 @dataclass(frozen=True)
 class _Search:
-    """How step 1 finds neighbours: :func:`knn_unit_rows`'s backend, block_size, method, nprobe."""
+    """How step 1 finds neighbours: :func:`~bmil.cluster.knn.knn_per_group`'s backend,
+    block_size, method, nprobe and metric ("ip", or "l2": similarities are then minus
+    squared distances)."""
 
     backend: str
     block_size: int
     method: str
     nprobe: int | None = None
+    metric: str = "ip"
 
-    def __call__(self, x: torch.Tensor, k: int, **rows) -> tuple[np.ndarray, np.ndarray]:
-        return knn_unit_rows(
-            x, k, backend=self.backend, block_size=self.block_size, method=self.method, nprobe=self.nprobe, **rows
+    def __call__(self, x: torch.Tensor, k: int, candidates=None, queries=None) -> tuple[np.ndarray, np.ndarray]:
+        return self.per_group(x, [candidates], [k], queries)[0]
+
+    def per_group(self, x: torch.Tensor, groups: list, ks: list[int], queries=None) -> list:
+        """[(sims, idx)] of each candidate group, found in one search (knn_per_group)."""
+        return knn_per_group(
+            x, groups, ks, queries=queries, backend=self.backend, block_size=self.block_size, method=self.method,
+            nprobe=self.nprobe, metric=self.metric,
         )
 
 
@@ -267,7 +318,8 @@ class _Neighbours:
     """Step 1 and the step-5 weights.
 
     rank: int64 [N, K], the rank lists, each row itself first.
-    rank_sims: float32 [N, K], their cosines (+inf in place of the row itself).
+    rank_sims: float32 [N, K], their inner products with the row (cosines for unit rows;
+        +inf in place of the row itself where it was put first).
     lqe_matrix: float32 CSR [N, N], V ← lqe_matrix @ V is the local query expansion;
         None when there is none (k2 = 1).
     """
@@ -284,9 +336,13 @@ def _row_average_matrix(cols: np.ndarray, weights: np.ndarray, n: int) -> sparse
 
 
 def _plain_neighbours(x: torch.Tensor, k1: int, k2: int, search: _Search) -> _Neighbours:
-    """rank [N, k1] (self first); LQE: mean over rank[i, :k2] (none for k2 = 1)."""
+    """rank [N, k1] (self first), by ``search.metric``; LQE: mean over rank[i, :k2] (none
+    for k2 = 1)."""
     n = x.shape[0]
     sims, idx = search(x, min(max(k1, k2), n))
+    if search.metric == "l2":  # minus squared distances back to inner products: x·y = (|x|² + |y|² − d²) / 2
+        sq = (row_norms(x).double() ** 2).cpu().numpy()
+        sims = ((sims + sq[:, None] + sq[idx]) / 2).astype(np.float32)
     idx, sims = _self_first(idx, sims, np.arange(n))
     if k2 == 1:
         return _Neighbours(idx[:, :k1], sims[:, :k1], None)
@@ -297,23 +353,27 @@ def _plain_neighbours(x: torch.Tensor, k1: int, k2: int, search: _Search) -> _Ne
 
 def _modality_neighbours(
     x: torch.Tensor, mod: np.ndarray, k1: int, k2: int, lqe: str, search: _Search,
-    cam: np.ndarray | None = None,
+    cam: np.ndarray | None = None, *, self_first: bool = True,
 ) -> _Neighbours:
     """Merged per-modality rank [N, 2·(k1//2)]; LQE balanced over the two modalities (none
     for k2 = 1, as in the release: not even the nearest image of the other modality).
 
+    Both modalities' neighbours come from one search (:meth:`_Search.per_group`).
+    self_first: each row is put first in its own modality's list (unit rows); otherwise it
+    keeps the place its inner product with itself gives it (the release, on rows below
+    unit length: a longer neighbour may come before it).
     With ``cam`` each modality's half of the rank list follows :func:`_camera_balanced`;
     the LQE lists stay the plain per-modality nearest neighbours.
     """
     n = x.shape[0]
     half = k1 // 2
     k_lqe = k2 if lqe == "release" else max(1, k2 // 2)
+    groups = [np.flatnonzero(mod == m) for m in (0, 1)]
+    found = search.per_group(x, groups, [min(max(half, k_lqe), len(members)) for members in groups])
     lists, halves = [], []
-    for m in (0, 1):
-        members = np.flatnonzero(mod == m)
-        kk = min(max(half, k_lqe), len(members))
-        sims, idx = search(x, kk, candidates=members)
-        idx[members], sims[members] = _self_first(idx[members], sims[members], members)
+    for members, (sims, idx) in zip(groups, found, strict=True):
+        if self_first:
+            idx[members], sims[members] = _self_first(idx[members], sims[members], members)
         lists.append((sims, idx))
         if cam is None:
             halves.append((sims[:, :half], idx[:, :half]))
@@ -458,7 +518,8 @@ def _workers() -> int:
 
 
 def _pair_cosines(x: torch.Tensor, rows: np.ndarray, cols: np.ndarray, nb: _Neighbours) -> np.ndarray:
-    """float64 [P]: cosines of the pairs (rows[p], cols[p]), rows sorted.
+    """float64 [P]: inner products of the pairs (rows[p], cols[p]) of ``x``'s rows (cosines
+    for unit rows), rows sorted.
 
     Pairs in the rank lists reuse the kNN's similarities; the rest (expansion members
     beyond i's own list, and i itself) are gathered dot products, in chunks of a few MiB

@@ -1,10 +1,16 @@
-"""k nearest neighbours by cosine similarity: exact (blocked, so that no N×N matrix exists)
-or approximate (an inverted file written in torch, for large N).
+"""k nearest neighbours: exact (blocked, so that no N×N matrix exists) or approximate (an
+inverted file written in torch, for large N).
 
-Rows are L2-normalised first, so similarity = inner product in [-1, 1]. Results are sorted
-by similarity descending; equal similarities are ordered by the lower global index first
-(for the exact method also at the k-th place: the k kept neighbours are the k first in
-that order).
+Three similarities (``metric``): ``"cosine"`` (rows L2-normalised first, so similarity =
+inner product in [-1, 1]; the default), ``"ip"`` (the inner product of the rows as given)
+and ``"l2"`` (minus the squared Euclidean distance of the rows as given). Results are
+sorted by similarity descending; equal similarities are ordered by the lower global index
+first (for the exact method also at the k-th place: the k kept neighbours are the k first
+in that order).
+
+Several candidate groups (:func:`knn_per_group`, e.g. one per modality) are searched with
+one matrix product per block of query rows against all of their candidates, the top-k of
+each group taken on its own columns of that product.
 
 Approximate method (``method="approximate"``): an inverted file over the candidate rows,
 ``nlist = max(IVF_LISTS_PER_SQRT · sqrt(M), M / IVF_LIST_ROWS)`` lists (M candidates; at least
@@ -29,6 +35,7 @@ import torch
 
 _BACKENDS = ("torch", "faiss")
 METHODS = ("exact", "approximate")
+METRICS = ("cosine", "ip", "l2")
 KNN_CHOICES = ("exact", "approximate", "auto")
 # IVF parameters of the approximate method (see the module docstring).
 IVF_LISTS_PER_SQRT = 4
@@ -79,6 +86,13 @@ def _rows_are_unit(x: torch.Tensor) -> bool:
     return True
 
 
+def row_norms(x: torch.Tensor) -> torch.Tensor:
+    """float32 [N]: the L2 norm of each row of ``x`` [N, d] (same device), a block at a time."""
+    if x.shape[0] == 0:
+        return x.new_zeros(0)
+    return torch.cat([torch.linalg.vector_norm(x[r0 : r0 + 8192], dim=1) for r0 in range(0, x.shape[0], 8192)])
+
+
 def _index_array(values: np.ndarray | torch.Tensor | None, n: int, name: str) -> np.ndarray:
     """Sorted unique int64 indices in 0..n-1 (all of them when ``values`` is None)."""
     if values is None:
@@ -115,71 +129,122 @@ def _topk_flag_cut(
     return s, i
 
 
-def _topk_torch(
-    queries: torch.Tensor, cands: torch.Tensor, k: int, block_size: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Running top-k over column blocks for every query row.
+def _scores(q: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """[B, C] ranking scores of the queries ``q`` [B, d] against the candidates ``c`` [C, d]:
+    the inner products, or with ``bias`` [C] (−|c|², the "l2" metric) 2·q·c − |c|², which
+    orders a query's candidates as minus their squared distance to it does."""
+    if bias is None:
+        return q @ c.T
+    return torch.addmm(bias, q, c.T, alpha=2.0)
 
-    Returns (sims [Q, k], positions [Q, k] into ``cands``, tie_rows bool [Q]); tie_rows
-    marks rows where a block's k-th and (k+1)-th similarities were equal, so torch.topk
-    may have picked an arbitrary member of a tie group that straddles the cut.
+
+def _topk_torch(
+    queries: torch.Tensor,
+    cands: torch.Tensor,
+    segments: list[tuple[int, int, int]],
+    block_size: int,
+    bias: torch.Tensor | None = None,
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Running top-k over column blocks for every query row, for each segment of the candidates.
+
+    segments: (start, stop, k) of each group of candidate columns ``cands[start:stop]``
+    (disjoint; k <= stop − start). Each block of query rows is multiplied once by each
+    column block of ``cands`` (all segments together); each segment's top-k is taken on
+    its own columns of that product. bias: [M] or None (:func:`_scores`).
+
+    Returns, per segment, (scores [Q, k], positions [Q, k] into ``cands``, tie_rows bool
+    [Q]); tie_rows marks rows where a block's k-th and (k+1)-th scores were equal, so
+    torch.topk may have picked an arbitrary member of a tie group that straddles the cut.
     """
     nq, m = queries.shape[0], cands.shape[0]
-    col_block = max(block_size * _COLUMN_FACTOR, k + 1)
-    out_s = np.empty((nq, k), dtype=np.float32)
-    out_i = np.empty((nq, k), dtype=np.int64)
-    tie_rows = np.zeros(nq, dtype=bool)
+    col_block = max(block_size * _COLUMN_FACTOR, max(k for _, _, k in segments) + 1)
+    out = [(np.empty((nq, k), np.float32), np.empty((nq, k), np.int64), np.zeros(nq, bool)) for _, _, k in segments]
     for q0 in range(0, nq, block_size):
         q = queries[q0 : q0 + block_size]
-        ties = torch.zeros(len(q), dtype=torch.bool, device=q.device)
-        best_s = best_i = None
+        ties = [torch.zeros(len(q), dtype=torch.bool, device=q.device) for _ in segments]
+        best: list = [None] * len(segments)
         for c0 in range(0, m, col_block):
-            s, i = _topk_flag_cut(q @ cands[c0 : c0 + col_block].T, k, ties)
-            i = i + c0
-            if best_s is not None:
-                s, pos = _topk_flag_cut(torch.cat([best_s, s], 1), k, ties)
-                i = torch.gather(torch.cat([best_i, i], 1), 1, pos)
-            best_s, best_i = s, i
-        out_s[q0 : q0 + len(q)] = best_s.cpu().numpy()
-        out_i[q0 : q0 + len(q)] = best_i.cpu().numpy()
-        tie_rows[q0 : q0 + len(q)] = ties.cpu().numpy()
-    return out_s, out_i, tie_rows
+            c1 = min(c0 + col_block, m)
+            sims = _scores(q, cands[c0:c1], None if bias is None else bias[c0:c1])
+            for g, (a, b, k) in enumerate(segments):
+                lo, hi = max(a, c0), min(b, c1)
+                if lo >= hi:
+                    continue
+                part = sims if (lo, hi) == (c0, c1) else sims[:, lo - c0 : hi - c0]
+                s, i = _topk_flag_cut(part, k, ties[g])
+                i = i + lo
+                if best[g] is not None:
+                    s, pos = _topk_flag_cut(torch.cat([best[g][0], s], 1), k, ties[g])
+                    i = torch.gather(torch.cat([best[g][1], i], 1), 1, pos)
+                best[g] = (s, i)
+        for g in range(len(segments)):
+            out[g][0][q0 : q0 + len(q)] = best[g][0].cpu().numpy()
+            out[g][1][q0 : q0 + len(q)] = best[g][1].cpu().numpy()
+            out[g][2][q0 : q0 + len(q)] = ties[g].cpu().numpy()
+    return out
 
 
-def _exact_rows(queries: torch.Tensor, cands: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Full stable sort for a few rows: the exact (similarity desc, position asc) top-k."""
-    sims = queries @ cands.T
-    s, i = torch.sort(sims, dim=1, descending=True, stable=True)
+def _exact_rows(
+    queries: torch.Tensor, cands: torch.Tensor, k: int, bias: torch.Tensor | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Full stable sort for a few rows: the exact (score desc, position asc) top-k."""
+    s, i = torch.sort(_scores(queries, cands, bias), dim=1, descending=True, stable=True)
     return s[:, :k].cpu().numpy(), i[:, :k].cpu().numpy()
 
 
-def _knn_torch(
-    x: torch.Tensor, q_rows: np.ndarray, c_rows: np.ndarray, k: int, block_size: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _squared_norms(x: torch.Tensor) -> torch.Tensor:
+    """float32 [N]: |x_i|² of each row, a block at a time."""
+    return torch.cat([(x[r0 : r0 + 8192] ** 2).sum(1) for r0 in range(0, x.shape[0], 8192)])
+
+
+def _knn_torch_groups(
+    x: torch.Tensor, q_rows: np.ndarray, groups: list[tuple[np.ndarray, int]], block_size: int, metric: str
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Exact top-k of the ``q_rows`` in each group (candidate rows [M_g], k_g): one product
+    per block of queries against all groups' candidates (:func:`_topk_torch`), which are
+    ``x`` itself when they are all its rows in order (no copy), else one gathered copy."""
     dev = x.device
-    all_rows = len(c_rows) == x.shape[0]
-    cands = x if all_rows else x[torch.from_numpy(c_rows).to(dev)]
+    union = np.concatenate([rows for rows, _ in groups])
+    in_order = len(union) == x.shape[0] and bool(np.array_equal(union, np.arange(x.shape[0])))
+    cands = x if in_order else x[torch.from_numpy(union).to(dev)]
     queries = x if len(q_rows) == x.shape[0] else x[torch.from_numpy(q_rows).to(dev)]
-    sims, pos, tie_rows = _topk_torch(queries, cands, k, block_size)
-    # A tie group cut at the k-th place may have kept the wrong members (torch.topk picks
-    # arbitrarily among equals): redo those rare rows with a stable full sort.
-    redo = np.flatnonzero(tie_rows)
-    for r0 in range(0, len(redo), block_size):
-        rows = redo[r0 : r0 + block_size]
-        s, p = _exact_rows(queries[torch.from_numpy(rows).to(dev)], cands, k)
-        sims[rows], pos[rows] = s, p
-    return _order_ties(sims, c_rows[pos])
+    bias = -_squared_norms(cands) if metric == "l2" else None
+    ends = np.cumsum([len(rows) for rows, _ in groups])
+    segments = [(int(e - len(rows)), int(e), k) for e, (rows, k) in zip(ends, groups, strict=True)]
+    found = _topk_torch(queries, cands, segments, block_size, bias)
+    results = []
+    for (a, b, k), (sims, pos, tie_rows) in zip(segments, found, strict=True):
+        # A tie group cut at the k-th place may have kept the wrong members (torch.topk picks
+        # arbitrarily among equals): redo those rare rows with a stable full sort.
+        redo = np.flatnonzero(tie_rows)
+        for r0 in range(0, len(redo), block_size):
+            rows = redo[r0 : r0 + block_size]
+            s, p = _exact_rows(queries[torch.from_numpy(rows).to(dev)], cands[a:b], k,
+                               None if bias is None else bias[a:b])
+            sims[rows], pos[rows] = s, p + a
+        if metric == "l2":
+            sims = sims - _squared_norms(queries).cpu().numpy()[:, None]
+        results.append(_order_ties(sims, union[pos]))
+    return results
+
+
+def _knn_torch(
+    x: torch.Tensor, q_rows: np.ndarray, c_rows: np.ndarray, k: int, block_size: int, metric: str = "ip"
+) -> tuple[np.ndarray, np.ndarray]:
+    return _knn_torch_groups(x, q_rows, [(c_rows, k)], block_size, metric)[0]
 
 
 def _knn_faiss(
-    x: torch.Tensor, q_rows: np.ndarray, c_rows: np.ndarray, k: int
+    x: torch.Tensor, q_rows: np.ndarray, c_rows: np.ndarray, k: int, metric: str = "ip"
 ) -> tuple[np.ndarray, np.ndarray]:
     import faiss
 
     feats = x.cpu().numpy()
-    index = faiss.IndexFlatIP(feats.shape[1])
+    index = (faiss.IndexFlatL2 if metric == "l2" else faiss.IndexFlatIP)(feats.shape[1])
     index.add(np.ascontiguousarray(feats[c_rows]))
     sims, pos = index.search(np.ascontiguousarray(feats[q_rows]), k)
+    if metric == "l2":
+        sims = -sims  # faiss returns squared distances
     return _order_ties(sims.astype(np.float32), c_rows[pos])
 
 
@@ -267,11 +332,13 @@ def _nearest_centroid(
 
 
 def _search_lists(
-    queries: torch.Tensor, probe: np.ndarray, sorted_cands: torch.Tensor, list_ptr: np.ndarray, k: int
+    queries: torch.Tensor, probe: np.ndarray, sorted_cands: torch.Tensor, list_ptr: np.ndarray, k: int,
+    sorted_bias: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The top-k of each query [Q, d] within each of its probed lists (``probe`` [Q, nprobe]):
-    (sims [Q, nprobe·k] float32, positions into ``sorted_cands`` [Q, nprobe·k] int32; −inf
-    and −1 where a list holds fewer than k rows).
+    (scores [Q, nprobe·k] float32 (:func:`_scores`, with ``sorted_bias`` [M] when given),
+    positions into ``sorted_cands`` [Q, nprobe·k] int32; −inf and −1 where a list holds
+    fewer than k rows).
 
     Lists are searched one at a time: the queries probing a list are gathered into one
     reused buffer and multiplied by its members in one product (BLAS-efficient, unlike
@@ -296,6 +363,8 @@ def _search_lists(
         qs = torch.from_numpy(order[p0:p1] // nprobe).to(dev)
         q = torch.index_select(queries, 0, qs, out=q_buf[: p1 - p0])
         s = torch.mm(q, sorted_cands[a:b].T, out=s_buf[: (p1 - p0) * (b - a)].view(p1 - p0, b - a))
+        if sorted_bias is not None:
+            s.mul_(2.0).add_(sorted_bias[a:b])
         kk = min(k, b - a)
         sims, pos = torch.topk(s, kk, dim=1)
         found_s[p0:p1, :kk] = sims.cpu().numpy()
@@ -307,14 +376,16 @@ def _search_lists(
 
 
 def _knn_ivf(
-    x: torch.Tensor, q_rows: np.ndarray, c_rows: np.ndarray, k: int, nprobe: int | None, block_size: int
+    x: torch.Tensor, q_rows: np.ndarray, c_rows: np.ndarray, k: int, nprobe: int | None, block_size: int,
+    metric: str = "ip",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Approximate top-k of the ``q_rows`` among the ``c_rows``: an inverted file over the
     candidates (k-means lists), each query searching its ``nprobe`` nearest lists (None:
     IVF_NPROBE)
     (:func:`_search_lists`), IVF_QUERY_CHUNK queries at a time so that the per-list
     results ([chunk, nprobe·k], 8 bytes per entry) stay bounded. Similarities are exact
-    float32 inner products.
+    float32 inner products (``metric="ip"``) or minus squared distances (``"l2"``; the lists
+    probed are still those of the largest inner product with the centred query).
     """
     dev = x.device
     nlist = ivf_lists(len(c_rows))
@@ -327,20 +398,23 @@ def _knn_ivf(
     members = np.argsort(assign, kind="stable")  # positions into c_rows, grouped by list
     list_ptr = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=nlist))])
     sorted_cands = x[torch.from_numpy(c_rows[members]).to(dev)]
+    sorted_bias = -_squared_norms(sorted_cands) if metric == "l2" else None
     out_s = np.empty((len(q_rows), k), np.float32)
     out_i = np.empty((len(q_rows), k), np.int64)
     for q0 in range(0, len(q_rows), IVF_QUERY_CHUNK):
         rows = q_rows[q0 : q0 + IVF_QUERY_CHUNK]
         queries = x[torch.from_numpy(rows).to(dev)]
         probe = _nearest_centroid(queries, centroids, nprobe, center=center).cpu().numpy().reshape(len(rows), nprobe)
-        best_s, best_p = _search_lists(queries, probe, sorted_cands, list_ptr, k)
+        best_s, best_p = _search_lists(queries, probe, sorted_cands, list_ptr, k, sorted_bias)
+        if metric == "l2":
+            best_s -= _squared_norms(queries).cpu().numpy()[:, None]
         top = np.argpartition(-best_s, k - 1, axis=1)[:, :k]
         out_s[q0 : q0 + len(rows)] = np.take_along_axis(best_s, top, 1)
         found = np.take_along_axis(best_p, top, 1)
         out_i[q0 : q0 + len(rows)] = np.where(found >= 0, members[np.maximum(found, 0)], -1)
     short = np.flatnonzero((out_i < 0).any(axis=1))
     if len(short):  # fewer than k candidates in the probed lists: search those rows exactly
-        s_exact, p_exact = _knn_torch(x, q_rows[short], c_rows, k, block_size)
+        s_exact, p_exact = _knn_torch(x, q_rows[short], c_rows, k, block_size, metric)
         out_s[short] = s_exact
         out_i[short] = np.searchsorted(c_rows, p_exact)
     return _order_ties(out_s, c_rows[out_i])
@@ -366,30 +440,60 @@ def knn(
     block_size: int = 2048,
     method: str = "exact",
     nprobe: int | None = None,
+    metric: str = "cosine",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """k nearest neighbours by cosine similarity (exact unless ``method="approximate"``).
+    """k nearest neighbours by ``metric`` (exact unless ``method="approximate"``).
 
     features: float array or tensor [N, d] (CPU or CUDA; on CUDA the products run there).
-        Rows are L2-normalised here, so they need not be unit length.
+        With ``metric="cosine"`` rows are L2-normalised here, so they need not be unit length.
     k: neighbours per query, 1 <= k <= number of candidates.
     candidates: optional int indices [M] of the rows to search among (e.g. one modality);
         default all N rows.
     queries: optional int indices [Q] of the query rows; default all N rows.
     backend: "torch" (blocked matrix products, running top-k; memory per block
-        block_size × 8·block_size float32) or "faiss" (IndexFlatIP, CPU; equal similarities
-        may be cut differently at the k-th place).
+        block_size × 8·block_size float32) or "faiss" (IndexFlatIP / IndexFlatL2, CPU; equal
+        similarities may be cut differently at the k-th place).
     block_size: query rows per block.
     method: "exact" or "approximate" (the inverted file; see the module docstring).
     nprobe: inverted lists searched per query by the approximate method (None: IVF_NPROBE).
+    metric: "cosine" (default), "ip" (inner product of the rows as given) or "l2" (nearest
+        by Euclidean distance of the rows as given); see the module docstring.
 
-    Returns (sims [Q, k] float32, idx [Q, k] int64): similarities descending, equal ones by
-    lower index first; idx in the global 0..N-1 numbering. A query that is also a
-    candidate finds itself (normally first).
+    Returns (sims [Q, k] float32, idx [Q, k] int64): similarities descending (cosines, inner
+    products, or minus squared distances for "l2"), equal ones by lower index first; idx in
+    the global 0..N-1 numbering. A query that is also a candidate finds itself (normally
+    first; with "ip" only when no candidate has a larger inner product with it than its
+    own squared norm).
     """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}.")
+    x = as_unit_tensor(features) if metric == "cosine" else as_float_tensor(features)
     return knn_unit_rows(
-        as_unit_tensor(features), k, candidates=candidates, queries=queries, backend=backend,
-        block_size=block_size, method=method, nprobe=nprobe,
+        x, k, candidates=candidates, queries=queries, backend=backend,
+        block_size=block_size, method=method, nprobe=nprobe, metric="l2" if metric == "l2" else "ip",
     )
+
+
+def as_float_tensor(features: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """``features`` [N, d] as a float32 torch tensor, rows as given (same device; no copy
+    when they are float32 already)."""
+    x = features.detach() if isinstance(features, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(features))
+    if x.ndim != 2:
+        raise ValueError(f"features must be a 2-D array [N, d], got shape {tuple(x.shape)}.")
+    return x.to(torch.float32)
+
+
+def _check_search(backend: str, method: str, block_size: int, nprobe, metric: str) -> None:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}.")
+    if method not in METHODS:
+        raise ValueError(f"knn method must be one of {METHODS}, got {method!r}.")
+    if block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size}.")
+    if nprobe is not None and (isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or nprobe < 1):
+        raise ValueError(f"nprobe must be a positive integer, got {nprobe!r}.")
+    if metric not in ("ip", "l2"):
+        raise ValueError(f"metric must be 'ip' or 'l2' here, got {metric!r}.")
 
 
 def knn_unit_rows(
@@ -402,27 +506,67 @@ def knn_unit_rows(
     block_size: int = 2048,
     method: str = "exact",
     nprobe: int | None = None,
+    metric: str = "ip",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`knn` on a float32 tensor ``x`` [N, d] whose rows are already unit length
-    (as :func:`as_unit_tensor` returns), saving the copy that normalising makes."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}.")
-    if method not in METHODS:
-        raise ValueError(f"knn method must be one of {METHODS}, got {method!r}.")
-    if block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size}.")
-    if nprobe is not None and (isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or nprobe < 1):
-        raise ValueError(f"nprobe must be a positive integer, got {nprobe!r}.")
+    """:func:`knn` on a float32 tensor ``x`` [N, d] taken as it is: with ``metric="ip"``
+    (the default) on rows that are already unit length (as :func:`as_unit_tensor` returns)
+    this is the cosine search without the copy that normalising makes; ``"l2"``: nearest
+    by Euclidean distance."""
+    return knn_per_group(
+        x, [candidates], [k], queries=queries, backend=backend, block_size=block_size, method=method,
+        nprobe=nprobe, metric=metric,
+    )[0]
+
+
+def knn_per_group(
+    x: torch.Tensor,
+    groups: list,
+    ks: list[int],
+    *,
+    queries: np.ndarray | torch.Tensor | None = None,
+    backend: str = "torch",
+    block_size: int = 2048,
+    method: str = "exact",
+    nprobe: int | None = None,
+    metric: str = "ip",
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The ``ks[g]`` nearest of each query among each group of candidates ``groups[g]``
+    (int indices [M_g], disjoint; None = all rows), as :func:`knn_unit_rows` would find them
+    group by group: the same neighbours, the same order, ties included.
+
+    The exact torch search multiplies each block of query rows once by all groups'
+    candidates and takes each group's top-k on its own columns of the product (for the
+    modality-aware distance, one search over all rows instead of one per modality, and no
+    copy of the rows when the groups are all rows in order, e.g. visible then infrared).
+    The faiss backend and the approximate method search group by group.
+
+    Returns [(sims [Q, k_g] float32, idx [Q, k_g] int64)] per group (see :func:`knn`).
+    """
+    _check_search(backend, method, block_size, nprobe, metric)
+    if len(groups) != len(ks) or not groups:
+        raise ValueError("groups and ks must be non-empty and of the same length.")
     n = x.shape[0]
-    c_rows = _index_array(candidates, n, "candidates")
+    rows = [_index_array(g, n, "candidates") for g in groups]
+    for c_rows, k in zip(rows, ks, strict=True):
+        if not 1 <= k <= len(c_rows):
+            raise ValueError(f"k must be between 1 and the number of candidates ({len(c_rows)}), got {k}.")
+    if len(rows) > 1 and len(np.unique(np.concatenate(rows))) != sum(len(r) for r in rows):
+        raise ValueError("candidate groups must not share rows.")
     q_rows = _index_array(queries, n, "queries")
-    if not 1 <= k <= len(c_rows):
-        raise ValueError(f"k must be between 1 and the number of candidates ({len(c_rows)}), got {k}.")
     if len(q_rows) == 0:
-        return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
+        return [(np.empty((0, k), np.float32), np.empty((0, k), np.int64)) for k in ks]
     with torch.no_grad():
-        if method == "approximate" and len(c_rows) >= IVF_MIN_CANDIDATES:
-            return _knn_ivf(x, q_rows, c_rows, k, nprobe, block_size)
-        if backend == "faiss":
-            return _knn_faiss(x, q_rows, c_rows, k)
-        return _knn_torch(x, q_rows, c_rows, k, block_size)
+        out = [None] * len(rows)
+        fused = []
+        for g, (c_rows, k) in enumerate(zip(rows, ks, strict=True)):
+            if method == "approximate" and len(c_rows) >= IVF_MIN_CANDIDATES:
+                out[g] = _knn_ivf(x, q_rows, c_rows, k, nprobe, block_size, metric)
+            elif backend == "faiss":
+                out[g] = _knn_faiss(x, q_rows, c_rows, k, metric)
+            else:
+                fused.append(g)
+        if fused:
+            found = _knn_torch_groups(x, q_rows, [(rows[g], ks[g]) for g in fused], block_size, metric)
+            for g, result in zip(fused, found, strict=True):
+                out[g] = result
+    return out

@@ -148,7 +148,7 @@ def cluster_scan(
     records = train_records(cfg)
     features = feature_extractor(
         model, cfg, device, flip=cfg.cluster.flip, progress=progress, desc="train features",
-        size=(trained.data.height, trained.data.width), resize=CLUSTERING_RESIZE,
+        size=(trained.data.height, trained.data.width), resize=CLUSTERING_RESIZE, feature="clustering",
     )(records)
     pids, _, modality = record_arrays(records)
     return scan_eps(features, modality, eps_values, cfg.cluster, pids if has_labels(records) else None)

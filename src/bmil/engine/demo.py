@@ -55,14 +55,14 @@ def first_global_input(trainer: Trainer) -> np.ndarray:
 def stage1_clustering(trainer: Trainer, checkpoint: str | Path) -> dict[str, dict[str, float]]:
     """:func:`clustering_ari` with ``checkpoint``'s weights (the model stage 2 starts from) on
     the images stage 2's first global clustering sees (``"global"``: the comparison the
-    paper's effect is about) and on all training images (``"all"``); both on its test
-    features (flip-averaged, as METHOD.md defines a model's feature). ``"training"``: the
+    paper's effect is about) and on all training images (``"all"``); both on its flip-averaged
+    clustering features (:func:`~bmil.engine.extract.combine_views`). ``"training"``: the
     ``"global"`` comparison on the features training clusters (the same ones unless
     ``cluster.flip`` is off)."""
     trainer.model.load_state_dict(load_checkpoint(checkpoint)["model"])
-    test = trainer.extract(trainer.records, flip=True, desc="stage-1 test features")
+    flipped = trainer.extract(trainer.records, flip=True, desc="stage-1 features")
     index = first_global_input(trainer)
-    out = {"global": clustering_ari(trainer, test, index), "all": clustering_ari(trainer, test)}
+    out = {"global": clustering_ari(trainer, flipped, index), "all": clustering_ari(trainer, flipped)}
     if trainer.cfg.cluster.flip:
         out["training"] = out["global"]
     else:

@@ -1,8 +1,9 @@
 """ONNX export: one model per modality, each computing bmil's test feature.
 
 Each file maps ``images`` float32 [B, 3, H, W] (normalised as ``test_transform`` does) to
-``features`` float32 [B, D]: the BN-neck output averaged with that of the horizontally
-flipped image, L2-normalised — the same feature ``bmil extract`` writes. The batch size
+``features`` float32 [B, D]: the BN-neck outputs of the image and of its horizontally
+flipped copy, each L2-normalised, averaged and L2-normalised again — the same feature
+``bmil extract`` writes. The batch size
 is dynamic; H and W are fixed to the checkpoint's input size.
 """
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from bmil.data.records import INFRARED, MODALITY_NAMES, VISIBLE
+from bmil.engine.extract import combine_views
 from bmil.errors import BmilError
 
 log = logging.getLogger(__name__)
@@ -25,7 +27,9 @@ OPSET = 18
 
 
 class FlipAveragedFeature(nn.Module):
-    """``model`` fixed to one modality, returning the flip-averaged unit-length feature."""
+    """``model`` fixed to one modality, returning the test feature: n(n(f) + n(f')) of the
+    BN-neck outputs f and f' of the image and its mirror (n = L2-normalise; n(f) without
+    flip), as :func:`bmil.engine.extract.combine_views` computes it."""
 
     def __init__(self, model: nn.Module, modality: int, flip: bool = True) -> None:
         super().__init__()
@@ -33,9 +37,8 @@ class FlipAveragedFeature(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         feats = self.model(images, self.modality)
-        if self.flip:
-            feats = feats + self.model(torch.flip(images, dims=[3]), self.modality)
-        return nn.functional.normalize(feats, dim=1)
+        flipped = self.model(torch.flip(images, dims=[3]), self.modality) if self.flip else None
+        return combine_views(feats, flipped, "test")
 
 
 def require_onnx() -> None:

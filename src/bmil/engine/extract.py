@@ -18,7 +18,10 @@ from bmil.data.transforms import test_transform
 
 log = logging.getLogger(__name__)
 
-FEATURE_DESCRIPTION = "BN-neck output, flip-averaged, L2-normalised"
+# What extract_features returns for each ``feature`` (n = L2-normalise, f and f' = the BN-neck
+# outputs of an image and of its mirror image; without flip both are n(f)).
+FEATURES = ("test", "clustering")
+FEATURE_DESCRIPTION = "BN-neck output f: n(n(f) + n(f_flip)), n = L2-normalise"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -26,6 +29,25 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def combine_views(feats: torch.Tensor, flipped: torch.Tensor | None, feature: str = "test") -> torch.Tensor:
+    """The feature [B, D] of a batch from its BN-neck outputs ``feats`` [B, D] and those of
+    the mirrored images ``flipped`` [B, D] (None: no flip).
+
+    Each view is L2-normalised first (the release's network normalises its eval output);
+    ``"test"`` (query, gallery, search, export): n(n(f) + n(f')), unit length;
+    ``"clustering"``: (n(f) + n(f')) / 2, not normalised again, so its norm is below 1 and
+    smaller the more the two views disagree (the release's ``extract_features``). Without
+    flip both are n(f).
+    """
+    if feature not in FEATURES:
+        raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}.")
+    unit = torch.nn.functional.normalize(feats, dim=1)
+    if flipped is None:
+        return unit
+    mean = (unit + torch.nn.functional.normalize(flipped, dim=1)) / 2
+    return mean if feature == "clustering" else torch.nn.functional.normalize(mean, dim=1)
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -50,19 +72,25 @@ def extract_features(
     resize: str = "bicubic",
     channels_last: bool = True,
     cache: dict[str, torch.Tensor] | None = None,
+    feature: str = "test",
 ) -> np.ndarray:
-    """L2-normalised features [N, D] float32 of ``records``, in order.
+    """Features [N, D] float32 of ``records``, in order (:func:`combine_views`).
 
-    With ``flip`` the feature is the mean of the image's and its mirror's features
-    (METHOD.md test feature). ``resize``: the interpolation to ``height`` × ``width``,
-    ``"bicubic"`` (the release's clustering features) or ``"lanczos"`` (the release's
-    scoring of query and gallery images, ``eval.resize``). Runs under ``inference_mode``,
+    feature: ``"test"`` (unit rows: with ``flip`` the normalised mean of the image's and
+    its mirror's normalised BN-neck outputs) or ``"clustering"`` (that mean not normalised
+    again: rows of norm at most 1, which :func:`bmil.cluster.jaccard_distance` ranks and
+    weights as they are). Without ``flip`` both are the normalised BN-neck output.
+    ``resize``: the interpolation to ``height`` × ``width``, ``"bicubic"`` (the release's
+    clustering features) or ``"lanczos"`` (the release's scoring of query and gallery
+    images, ``eval.resize``). Runs under ``inference_mode``,
     in channels_last memory format when ``channels_last``; on CUDA under bf16 autocast when
     ``amp``. The model's train/eval mode is restored afterwards. ``cache``: the resized,
     normalised image tensors by path, read and filled (pass one dict only to calls with the
     same ``height``, ``width`` and ``resize``, and ``workers=0``: see
     :class:`~bmil.data.images.ImageDataset`).
     """
+    if feature not in FEATURES:
+        raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}.")
     device = torch.device(device)
     _, _, modality = record_arrays(records)
     loader = DataLoader(
@@ -83,9 +111,8 @@ def extract_features(
                 images = images.contiguous(memory_format=torch.channels_last)
             mods = modality_t[index].to(device)
             feats = model(images, mods).float()
-            if flip:
-                feats = feats + model(torch.flip(images, dims=[3]), mods).float()
-            chunks.append(torch.nn.functional.normalize(feats, dim=1).cpu())
+            flipped = model(torch.flip(images, dims=[3]), mods).float() if flip else None
+            chunks.append(combine_views(feats, flipped, feature).cpu())
     model.train(was_training)
     if not chunks:
         return np.zeros((0, getattr(model, "feat_dim", 0)), dtype=np.float32)

@@ -94,14 +94,17 @@ def feature_extractor(
     size: tuple[int, int] | None = None,
     resize: str | None = None,
     cache: dict | None = None,
+    feature: str = "test",
 ):
     """``extract(records) -> [N, D]`` float32 features of ``model`` as ``cfg`` configures
     them: input ``data.height`` × ``data.width`` (or ``size`` = (height, width), e.g. the
     checkpoint's own), resized with ``resize`` (default ``eval.resize``, the scoring resize;
     pass ``"bicubic"`` for the features clustering sees), ``train.extract_batch`` images a
     batch, :func:`~bmil.engine.datasets.loader_workers` loader workers, ``train.amp``;
-    flip-averaged (``flip``), L2-normalised (:func:`bmil.engine.extract.extract_features`,
-    which reads and fills ``cache`` when given)."""
+    flip-averaged (``flip``); ``feature`` ``"test"`` (unit rows, for scoring) or
+    ``"clustering"`` (the flip average not normalised again) as
+    :func:`bmil.engine.extract.extract_features` computes them (it reads and fills
+    ``cache`` when given)."""
     from bmil.engine.datasets import loader_workers
 
     workers = loader_workers(cfg, device)
@@ -111,7 +114,7 @@ def feature_extractor(
         return extract_features(
             model, records, height=height, width=width, batch_size=cfg.train.extract_batch,
             device=device, flip=flip, workers=workers, amp=cfg.train.amp, progress=progress, desc=desc,
-            resize=resize or cfg.eval.resize, channels_last=cfg.train.channels_last, cache=cache,
+            resize=resize or cfg.eval.resize, channels_last=cfg.train.channels_last, cache=cache, feature=feature,
         )
 
     return extract
@@ -120,11 +123,12 @@ def feature_extractor(
 def train_set_features(
     model: nn.Module, cfg: Config, device: torch.device | str = "cpu", *, progress: bool = True
 ) -> tuple[np.ndarray, list[Record]]:
-    """The features clustering sees [N, D] (flip-averaged, bicubic resize, L2-normalised) of
-    ``cfg``'s training images, and their records (person ids -1 where the dataset has none)."""
+    """The features clustering sees [N, D] (bicubic resize; flip-averaged when ``cluster.flip``,
+    not normalised again: ``feature="clustering"``) of ``cfg``'s training images, and their
+    records (person ids -1 where the dataset has none)."""
     from bmil.engine.datasets import train_records
 
     records = train_records(cfg)
-    feats = feature_extractor(model, cfg, device, progress=progress, desc="train features", resize=CLUSTERING_RESIZE)(
-        records)
+    feats = feature_extractor(model, cfg, device, flip=cfg.cluster.flip, progress=progress, desc="train features",
+                              resize=CLUSTERING_RESIZE, feature="clustering")(records)
     return feats, records

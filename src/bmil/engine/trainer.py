@@ -79,15 +79,17 @@ class Trainer:
 
     # ---------------------------------------------------------------- one epoch
     def extract(
-        self, records: list[Record], *, flip: bool = True, desc: str = "extract", resize: str = CLUSTERING_RESIZE
+        self, records: list[Record], *, flip: bool = True, desc: str = "extract", resize: str = CLUSTERING_RESIZE,
+        feature: str = "clustering",
     ) -> np.ndarray:
-        """Features [N, D] of ``records`` with the current model (L2-normalised), resized as
-        clustering sees them unless ``resize`` says otherwise. When distributed, each rank
-        extracts its shard and all ranks get all features, in order."""
+        """Features [N, D] of ``records`` with the current model, resized and combined
+        (``feature``, :func:`~bmil.engine.extract.combine_views`) as clustering sees them
+        unless ``resize`` / ``feature`` say otherwise. When distributed, each rank extracts
+        its shard and all ranks get all features, in order."""
         shard = records[distributed.shard_range(len(records), self.dist)] if self.dist.enabled else records
         cache = None if self.tensor_caches is None else self.tensor_caches.setdefault(resize, {})
         extract = feature_extractor(self.model, self.cfg, self.device, flip=flip, progress=self.progress, desc=desc,
-                                    resize=resize, cache=cache)
+                                    resize=resize, cache=cache, feature=feature)
         return distributed.gather_shards(self.dist, extract(shard))
 
     def associate(
@@ -170,7 +172,8 @@ class Trainer:
         """The dataset's test protocol with the current model ([] without labels);
         ``trials`` gallery trials (default ``eval.trials``)."""
         def extract(records: list[Record]) -> np.ndarray:
-            return self.extract(records, flip=True, desc="test features", resize=self.cfg.eval.resize)
+            return self.extract(records, flip=True, desc="test features", resize=self.cfg.eval.resize,
+                                feature="test")
 
         return run_protocol(self.cfg, extract, trials)
 
