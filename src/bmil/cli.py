@@ -130,11 +130,12 @@ def cmd_cluster_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
+    from bmil.data.records import MODALITY_NAMES
     from bmil.engine.extract import resolve_device
     from bmil.engine.inference import load_model
     from bmil.engine.search import extract_folder, parse_modality, save_features
 
-    modality = parse_modality(args.modality)
+    modality = None if args.modality in (None, "both") else parse_modality(args.modality)
     device = resolve_device(args.device)
     model, cfg = load_model(args.checkpoint, device)
     feats = extract_folder(
@@ -142,12 +143,15 @@ def cmd_extract(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     path = save_features(feats, args.out)
-    print(f"{len(feats.paths)} {args.modality} images, {feats.features.shape[1]}-d features written to {path}")
+    counts = ", ".join(f"{int((feats.modality == m).sum())} {name}" for m, name in MODALITY_NAMES.items()
+                       if (feats.modality == m).any())
+    print(f"{counts} images, {feats.features.shape[1]}-d features written to {path}")
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     from bmil.analysis.rank_list import draw_rank_list
+    from bmil.data.records import MODALITY_NAMES
     from bmil.engine import search
     from bmil.engine.extract import resolve_device
     from bmil.engine.inference import load_model
@@ -161,13 +165,22 @@ def cmd_search(args: argparse.Namespace) -> int:
     if query.shape[0] != gallery.features.shape[1]:
         raise DatasetError(f"gallery {args.gallery} holds {gallery.features.shape[1]}-d features, "
                            f"but this checkpoint gives {query.shape[0]}-d ones")
-    order, scores = search.rank_gallery(query, gallery.features, args.top)
+    rows = search.cross_modality_rows(gallery, modality)
+    if len(rows) < len(gallery.paths):
+        log.info("the gallery holds both modalities: ranking its %d %s images", len(rows),
+                 MODALITY_NAMES[int(gallery.modality[rows[0]])] if len(rows) else "other-modality")
+    picked, scores = search.rank_gallery(query, gallery.features[rows], args.top)
+    order = rows[picked]
     flags = search.match_flags(gallery, order, args.query_id)
+    ids = None if gallery.pids is None else [gallery.pids[i] or "?" for i in order]
+    print(f"query {args.query} ({MODALITY_NAMES[modality]}"
+          f"{f', id {args.query_id}' if args.query_id is not None else ''})")
     for rank, (i, score) in enumerate(zip(order, scores, strict=True)):
-        pid = f"  id {gallery.pids[i]}" if gallery.pids is not None else ""
+        pid = f"  id {ids[rank]}" if ids is not None else ""
         mark = {True: "  match", False: "  wrong", None: ""}[flags[rank]] if flags else ""
         print(f"{rank + 1:3d}  {score:.4f}{pid}  {gallery.paths[i]}{mark}")
-    out = draw_rank_list(args.query, [gallery.paths[i] for i in order], scores, flags, args.out)
+    out = draw_rank_list(args.query, [gallery.paths[i] for i in order], scores, flags, args.out,
+                         query_id=args.query_id, match_ids=ids)
     print(f"\nrank list written to {out}")
     return 0
 
@@ -270,10 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("extract", help="features of every image under a folder, saved as .npz")
     with_checkpoint(p)
-    p.add_argument("--images", required=True, help="folder of images (searched recursively)")
-    p.add_argument("--modality", required=True, choices=["visible", "infrared"])
+    p.add_argument("--images", required=True,
+                   help="folder of images (searched recursively); a folder holding visible/ and infrared/ "
+                        "is split by them")
+    p.add_argument("--modality", choices=["visible", "infrared", "both"],
+                   help="the images' modality; default: from the folder names (FOLDER/visible/, "
+                        "FOLDER/infrared/, or a folder itself named visible or infrared)")
     p.add_argument("--out", required=True, help="features file (.npz)")
-    p.add_argument("--ids-from-folders", action="store_true", help="person id = the image's folder name (SYSU layout)")
+    p.add_argument("--ids-from-folders", action="store_true",
+                   help="person id = the name of the folder each image lies in (any string, e.g. anna)")
     with_device(p)
     p.set_defaults(func=cmd_extract)
 
@@ -284,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="matches to show (default 10)")
     p.add_argument("--query-modality", choices=["visible", "infrared"],
                    help="default: the other modality than the gallery's")
-    p.add_argument("--query-id", type=int, help="the query's person id: colours matches green/red")
+    p.add_argument("--query-id", help="the query's person id (a folder name, e.g. anna or 0007): "
+                                     "colours matches green/red")
     p.add_argument("--out", default="rank_list.png", help="rank-list image (default rank_list.png)")
     with_device(p)
     p.set_defaults(func=cmd_search)
