@@ -243,7 +243,7 @@ def test_bmil_eval_scores_both_directions_from_flip_averaged_features(labelled, 
     assert code == 0, err
     assert "folder infrared→visible: protocol `regdb`" in printed
     assert "5 queries, 8 gallery images" in printed and "8 queries, 5 gallery images" in printed
-    saved = json.loads((out / "eval_folder.json").read_text())["results"]
+    saved = json.loads((out / "eval_folder_model.json").read_text())["results"]
     names = ["alice", "bob", "c-3", "zed"]
     feats = {m: by_hand(model, paths_of(labelled, m), VISIBLE if m == "visible" else INFRARED)
              for m in ("visible", "infrared")}
@@ -253,6 +253,32 @@ def test_bmil_eval_scores_both_directions_from_flip_averaged_features(labelled, 
         assert (result["num_query"], result["num_gallery"]) == (len(pids[q]), len(pids[g]))
         assert result["mean"]["mAP"] == pytest.approx(expected["mAP"], abs=1e-5)
         assert result["mean"]["rank1"] == pytest.approx(expected["rank1"], abs=1e-9)
+
+
+def test_bmil_eval_takes_the_network_and_input_size_from_the_checkpoint(labelled, tmp_path, capsys, caplog):
+    """A depth-18, 64×32 checkpoint scored with the folder preset as it is (depth 50, 288×144):
+    the same scores as with a configuration that matches it, and a log line saying so."""
+    import logging
+
+    cfg = load_config(None, ["data.dataset=folder", f"data.root={labelled}", *TINY])
+    torch.manual_seed(0)
+    model = build_model(depth=18, non_local=False, pretrained="none").eval()
+    checkpoint = save_model_checkpoint(cfg, model, tmp_path / "best_stage2.pt")
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="bmil"):
+        code, printed, err = run_cli(capsys, "eval", "--config", "folder", "--checkpoint", str(checkpoint),
+                                     f"data.root={labelled}", "data.ids_from_folders=true", f"output={out}")
+    assert code == 0, err
+    assert any("model read from the checkpoint: depth=18" in r.getMessage() and "input 64×32" in r.getMessage()
+               for r in caplog.records)
+    saved = json.loads((out / "eval_folder_best_stage2.json").read_text())["results"]
+    names = ["alice", "bob", "c-3", "zed"]
+    feats = {m: by_hand(model, paths_of(labelled, m), VISIBLE if m == "visible" else INFRARED)
+             for m in ("visible", "infrared")}
+    pids = {m: [names.index(Path(p).parent.name) for p in paths_of(labelled, m)] for m in ("visible", "infrared")}
+    expected = slow_scores(feats["infrared"], pids["infrared"], feats["visible"], pids["visible"])
+    assert saved[0]["mean"]["mAP"] == pytest.approx(expected["mAP"], abs=1e-5)
+    assert str(out / "eval_folder_best_stage2.json") in printed
 
 
 def test_train_on_a_labelled_folder_evaluates_and_keeps_the_best_model(tmp_path):
