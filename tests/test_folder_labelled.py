@@ -265,9 +265,12 @@ def test_bmil_eval_takes_the_network_and_input_size_from_the_checkpoint(labelled
     model = build_model(depth=18, non_local=False, pretrained="none").eval()
     checkpoint = save_model_checkpoint(cfg, model, tmp_path / "best_stage2.pt")
     out = tmp_path / "out"
-    with caplog.at_level(logging.INFO, logger="bmil"):
-        code, printed, err = run_cli(capsys, "eval", "--config", "folder", "--checkpoint", str(checkpoint),
-                                     f"data.root={labelled}", "data.ids_from_folders=true", f"output={out}")
+    from bmil import cli
+
+    with caplog.at_level(logging.INFO, logger="bmil"):  # without -q: the INFO line is the point
+        code = cli.main(["eval", "--config", "folder", "--checkpoint", str(checkpoint), f"data.root={labelled}",
+                         "data.ids_from_folders=true", f"output={out}"])
+    printed, err = capsys.readouterr()
     assert code == 0, err
     assert any("model read from the checkpoint: depth=18" in r.getMessage() and "input 64×32" in r.getMessage()
                for r in caplog.records)
@@ -303,6 +306,10 @@ def test_train_on_a_labelled_folder_evaluates_and_keeps_the_best_model(tmp_path)
     assert all("eval/infrared→visible/mAP" in r and "eval/visible→infrared/mAP" in r for r in lines)
     assert all("ari/visible" in r for r in lines)  # pseudo-label quality against the folder ids
     assert (out / "checkpoints" / "best_stage1.pt").is_file()
+    best = torch.load(out / "checkpoints" / "best_stage1.pt", weights_only=False)
+    last = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    assert "optimizer" not in best and "scheduler" not in best and "model" in best and "config" in best
+    assert {"optimizer", "scheduler", "rng"} <= last.keys()  # what --resume reads
 
 
 @pytest.mark.parametrize("command", ["eval", "train"])

@@ -24,3 +24,39 @@ def test_no_absolute_path_is_hard_coded_in_the_package():
                 if re.fullmatch(r"(/(?!proc/)[\w.-]+|~|[A-Za-z]:)([/\\][\w.-]*)+", text):
                     found.append(f"{path.relative_to(REPO)}:{node.lineno} {text!r}")
     assert not found, found
+
+
+def test_version_and_python_dash_m():
+    """``bmil --version`` and ``python -m bmil`` (the package's __main__) both reach the CLI."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    version = subprocess.run([sys.executable, "-m", "bmil", "--version"], capture_output=True, text=True, env=env)
+    assert version.returncode == 0 and version.stdout.startswith("bmil ")
+    usage = subprocess.run([sys.executable, "-m", "bmil", "extract", "--help"], capture_output=True, text=True,
+                           env=env)
+    assert usage.returncode == 0 and "--ids-from-folders" in usage.stdout
+
+
+def test_quiet_is_accepted_before_and_after_the_command():
+    from bmil.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["-q", "export", "--checkpoint", "c.pt", "--format", "onnx"],
+                 ["export", "--checkpoint", "c.pt", "--format", "onnx", "-q"]):
+        args = parser.parse_args(argv)
+        assert args.quiet and not args.verbose, argv
+    assert not parser.parse_args(["export", "--checkpoint", "c.pt", "--format", "onnx"]).quiet
+
+
+def test_train_summary_is_a_table_like_evals():
+    from bmil.cli import train_table
+
+    scores = {"rank1": 0.5, "rank5": 0.75, "rank10": 0.875, "rank20": 1.0, "mAP": 0.4321, "mINP": 0.25}
+    summary = {"stage1": {"epoch": 4, "metrics": {"infrared→visible": scores}, "selected_by": "x",
+                          "last": {"epoch": 5, "metrics": {"infrared→visible": {**scores, "rank1": 0.25}}}}}
+    lines = train_table(summary).splitlines()
+    assert lines[2] == "| 1 | best | 4 | infrared→visible | 50.0 | 75.0 | 87.5 | 100.0 | 43.2 | 25.0 |"
+    assert lines[3] == "| 1 | last | 5 | infrared→visible | 25.0 | 75.0 | 87.5 | 100.0 | 43.2 | 25.0 |"

@@ -195,6 +195,13 @@ def test_onnx_export_equals_pytorch(checkpoint, tmp_path, capsys):
         expected = torch.nn.functional.normalize(feats, dim=1).numpy()
         assert got.shape == (3, model.feat_dim)  # batch 3 although exported with 2
         np.testing.assert_allclose(got, expected, atol=1e-4)
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "model_infrared.onnx")).metadata_props}
+    assert meta["bmil.modality"] == "infrared" and meta["bmil.resize"] == cfg.eval.resize
+    assert meta["bmil.flip_averaged"] == "true" and meta["bmil.l2_normalised"] == "true"
+    assert f"[batch, 3, {cfg.data.height}, {cfg.data.width}]" in meta["bmil.input"]
+    assert "0.485, 0.456, 0.406" in meta["bmil.preprocessing"] and f"[batch, {model.feat_dim}]" in meta["bmil.output"]
     # the two stems differ, so the two files must too
     assert not np.allclose(
         *(onnxruntime.InferenceSession(str(tmp_path / f"model_{n}.onnx")).run(None, {"images": images.numpy()})[0]

@@ -46,12 +46,36 @@ def _load(args: argparse.Namespace):
     return load_config(preset_path(args.config), args.overrides)
 
 
+def train_table(summary: dict) -> str:
+    """Markdown: per stage, the selected (best) and the last evaluated model, one row per
+    evaluated setting, scores in percent as ``bmil eval`` prints them."""
+    keys = ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP")
+    lines = ["| Stage | Model | Epoch | Setting | R1 | R5 | R10 | R20 | mAP | mINP |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for stage, entry in summary.items():
+        for model, part in (("best", entry), ("last", entry["last"])):
+            for setting, scores in part["metrics"].items():
+                cells = [f"{100.0 * scores[k]:.1f}" if k in scores else "–" for k in keys]
+                lines.append(f"| {stage.removeprefix('stage')} | {model} | {part['epoch']} | {setting} | "
+                             + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from bmil.engine.trainer import Trainer
 
     cfg = _load(args)
     summary = Trainer(cfg, resume=args.resume, progress=not args.quiet).fit()
-    print(json.dumps(summary, indent=2))
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    if summary:
+        print(train_table(summary))
+        selected_by = next(iter(summary.values()))["selected_by"]
+        print(f"best: {selected_by}; last: the stage's last evaluated epoch")
+    else:
+        print("no evaluation: this dataset has no person ids, so no score was computed")
+    print(f"checkpoints in {out / 'checkpoints'}, summary written to {out / 'summary.json'}")
     return 0
 
 
@@ -192,9 +216,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from bmil.engine.inference import load_model
 
     require_onnx()
+    if not args.verbose:  # the exporter's own INFO lines (onnxscript prints dozens) only when asked
+        for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     model, cfg = load_model(args.checkpoint, "cpu")
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
-    paths = export_onnx(model, out, cfg.data.height, cfg.data.width, stem=Path(args.checkpoint).stem)
+    paths = export_onnx(model, out, cfg.data.height, cfg.data.width, stem=Path(args.checkpoint).stem,
+                        resize=cfg.eval.resize)
     images = torch.randn(2, 3, cfg.data.height, cfg.data.width, generator=torch.Generator().manual_seed(0))
     for modality, path in paths.items():
         line = f"wrote {path}"
@@ -238,8 +266,22 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"bmil {package_version()}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also the INFO lines of the libraries bmil calls (e.g. the ONNX exporter)")
+    # -q / -v are accepted after the command too; SUPPRESS keeps them from resetting the top level's
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="as bmil -q")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="as bmil -v")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    class _Sub:  # every sub-command parser takes the common options
+        @staticmethod
+        def add_parser(name: str, **kwargs) -> argparse.ArgumentParser:
+            return subparsers.add_parser(name, parents=[common], **kwargs)
+
+    sub = _Sub()
 
     def with_config(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", required=True, help="YAML file or preset name (sysu, regdb, llcm, folder, demo)")
@@ -338,13 +380,25 @@ def error_sentence(err: BaseException) -> str:
     return text
 
 
+def package_version() -> str:
+    """The installed bmil's version (``unknown`` when run from a source tree that was never installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("bmil")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
+        level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    previous = log.level
+    log.setLevel(logging.WARNING if args.quiet else logging.INFO)  # bmil's own INFO lines unless -q
     try:
         return args.func(args)
     except BmilError as err:
@@ -353,6 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        log.setLevel(previous)
 
 
 if __name__ == "__main__":

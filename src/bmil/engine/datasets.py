@@ -35,7 +35,7 @@ def prepare_root(cfg: Config) -> Path:
     if entry.generate is not None:
         entry.generate(root, cfg)
     elif not root.is_dir():
-        raise DatasetError(f"dataset root {root} not found: set data.root to the {cfg.data.dataset} folder")
+        raise DatasetError(f"dataset root {root} not found: set data.root to the folder that holds your {entry.title}")
     return root
 
 
