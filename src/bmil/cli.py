@@ -128,10 +128,11 @@ def cmd_check_data(args: argparse.Namespace) -> int:
         what = f"difference(s) from the published {args.dataset} dataset" if published else f"problem(s) in {args.root}"
         print(f"{len(report.problems)} {what}")
         return 1
+    warned = f" ({len(report.warnings)} warning(s) above)" if report.warnings else ""
     if published:
-        print(f"{args.root}: matches the published {args.dataset} counts, every image readable")
+        print(f"{args.root}: matches the published {args.dataset} counts, every image readable{warned}")
     else:
-        print(f"{args.root}: no problem found, every image readable")
+        print(f"{args.root}: no problem found, every image readable{warned}")
     return 0
 
 
