@@ -348,3 +348,32 @@ def test_one_cluster_hint_is_said_once_per_run(tmp_path, caplog):
     hints = [r.getMessage() for r in caplog.records]
     assert len(hints) == 2  # once per run folder
     assert "lower cluster.k1" in hints[0] and "bmil cluster-scan" in hints[0] and "cluster.k1=30" in hints[0]
+
+
+def test_one_cluster_advice_follows_from_the_numbers():
+    """k1 = 30 on 300 images with 8 ids a batch: 300 / 16 = 18 → lower k1; k1 = 6 is already
+    below that, so the advice is eps (never "k1 about 5-15" to a run at k1 = 6)."""
+    from bmil.engine.datasets import one_cluster_advice
+
+    default = load_config(None, ["data.dataset=folder"])
+    assert one_cluster_advice(default, 300).startswith("lower cluster.k1 from 30 to about 18 ")
+    small = load_config(None, ["data.dataset=folder", "cluster.k1=6", "cluster.eps=0.6", "train.num_ids=8"])
+    advice = one_cluster_advice(small, 300)
+    assert advice.startswith("cluster.k1=6 is already small for 300 images, so lower cluster.eps from 0.6 "
+                             "(e.g. cluster.eps=0.45)")
+    assert "k1 from" not in advice and "bmil cluster-scan" in advice
+    # a tiny set: never below min_samples
+    assert "to about 4 " in one_cluster_advice(default, 40)
+
+
+def test_few_pseudo_identities_warning_is_said_once_with_what_to_change(caplog):
+    from bmil.data import sampler
+
+    sampler._WARNED.clear()  # the warning is said once per process
+    with caplog.at_level(logging.WARNING, logger="bmil"):
+        for clusters in (3, 5, 3):  # three epochs, each a new sampler
+            sampler.PseudoIdentitySampler(np.arange(clusters * 4) % clusters, num_ids=8, num_instances=4,
+                                          iterations=1)
+    warnings = [r.getMessage() for r in caplog.records if "pseudo identities" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("only 3 pseudo identities for 8 per batch") and "train.num_ids=3" in warnings[0]
