@@ -60,3 +60,36 @@ def test_train_summary_is_a_table_like_evals():
     lines = train_table(summary).splitlines()
     assert lines[2] == "| 1 | best | 4 | infrared→visible | 50.0 | 75.0 | 87.5 | 100.0 | 43.2 | 25.0 |"
     assert lines[3] == "| 1 | last | 5 | infrared→visible | 25.0 | 75.0 | 87.5 | 100.0 | 43.2 | 25.0 |"
+
+
+def test_imagenet_weights_say_what_is_fetched_and_where(tmp_path, monkeypatch, caplog):
+    """Not in the cache: the log names the URL and the cache file before torchvision is asked;
+    offline, one sentence says where to put the file. Nothing is fetched for a path or none."""
+    import logging
+
+    import pytest
+    import torch
+
+    from bmil.errors import CheckpointError
+    from bmil.model import build_model
+    from bmil.model.pretrained import imagenet_cache_path, load_imagenet_weights
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    asked = []
+
+    def offline(url, **kwargs):
+        asked.append(url)
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    model = build_model(depth=18, non_local=False, pretrained="none")
+    assert asked == []  # none: nothing fetched
+    with caplog.at_level(logging.INFO, logger="bmil"), pytest.raises(CheckpointError) as err:
+        load_imagenet_weights(model, "imagenet")
+    cache = imagenet_cache_path(18)
+    assert asked == ["https://download.pytorch.org/models/resnet18-f37072fd.pth"]
+    assert any(asked[0] in r.getMessage() and str(cache) in r.getMessage() for r in caplog.records)
+    assert str(err.value) == (
+        f"ImageNet weights for ResNet-18 are not in the torch hub cache and could not be downloaded (OSError): "
+        f"put resnet18-f37072fd.pth in {cache.parent}/ or set model.pretrained=/path/to/resnet18-f37072fd.pth."
+    )
