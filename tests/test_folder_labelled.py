@@ -174,7 +174,7 @@ def test_check_data_lists_every_bad_input(labelled, capsys):
 
 
 def slow_scores(q_feats, q_pids, g_feats, g_pids) -> dict:
-    """Plain CMC / AP / INP by a loop over queries (METHOD.md metrics, nothing removed)."""
+    """Plain CMC / AP / INP by a loop over queries (docs/method.md metrics, nothing removed)."""
     ranks1, aps, inps = [], [], []
     for f, pid in zip(q_feats, q_pids, strict=True):
         dist = [1.0 - float(np.dot(f, g)) for g in g_feats]

@@ -93,3 +93,15 @@ def test_imagenet_weights_say_what_is_fetched_and_where(tmp_path, monkeypatch, c
         f"ImageNet weights for ResNet-18 are not in the torch hub cache and could not be downloaded (OSError): "
         f"put resnet18-f37072fd.pth in {cache.parent}/ or set model.pretrained=/path/to/resnet18-f37072fd.pth."
     )
+
+
+def test_every_page_the_repository_names_is_in_the_repository():
+    """Code, configs, tests and docs name only Markdown pages a clone of bmil has (the method
+    is in docs/method.md, the architecture in the README's developer map)."""
+    names = {path.name for path in REPO.rglob("*.md") if ".venv" not in path.parts}
+    checked = [*(REPO / "src").rglob("*.py"), *(REPO / "src" / "bmil" / "configs").rglob("*.yaml"),
+               *(REPO / "tests").rglob("*.py"), *(REPO / "benchmarks").rglob("*.py"), REPO / "README.md",
+               *(p for p in (REPO / "docs").glob("*.md") if p.name != "benchmarks.md")]
+    missing = [f"{path.relative_to(REPO)}: {name}" for path in checked
+               for name in sorted(set(re.findall(r"\b[\w-]+\.md\b", path.read_text()))) if name not in names]
+    assert not missing, missing

@@ -95,7 +95,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Two-stream ResNet (METHOD.md "Backbone"). ``pretrained``: imagenet | none | a file path.
+    """Two-stream ResNet (docs/method.md, "The network"). ``pretrained``: imagenet | none | a file path.
 
     ``non_local_width``: inner width of the non-local blocks, ``release`` (1 channel, the
     release's ``reduc_ratio // reduc_ratio``) or ``half`` (C/2, the non-local paper's).
@@ -119,7 +119,7 @@ class ModelConfig:
 
 @dataclass
 class ClusterConfig:
-    """Jaccard distance + DBSCAN pseudo labels (METHOD.md stage 1 step 2, stage 2).
+    """Jaccard distance + DBSCAN pseudo labels (docs/method.md, stages 1 and 2).
 
     ``memory_check``: before each clustering, stop with a clear message when the estimated
     kNN + Jaccard memory exceeds the available memory (``bmil.engine.memory_check``).
@@ -158,7 +158,7 @@ class LossConfig:
 
     ``split_prototypes`` is a clustering switch despite its section: it splits every global
     cluster of stage 2 into one sub-cluster per modality (one global-memory prototype each,
-    the split-and-contrast of METHOD.md); false keeps one prototype per global cluster.
+    the split-and-contrast of docs/method.md); false keeps one prototype per global cluster.
     """
 
     temperature: float = 0.05
@@ -223,7 +223,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Test protocol options (METHOD.md "Datasets and protocols").
+    """Test protocol options (docs/method.md, "Test protocols").
 
     ``resize``: how query and gallery images are resized to the network input when scored:
     ``lanczos`` (the release's ``TestData``, PIL ``ANTIALIAS``) or ``bicubic`` (what the

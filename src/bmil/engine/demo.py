@@ -56,7 +56,7 @@ def stage1_clustering(trainer: Trainer, checkpoint: str | Path) -> dict[str, dic
     """:func:`clustering_ari` with ``checkpoint``'s weights (the model stage 2 starts from) on
     the images stage 2's first global clustering sees (``"global"``: the comparison the
     paper's effect is about) and on all training images (``"all"``); both on its test
-    features (flip-averaged, as METHOD.md defines a model's feature). ``"training"``: the
+    features (flip-averaged, as docs/method.md defines a model's test feature). ``"training"``: the
     ``"global"`` comparison on the features training clusters (the same ones unless
     ``cluster.flip`` is off)."""
     trainer.model.load_state_dict(load_checkpoint(checkpoint)["model"])

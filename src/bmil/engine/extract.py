@@ -54,7 +54,7 @@ def extract_features(
     """L2-normalised features [N, D] float32 of ``records``, in order.
 
     With ``flip`` the feature is the mean of the image's and its mirror's features
-    (METHOD.md test feature). ``resize``: the interpolation to ``height`` × ``width``,
+    (docs/method.md, "Test feature"). ``resize``: the interpolation to ``height`` × ``width``,
     ``"bicubic"`` (the release's clustering features) or ``"lanczos"`` (the release's
     scoring of query and gallery images, ``eval.resize``). Runs under ``inference_mode``,
     in channels_last memory format when ``channels_last``; on CUDA under bf16 autocast when
