@@ -14,6 +14,7 @@ from pathlib import Path
 from bmil.errors import BmilError, ConfigError
 
 log = logging.getLogger("bmil")
+PRESETS = "sysu, regdb, llcm, folder, folder-small, demo, ablation/m1 … ablation/m6"
 
 EPILOG = """\
 examples:
@@ -24,7 +25,7 @@ examples:
   bmil check-data --dataset sysu /data/SYSU-MM01
   bmil cluster-scan --config sysu data.root=/data/SYSU-MM01 --checkpoint CKPT --eps 0.3:0.7:0.05
 
---config takes a YAML file or a preset name: sysu, regdb, llcm, folder, demo, ablation/m1 … ablation/m6.
+--config takes a YAML file or a preset name: sysu, regdb, llcm, folder, folder-small, demo, ablation/m1 … ablation/m6.
 Any configuration value can be overridden as section.key=value (see configs/sysu.yaml for the keys).
 """
 
@@ -36,7 +37,7 @@ def preset_path(name: str) -> Path:
         return path
     preset = Path(str(resources.files("bmil") / "configs" / f"{name}.yaml"))
     if not preset.is_file():
-        raise ConfigError(f"config '{name}' is neither a YAML file nor a preset (sysu, regdb, llcm, folder, demo)")
+        raise ConfigError(f"config '{name}' is neither a YAML file nor a preset ({PRESETS})")
     return preset
 
 
@@ -285,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = _Sub()
 
     def with_config(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", required=True, help="YAML file or preset name (sysu, regdb, llcm, folder, demo)")
+        p.add_argument("--config", required=True, help=f"YAML file or preset name ({PRESETS})")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=1e-4 data.root=/data")
 
     def with_checkpoint(p: argparse.ArgumentParser, help: str = "a .pt file written by bmil train") -> None:
