@@ -186,3 +186,29 @@ def test_tsne_legend_names_the_identities_and_distances_have_axis_labels(tmp_pat
     monkeypatch.setattr(plt.Figure, "savefig", spy)
     plot_distance_histograms(pairs, 0.6, tmp_path / "d.png")
     assert "distance" in captured["labels"][0] and "density" in captured["labels"][1]
+
+
+def test_analyze_with_a_config_keeps_the_checkpoints_input_size(synthetic_root, tmp_path, make_config, capsys,
+                                                                 monkeypatch):
+    from bmil.config import save_config
+    from bmil.engine import inference
+
+    cfg = make_config(synthetic_root, tmp_path)
+    torch.manual_seed(0)
+    model = build_model(depth=18, non_local=False, pretrained="none")
+    ckpt = tmp_path / "model.pt"
+    save_checkpoint({"config": config_to_dict(cfg), "signature": model_signature(model),
+                     "model": model.state_dict()}, ckpt)
+    save_config(cfg, tmp_path / "cfg.yaml")
+    sizes = []
+    real = inference.feature_extractor
+
+    def spy(model, cfg, *args, **kwargs):
+        sizes.append(kwargs.get("size") or (cfg.data.height, cfg.data.width))
+        return real(model, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "feature_extractor", spy)
+    code = cli.main(["-q", "analyze", "--checkpoint", str(ckpt), "--config", str(tmp_path / "cfg.yaml"),
+                     "data.height=288", "data.width=144", "--out", str(tmp_path / "an")])
+    assert code == 0, capsys.readouterr().err
+    assert sizes == [(cfg.data.height, cfg.data.width)]

@@ -235,6 +235,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from bmil.analysis import analyze_features, analyze_run
 
     if args.run:
@@ -248,11 +250,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         if not args.out:
             raise ConfigError("bmil analyze --checkpoint needs --out DIR for the figures")
         device = resolve_device(args.device)
-        model, cfg = load_model(args.checkpoint, device)
+        model, trained = load_model(args.checkpoint, device)
         if args.config:
             cfg = load_config(preset_path(args.config), args.overrides)
-        elif args.overrides:
-            cfg = apply_overrides(cfg, args.overrides)
+        else:
+            cfg = apply_overrides(trained, args.overrides) if args.overrides else trained
+        # the network's input size is the checkpoint's, whatever the configuration says
+        cfg = replace(cfg, data=replace(cfg.data, height=trained.data.height, width=trained.data.width))
         feats, records = train_set_features(model, cfg, device, progress=not args.quiet)
         pids, _, modality = record_arrays(records)
         written = analyze_features(feats, modality, pids, args.out, cfg.cluster, seed=cfg.train.seed)
