@@ -24,6 +24,10 @@ examples:
   bmil eval --config sysu data.root=/data/SYSU-MM01 --checkpoint runs/sysu/checkpoints/best_stage2.pt
   bmil check-data --dataset sysu /data/SYSU-MM01
   bmil cluster-scan --config sysu data.root=/data/SYSU-MM01 --checkpoint CKPT --eps 0.3:0.7:0.05
+  bmil extract --checkpoint CKPT --images my_images/visible --out gallery.npz --ids-from-folders
+  bmil search --checkpoint CKPT --gallery gallery.npz --query ir.jpg --query-id anna --out ranks.png
+  bmil export --checkpoint CKPT --format onnx --out exported/
+  bmil analyze --checkpoint CKPT --out figures/       (docs/inference.md explains these four)
 
 --config takes a YAML file or a preset name: sysu, regdb, llcm, folder, folder-small, demo, ablation/m1 … ablation/m6.
 Any configuration value can be overridden as section.key=value (see configs/sysu.yaml for the keys).
