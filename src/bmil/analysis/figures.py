@@ -49,7 +49,7 @@ def plot_distance_histograms(pairs: dict[str, dict[str, np.ndarray]], eps: float
         ax.axvline(eps, color="k", linestyle="--", linewidth=1, label=f"eps {eps:g}")
         ax.set_title(f"{name} Jaccard")
         ax.set_xlabel("Jaccard distance between two images of one identity")
-        ax.set_ylabel("density (pairs, each histogram sums to 1 over the axis)")
+        ax.set_ylabel("density (each histogram: area 1)")
         ax.legend()
     return _save(fig, path)
 
