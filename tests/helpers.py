@@ -89,7 +89,7 @@ def imagenet_normalised(rgb) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- dense Jaccard references
-# Shared by test_jaccard.py and test_camera_jaccard.py: the steps of METHOD.md that do not
+# Shared by test_jaccard.py and test_camera_jaccard.py: the Jaccard steps of docs/method.md that do not
 # depend on how the rank lists are drawn, with plain loops over i.
 
 

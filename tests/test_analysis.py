@@ -162,3 +162,52 @@ def test_analyze_checkpoint_cli(synthetic_root, tmp_path, make_config, capsys):
     tsne = json.loads((tmp_path / "an" / "tsne.json").read_text())
     assert len(tsne["ids"]) == 8 and len(tsne["points"]) == 144
     assert all(math.isfinite(v) for point in tsne["points"] for v in point)
+
+
+def test_tsne_legend_names_the_identities_and_distances_have_axis_labels(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from bmil.analysis.figures import plot_distance_histograms, tsne_figure
+
+    rng = np.random.default_rng(0)
+    pids = np.repeat([3, 11, 42], 4)
+    fig = tsne_figure(rng.normal(size=(12, 2)), pids, np.tile([0, 1], 6))
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    plt.close(fig)
+    assert labels == ["id 3", "id 11", "id 42", "visible", "infrared"]
+    captured = {}
+    real_save = plt.Figure.savefig
+    pairs = {"plain": {"intra": rng.uniform(size=20), "cross": rng.uniform(size=20)}}
+
+    def spy(self, *args, **kwargs):
+        captured["labels"] = (self.axes[0].get_xlabel(), self.axes[0].get_ylabel())
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(plt.Figure, "savefig", spy)
+    plot_distance_histograms(pairs, 0.6, tmp_path / "d.png")
+    assert "distance" in captured["labels"][0] and "density" in captured["labels"][1]
+
+
+def test_analyze_with_a_config_keeps_the_checkpoints_input_size(synthetic_root, tmp_path, make_config, capsys,
+                                                                 monkeypatch):
+    from bmil.config import save_config
+    from bmil.engine import inference
+
+    cfg = make_config(synthetic_root, tmp_path)
+    torch.manual_seed(0)
+    model = build_model(depth=18, non_local=False, pretrained="none")
+    ckpt = tmp_path / "model.pt"
+    save_checkpoint({"config": config_to_dict(cfg), "signature": model_signature(model),
+                     "model": model.state_dict()}, ckpt)
+    save_config(cfg, tmp_path / "cfg.yaml")
+    sizes = []
+
+    def spy(model, cfg, *args, **kwargs):  # records the size, then stops the command (the rest is tested above)
+        sizes.append(kwargs.get("size") or (cfg.data.height, cfg.data.width))
+        raise DatasetError("stop here")
+
+    monkeypatch.setattr(inference, "feature_extractor", spy)
+    code = cli.main(["-q", "analyze", "--checkpoint", str(ckpt), "--config", str(tmp_path / "cfg.yaml"),
+                     "data.height=288", "data.width=144", "--out", str(tmp_path / "an")])
+    assert code == 2 and "stop here" in capsys.readouterr().err
+    assert sizes == [(cfg.data.height, cfg.data.width)]

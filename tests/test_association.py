@@ -1,4 +1,4 @@
-"""One epoch's association (METHOD.md "What the release does", Clustering): the visible split,
+"""One epoch's association (docs/method.md, "Clustering feature" and "Stage 2"): the visible split,
 which images stage 2's global clustering sees, and ``global/images`` in metrics.jsonl; the intra
 and global labels, and the memories, sampler and losses built on them, at extreme modality
 ratios (10:1, 1:10), with a modality smaller than k1 and with a modality of one image."""

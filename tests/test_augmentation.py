@@ -1,4 +1,4 @@
-"""The release's training views (METHOD.md "What the release does", ``train_sysu.py`` and
+"""The release's training views (docs/method.md, ``train_sysu.py`` and
 ``ChannelAug.py``): order of the steps, channel-step probabilities, erasing fill, jitter by stage.
 
 Images whose outcome can be read back: a black image stays black under colour jitter

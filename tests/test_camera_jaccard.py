@@ -38,7 +38,7 @@ def _rank_lists(sim, modality, camera, k1) -> list[np.ndarray]:
 
 
 def reference(feats, k1, k2, modality, camera, lqe="release") -> np.ndarray:
-    """Dense N×N distance: camera-balanced rank lists, then METHOD.md steps 2–6 with the
+    """Dense N×N distance: camera-balanced rank lists, then docs/method.md's Jaccard steps 2–6 with the
     modality-balanced local query expansion, with plain loops over i."""
     sim = unit_similarity(feats)
     n = len(sim)

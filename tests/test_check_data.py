@@ -227,3 +227,36 @@ def test_train_logs_the_counts_it_read_and_warns_on_differences(synthetic_root, 
     with caplog.at_level(logging.INFO, logger="bmil"):
         Trainer(make_config(synthetic_root, tmp_path / "synthetic"), progress=False)
     assert not any("expected" in r.getMessage() for r in caplog.records)  # no published counts
+
+
+def test_folder_without_the_camera_level_is_a_problem(tmp_path, capsys):
+    """visible/<person>/<image>: the person folders would be read as 14 cameras."""
+    root = tmp_path / "flat"
+    people = [f"p{i:02d}" for i in range(14)]
+    for person in people:
+        write_image(str(root / "visible" / person / "0.jpg"))
+        write_image(str(root / "infrared" / person / "0.jpg"))
+    code, out, _ = run_cli(capsys, "check-data", "--dataset", "folder", str(root))
+    assert code == 1 and "no problem found" not in out
+    for modality in ("visible", "infrared"):
+        assert (f"{root}/{modality} holds 14 camera folders (p00, p01, p02, … (14 in all)) with images directly "
+                "in them: they look like person-id folders") in out
+    assert "2 problem(s)" in out
+    # told that they are cameras, the same folder passes with a warning
+    code, out, _ = run_cli(capsys, "check-data", "--dataset", "folder", "--no-ids-from-folders", str(root))
+    assert code == 0 and "warning: " in out and "(2 warning(s) above)" in out
+
+
+def test_folder_mixing_camera_and_person_levels_is_a_problem(tmp_path):
+    from bmil.data.check import camera_level_mistakes
+
+    root = tmp_path / "mixed"
+    write_image(str(root / "visible" / "door" / "anna" / "0.jpg"))  # camera/person/image
+    write_image(str(root / "visible" / "bob" / "0.jpg"))  # person/image: camera level missing
+    write_image(str(root / "infrared" / "ir" / "anna" / "0.jpg"))
+    assert camera_level_mistakes(root) == [
+        f"{root}/visible: camera folder(s) bob hold images directly but door hold only sub-folders: is a camera "
+        f"level missing above some person folders? The layout is {root}/visible/<camera>/<person id>/<image> (or, "
+        f"without ids, {root}/visible/<camera>/<image>: then pass --no-ids-from-folders)"
+    ]
+    assert len(check_dataset("folder", root)) == 1  # a plain unlabelled folder passes: see above

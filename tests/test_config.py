@@ -67,7 +67,7 @@ def test_ablation_rows_are_switch_presets():
 
 
 def test_paper_presets_train_what_the_release_trains():
-    """METHOD.md "What the release does": flip-averaged clustering features, the left-out visible
+    """docs/method.md: flip-averaged clustering features, the left-out visible
     half in global clustering, fp32, selection by test-set Rank-1 every 2 epochs (trial 0 in stage 1)."""
     for name in ["sysu", "regdb", "llcm"] + [f"ablation/m{i}" for i in range(1, 7)]:
         cfg = load_config(preset_path(name))

@@ -174,7 +174,7 @@ def test_check_data_lists_every_bad_input(labelled, capsys):
 
 
 def slow_scores(q_feats, q_pids, g_feats, g_pids) -> dict:
-    """Plain CMC / AP / INP by a loop over queries (METHOD.md metrics, nothing removed)."""
+    """Plain CMC / AP / INP by a loop over queries (docs/method.md metrics, nothing removed)."""
     ranks1, aps, inps = [], [], []
     for f, pid in zip(q_feats, q_pids, strict=True):
         dist = [1.0 - float(np.dot(f, g)) for g in g_feats]
@@ -243,7 +243,7 @@ def test_bmil_eval_scores_both_directions_from_flip_averaged_features(labelled, 
     assert code == 0, err
     assert "folder infrared→visible: protocol `regdb`" in printed
     assert "5 queries, 8 gallery images" in printed and "8 queries, 5 gallery images" in printed
-    saved = json.loads((out / "eval_folder.json").read_text())["results"]
+    saved = json.loads((out / "eval_folder_model.json").read_text())["results"]
     names = ["alice", "bob", "c-3", "zed"]
     feats = {m: by_hand(model, paths_of(labelled, m), VISIBLE if m == "visible" else INFRARED)
              for m in ("visible", "infrared")}
@@ -253,6 +253,35 @@ def test_bmil_eval_scores_both_directions_from_flip_averaged_features(labelled, 
         assert (result["num_query"], result["num_gallery"]) == (len(pids[q]), len(pids[g]))
         assert result["mean"]["mAP"] == pytest.approx(expected["mAP"], abs=1e-5)
         assert result["mean"]["rank1"] == pytest.approx(expected["rank1"], abs=1e-9)
+
+
+def test_bmil_eval_takes_the_network_and_input_size_from_the_checkpoint(labelled, tmp_path, capsys, caplog):
+    """A depth-18, 64×32 checkpoint scored with the folder preset as it is (depth 50, 288×144):
+    the same scores as with a configuration that matches it, and a log line saying so."""
+    import logging
+
+    cfg = load_config(None, ["data.dataset=folder", f"data.root={labelled}", *TINY])
+    torch.manual_seed(0)
+    model = build_model(depth=18, non_local=False, pretrained="none").eval()
+    checkpoint = save_model_checkpoint(cfg, model, tmp_path / "best_stage2.pt")
+    out = tmp_path / "out"
+    from bmil import cli
+
+    with caplog.at_level(logging.INFO, logger="bmil"):  # without -q: the INFO line is the point
+        code = cli.main(["eval", "--config", "folder", "--checkpoint", str(checkpoint), f"data.root={labelled}",
+                         "data.ids_from_folders=true", f"output={out}"])
+    printed, err = capsys.readouterr()
+    assert code == 0, err
+    assert any("model read from the checkpoint: depth=18" in r.getMessage() and "input 64×32" in r.getMessage()
+               for r in caplog.records)
+    saved = json.loads((out / "eval_folder_best_stage2.json").read_text())["results"]
+    names = ["alice", "bob", "c-3", "zed"]
+    feats = {m: by_hand(model, paths_of(labelled, m), VISIBLE if m == "visible" else INFRARED)
+             for m in ("visible", "infrared")}
+    pids = {m: [names.index(Path(p).parent.name) for p in paths_of(labelled, m)] for m in ("visible", "infrared")}
+    expected = slow_scores(feats["infrared"], pids["infrared"], feats["visible"], pids["visible"])
+    assert saved[0]["mean"]["mAP"] == pytest.approx(expected["mAP"], abs=1e-5)
+    assert str(out / "eval_folder_best_stage2.json") in printed
 
 
 def test_train_on_a_labelled_folder_evaluates_and_keeps_the_best_model(tmp_path):
@@ -277,6 +306,10 @@ def test_train_on_a_labelled_folder_evaluates_and_keeps_the_best_model(tmp_path)
     assert all("eval/infrared→visible/mAP" in r and "eval/visible→infrared/mAP" in r for r in lines)
     assert all("ari/visible" in r for r in lines)  # pseudo-label quality against the folder ids
     assert (out / "checkpoints" / "best_stage1.pt").is_file()
+    best = torch.load(out / "checkpoints" / "best_stage1.pt", weights_only=False)
+    last = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    assert "optimizer" not in best and "scheduler" not in best and "model" in best and "config" in best
+    assert {"optimizer", "scheduler", "rng"} <= last.keys()  # what --resume reads
 
 
 @pytest.mark.parametrize("command", ["eval", "train"])
@@ -315,3 +348,32 @@ def test_one_cluster_hint_is_said_once_per_run(tmp_path, caplog):
     hints = [r.getMessage() for r in caplog.records]
     assert len(hints) == 2  # once per run folder
     assert "lower cluster.k1" in hints[0] and "bmil cluster-scan" in hints[0] and "cluster.k1=30" in hints[0]
+
+
+def test_one_cluster_advice_follows_from_the_numbers():
+    """k1 = 30 on 300 images with 8 ids a batch: 300 / 16 = 18 → lower k1; k1 = 6 is already
+    below that, so the advice is eps (never "k1 about 5-15" to a run at k1 = 6)."""
+    from bmil.engine.datasets import one_cluster_advice
+
+    default = load_config(None, ["data.dataset=folder"])
+    assert one_cluster_advice(default, 300).startswith("lower cluster.k1 from 30 to about 18 ")
+    small = load_config(None, ["data.dataset=folder", "cluster.k1=6", "cluster.eps=0.6", "train.num_ids=8"])
+    advice = one_cluster_advice(small, 300)
+    assert advice.startswith("cluster.k1=6 is already small for 300 images, so lower cluster.eps from 0.6 "
+                             "(e.g. cluster.eps=0.45)")
+    assert "k1 from" not in advice and "bmil cluster-scan" in advice
+    # a tiny set: never below min_samples
+    assert "to about 4 " in one_cluster_advice(default, 40)
+
+
+def test_few_pseudo_identities_warning_is_said_once_with_what_to_change(caplog):
+    from bmil.data import sampler
+
+    sampler._WARNED.clear()  # the warning is said once per process
+    with caplog.at_level(logging.WARNING, logger="bmil"):
+        for clusters in (3, 5, 3):  # three epochs, each a new sampler
+            sampler.PseudoIdentitySampler(np.arange(clusters * 4) % clusters, num_ids=8, num_instances=4,
+                                          iterations=1)
+    warnings = [r.getMessage() for r in caplog.records if "pseudo identities" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("only 3 pseudo identities for 8 per batch") and "train.num_ids=3" in warnings[0]

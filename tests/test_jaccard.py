@@ -1,4 +1,4 @@
-"""bmil.cluster.jaccard_distance against slow dense references written from the method and from the release's code."""
+"""bmil.cluster.jaccard_distance against slow dense references written from docs/method.md and the release's code."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from helpers import jaccard_from_weights, ordered_by_similarity, reciprocal_weig
 
 
 def reference_jaccard(feats, k1, k2, modality=None, lqe="release") -> np.ndarray:
-    """Dense N×N Jaccard distance, step by step from the method, with plain loops over i."""
+    """Dense N×N Jaccard distance, step by step from docs/method.md, with plain loops over i."""
     sim = unit_similarity(feats)
     n = len(sim)
     # step 1: rank lists; and the lists that local query expansion averages over
@@ -33,7 +33,7 @@ def reference_jaccard(feats, k1, k2, modality=None, lqe="release") -> np.ndarray
             expand_over.append([near_vis[:k_lqe], near_ir[:k_lqe]])
     v = reciprocal_weights(sim, rank, k1)  # steps 2 to 4
     v_qe = np.zeros_like(v)
-    for i in range(n):  # step 5; k2 = 1 means none, in both modes (the release)
+    for i in range(n):  # step 5; k2 = 1 means none, in both modes (docs/method.md, the release)
         lists = expand_over[i]
         if k2 == 1:
             v_qe[i] = v[i]

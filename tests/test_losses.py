@@ -107,7 +107,7 @@ def test_multi_positive_keeps_the_hardest_negatives() -> None:
 
 
 def _dense_reference(features, prototypes, mask, tau, num_candidates):
-    """Per-sample loop straight from METHOD.md."""
+    """Per-sample loop straight from docs/method.md."""
     losses = []
     for b in range(features.shape[0]):
         sims = (prototypes @ features[b]).tolist()

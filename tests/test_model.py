@@ -140,7 +140,7 @@ def test_non_local_block_matches_dot_product_formula(width: str, inner: int) -> 
 
 
 def test_default_depth50_parameter_count_and_breakdown(resnet50_model: TwoStreamResNet) -> None:
-    """METHOD.md: 23,550,351 = trunk 23,508,032 + second stem 9,536 + non-local 28,687 + neck 4,096."""
+    """docs/method.md: 23,550,351 = trunk 23,508,032 + second stem 9,536 + non-local 28,687 + neck 4,096."""
 
     def count(params) -> int:
         return sum(p.numel() for p in params)

@@ -83,7 +83,7 @@ def test_extract_cli_writes_a_plain_npz(checkpoint, synthetic_root, tmp_path, ca
         assert data["features"].dtype == np.float32
         assert list(data["paths"]) == expected_paths
         assert np.all(data["modality"] == 1)
-        assert list(data["pids"]) == [int(Path(p).parent.name) for p in expected_paths]
+        assert list(data["pids"]) == [Path(p).parent.name for p in expected_paths]  # ids are strings
         np.testing.assert_allclose(np.linalg.norm(data["features"], axis=1), 1.0, atol=1e-5)
         np.testing.assert_allclose(data["features"][:3], by_hand(model, expected_paths[:3], 1, cfg), atol=1e-5)
 
@@ -123,7 +123,7 @@ def test_search_cli_ranks_and_draws(checkpoint, synthetic_root, tmp_path, capsys
     run_cli(capsys, "extract", "--checkpoint", str(path), "--images", str(synthetic_root / "cam1"),
             "--modality", "visible", "--out", str(tmp_path / "vis.npz"), "--ids-from-folders", "--device", "cpu")
     query = sorted((synthetic_root / "cam3").rglob("*.jpg"))[0]
-    query_id = int(query.parent.name)
+    query_id = query.parent.name
     top = 6
     code, out, err = run_cli(
         capsys, "search", "--checkpoint", str(path), "--query", str(query), "--gallery", str(tmp_path / "vis.npz"),
@@ -140,10 +140,10 @@ def test_search_cli_ranks_and_draws(checkpoint, synthetic_root, tmp_path, capsys
         gallery_paths[i] for i in expected
     ]
     image = Image.open(tmp_path / "rank.png").convert("RGB")
-    assert image.size == ((top + 1) * (64 + 2 * 4) + top * 6, 128 + 2 * 4 + 16)
+    assert image.size == ((top + 1) * (64 + 2 * 4) + top * 6, 128 + 2 * 4 + 30)
     assert image.getpixel((1, 1)) == (40, 90, 200)  # the query's frame
     for slot, i in enumerate(expected, 1):
-        same = int(Path(gallery_paths[i]).parent.name) == query_id
+        same = Path(gallery_paths[i]).parent.name == query_id
         x0 = slot * (64 + 2 * 4 + 6)
         assert image.getpixel((x0 + 1, 1)) == ((0, 170, 0) if same else (220, 0, 0))
 
@@ -197,6 +197,13 @@ def test_onnx_export_equals_pytorch(checkpoint, tmp_path, capsys):
         expected = normalise(feats, dim=1).numpy()
         assert got.shape == (3, model.feat_dim)  # batch 3 although exported with 2
         np.testing.assert_allclose(got, expected, atol=1e-4)
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "model_infrared.onnx")).metadata_props}
+    assert meta["bmil.modality"] == "infrared" and meta["bmil.resize"] == cfg.eval.resize
+    assert meta["bmil.flip_averaged"] == "true" and meta["bmil.l2_normalised"] == "true"
+    assert f"[batch, 3, {cfg.data.height}, {cfg.data.width}]" in meta["bmil.input"]
+    assert "0.485, 0.456, 0.406" in meta["bmil.preprocessing"] and f"[batch, {model.feat_dim}]" in meta["bmil.output"]
     # the two stems differ, so the two files must too
     assert not np.allclose(
         *(onnxruntime.InferenceSession(str(tmp_path / f"model_{n}.onnx")).run(None, {"images": images.numpy()})[0]
@@ -213,3 +220,93 @@ def test_export_without_onnx_is_a_clear_error(checkpoint, monkeypatch, tmp_path,
         require_onnx()
     code, _, err = run_cli(capsys, "export", "--checkpoint", str(path), "--format", "onnx", "--out", str(tmp_path))
     assert code == 2 and "pip install 'bmil[export]'" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- string ids, modality folders
+
+
+@pytest.fixture(scope="module")
+def named_folder(synthetic_root, tmp_path_factory):
+    """ROOT/{visible,infrared}/<camera>/<name>/ with two synthetic people renamed anna and bob."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("named")
+    people = sorted(p.name for p in (synthetic_root / "cam1").iterdir())[:2]
+    for modality, camera in (("visible", "cam1"), ("infrared", "cam3")):
+        for name, person in zip(("anna", "bob"), people, strict=True):
+            target = root / modality / camera / name
+            target.mkdir(parents=True)
+            for image in sorted((synthetic_root / camera / person).glob("*.jpg"))[:3]:
+                shutil.copy(image, target / image.name)
+    return root
+
+
+def test_string_ids_end_to_end_through_extract_and_search(checkpoint, named_folder, tmp_path, capsys):
+    path, model, cfg = checkpoint
+    code, out, err = run_cli(capsys, "extract", "--checkpoint", str(path), "--images", str(named_folder),
+                             "--out", str(tmp_path / "both.npz"), "--ids-from-folders", "--device", "cpu")
+    assert code == 0, err
+    assert "6 visible, 6 infrared images" in out
+    with np.load(tmp_path / "both.npz", allow_pickle=False) as data:
+        assert list(data["pids"]) == ["anna"] * 3 + ["bob"] * 3 + ["anna"] * 3 + ["bob"] * 3
+        assert data["modality"].tolist() == [0] * 6 + [1] * 6
+    query = sorted((named_folder / "infrared" / "cam3" / "bob").glob("*.jpg"))[0]
+    code, out, err = run_cli(capsys, "search", "--checkpoint", str(path), "--query", str(query),
+                             "--query-modality", "infrared", "--gallery", str(tmp_path / "both.npz"),
+                             "--query-id", "bob", "--top", "6", "--out", str(tmp_path / "rank.png"),
+                             "--device", "cpu")
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines() if line.strip() and line.split()[0].isdigit()]
+    assert len(rows) == 6  # the mixed gallery: only its 6 visible images are ranked
+    for row in rows:
+        assert row[2] == "id" and row[3] in ("anna", "bob")
+        assert "/visible/" in row[4]
+        assert row[5] == ("match" if row[3] == "bob" else "wrong")
+    assert sorted(row[3] for row in rows) == ["anna"] * 3 + ["bob"] * 3
+
+
+def test_integer_ids_of_older_files_read_as_strings(tmp_path):
+    np.savez(tmp_path / "old.npz", bmil_features=np.array(1), features=np.eye(3, dtype=np.float32),
+             paths=np.array(["a.jpg", "b.jpg", "c.jpg"]), modality=np.zeros(3, np.int64),
+             pids=np.array([7, -1, 12], np.int64))
+    loaded = search.load_features(tmp_path / "old.npz")
+    assert loaded.pids.tolist() == ["7", "", "12"]
+    assert search.match_flags(loaded, np.array([2, 1, 0]), "7") == [False, None, True]
+
+
+def test_extract_splits_a_mixed_root_by_modality_folder(named_folder):
+    visible = search.images_by_modality(named_folder, 0)
+    assert list(visible) == [0]
+    assert len(visible[0]) == 6 and all("/visible/" in p for p in visible[0])
+    both = search.images_by_modality(named_folder, None)
+    assert sorted(both) == [0, 1] and all("/infrared/" in p for p in both[1])
+    # a folder named for its modality needs no --modality, and refuses the other one
+    assert list(search.images_by_modality(named_folder / "infrared", None)) == [1]
+    with pytest.raises(ConfigError, match="named infrared"):
+        search.images_by_modality(named_folder / "infrared", 0)
+    with pytest.raises(ConfigError, match="--modality"):
+        search.images_by_modality(named_folder / "visible" / "cam1", None)
+
+
+def test_rank_list_captions_carry_rank_and_ids(synthetic_root, tmp_path):
+    from bmil.analysis.rank_list import draw_rank_list
+
+    paths = [str(p) for p in sorted((synthetic_root / "cam1").rglob("*.jpg"))[:3]]
+    scores = np.array([0.9, 0.8, 0.7])
+    bare = np.asarray(Image.open(draw_rank_list(paths[0], paths, scores, out=tmp_path / "a.png")))
+    named = np.asarray(Image.open(draw_rank_list(paths[0], paths, scores, out=tmp_path / "b.png",
+                                                 query_id="anna", match_ids=["anna", "bob", "carl"])))
+    second_line = slice(128 + 2 * 4 + 2 + 13, None)
+    assert (bare[second_line] == 255).all()  # no ids: the second caption line is blank
+    for slot in range(4):  # with ids: every cell's second line has text
+        x0 = slot * (64 + 2 * 4 + 6)
+        assert (named[second_line, x0:x0 + 64] < 128).any(), slot
+
+
+def test_search_with_a_folder_as_query_says_so(checkpoint, named_folder, tmp_path, capsys):
+    path, _, _ = checkpoint
+    run_cli(capsys, "extract", "--checkpoint", str(path), "--images", str(named_folder / "visible"),
+            "--out", str(tmp_path / "vis.npz"), "--device", "cpu")
+    code, _, err = run_cli(capsys, "search", "--checkpoint", str(path), "--query", str(named_folder),
+                           "--gallery", str(tmp_path / "vis.npz"), "--device", "cpu")
+    assert code == 2 and "is a folder, not an image file" in err and err.count("\n") == 1

@@ -14,6 +14,7 @@ from pathlib import Path
 from bmil.errors import BmilError, ConfigError
 
 log = logging.getLogger("bmil")
+PRESETS = "sysu, regdb, llcm, folder, folder-small, demo, ablation/m1 … ablation/m6"
 
 EPILOG = """\
 examples:
@@ -23,8 +24,12 @@ examples:
   bmil eval --config sysu data.root=/data/SYSU-MM01 --checkpoint runs/sysu/checkpoints/best_stage2.pt
   bmil check-data --dataset sysu /data/SYSU-MM01
   bmil cluster-scan --config sysu data.root=/data/SYSU-MM01 --checkpoint CKPT --eps 0.3:0.7:0.05
+  bmil extract --checkpoint CKPT --images my_images/visible --out gallery.npz --ids-from-folders
+  bmil search --checkpoint CKPT --gallery gallery.npz --query ir.jpg --query-id anna --out ranks.png
+  bmil export --checkpoint CKPT --format onnx --out exported/
+  bmil analyze --checkpoint CKPT --out figures/       (docs/inference.md explains these four)
 
---config takes a YAML file or a preset name: sysu, regdb, llcm, folder, demo, ablation/m1 … ablation/m6.
+--config takes a YAML file or a preset name: sysu, regdb, llcm, folder, folder-small, demo, ablation/m1 … ablation/m6.
 Any configuration value can be overridden as section.key=value (see configs/sysu.yaml for the keys).
 """
 
@@ -36,7 +41,7 @@ def preset_path(name: str) -> Path:
         return path
     preset = Path(str(resources.files("bmil") / "configs" / f"{name}.yaml"))
     if not preset.is_file():
-        raise ConfigError(f"config '{name}' is neither a YAML file nor a preset (sysu, regdb, llcm, folder, demo)")
+        raise ConfigError(f"config '{name}' is neither a YAML file nor a preset ({PRESETS})")
     return preset
 
 
@@ -46,12 +51,36 @@ def _load(args: argparse.Namespace):
     return load_config(preset_path(args.config), args.overrides)
 
 
+def train_table(summary: dict) -> str:
+    """Markdown: per stage, the selected (best) and the last evaluated model, one row per
+    evaluated setting, scores in percent as ``bmil eval`` prints them."""
+    keys = ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP")
+    lines = ["| Stage | Model | Epoch | Setting | R1 | R5 | R10 | R20 | mAP | mINP |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for stage, entry in summary.items():
+        for model, part in (("best", entry), ("last", entry["last"])):
+            for setting, scores in part["metrics"].items():
+                cells = [f"{100.0 * scores[k]:.1f}" if k in scores else "–" for k in keys]
+                lines.append(f"| {stage.removeprefix('stage')} | {model} | {part['epoch']} | {setting} | "
+                             + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from bmil.engine.trainer import Trainer
 
     cfg = _load(args)
     summary = Trainer(cfg, resume=args.resume, progress=not args.quiet).fit()
-    print(json.dumps(summary, indent=2))
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    if summary:
+        print(train_table(summary))
+        selected_by = next(iter(summary.values()))["selected_by"]
+        print(f"best: {selected_by}; last: the stage's last evaluated epoch")
+    else:
+        print("no evaluation: this dataset has no person ids, so no score was computed")
+    print(f"checkpoints in {out / 'checkpoints'}, summary written to {out / 'summary.json'}")
     return 0
 
 
@@ -104,10 +133,11 @@ def cmd_check_data(args: argparse.Namespace) -> int:
         what = f"difference(s) from the published {args.dataset} dataset" if published else f"problem(s) in {args.root}"
         print(f"{len(report.problems)} {what}")
         return 1
+    warned = f" ({len(report.warnings)} warning(s) above)" if report.warnings else ""
     if published:
-        print(f"{args.root}: matches the published {args.dataset} counts, every image readable")
+        print(f"{args.root}: matches the published {args.dataset} counts, every image readable{warned}")
     else:
-        print(f"{args.root}: no problem found, every image readable")
+        print(f"{args.root}: no problem found, every image readable{warned}")
     return 0
 
 
@@ -130,11 +160,12 @@ def cmd_cluster_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
+    from bmil.data.records import MODALITY_NAMES
     from bmil.engine.extract import resolve_device
     from bmil.engine.inference import load_model
     from bmil.engine.search import extract_folder, parse_modality, save_features
 
-    modality = parse_modality(args.modality)
+    modality = None if args.modality in (None, "both") else parse_modality(args.modality)
     device = resolve_device(args.device)
     model, cfg = load_model(args.checkpoint, device)
     feats = extract_folder(
@@ -142,12 +173,15 @@ def cmd_extract(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     path = save_features(feats, args.out)
-    print(f"{len(feats.paths)} {args.modality} images, {feats.features.shape[1]}-d features written to {path}")
+    counts = ", ".join(f"{int((feats.modality == m).sum())} {name}" for m, name in MODALITY_NAMES.items()
+                       if (feats.modality == m).any())
+    print(f"{counts} images, {feats.features.shape[1]}-d features written to {path}")
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     from bmil.analysis.rank_list import draw_rank_list
+    from bmil.data.records import MODALITY_NAMES
     from bmil.engine import search
     from bmil.engine.extract import resolve_device
     from bmil.engine.inference import load_model
@@ -161,13 +195,22 @@ def cmd_search(args: argparse.Namespace) -> int:
     if query.shape[0] != gallery.features.shape[1]:
         raise DatasetError(f"gallery {args.gallery} holds {gallery.features.shape[1]}-d features, "
                            f"but this checkpoint gives {query.shape[0]}-d ones")
-    order, scores = search.rank_gallery(query, gallery.features, args.top)
+    rows = search.cross_modality_rows(gallery, modality)
+    if len(rows) < len(gallery.paths):
+        log.info("the gallery holds both modalities: ranking its %d %s images", len(rows),
+                 MODALITY_NAMES[int(gallery.modality[rows[0]])] if len(rows) else "other-modality")
+    picked, scores = search.rank_gallery(query, gallery.features[rows], args.top)
+    order = rows[picked]
     flags = search.match_flags(gallery, order, args.query_id)
+    ids = None if gallery.pids is None else [gallery.pids[i] or "?" for i in order]
+    print(f"query {args.query} ({MODALITY_NAMES[modality]}"
+          f"{f', id {args.query_id}' if args.query_id is not None else ''})")
     for rank, (i, score) in enumerate(zip(order, scores, strict=True)):
-        pid = f"  id {gallery.pids[i]}" if gallery.pids is not None else ""
+        pid = f"  id {ids[rank]}" if ids is not None else ""
         mark = {True: "  match", False: "  wrong", None: ""}[flags[rank]] if flags else ""
         print(f"{rank + 1:3d}  {score:.4f}{pid}  {gallery.paths[i]}{mark}")
-    out = draw_rank_list(args.query, [gallery.paths[i] for i in order], scores, flags, args.out)
+    out = draw_rank_list(args.query, [gallery.paths[i] for i in order], scores, flags, args.out,
+                         query_id=args.query_id, match_ids=ids)
     print(f"\nrank list written to {out}")
     return 0
 
@@ -179,9 +222,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from bmil.engine.inference import load_model
 
     require_onnx()
+    if not args.verbose:  # the exporter's own INFO lines (onnxscript prints dozens) only when asked
+        for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     model, cfg = load_model(args.checkpoint, "cpu")
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
-    paths = export_onnx(model, out, cfg.data.height, cfg.data.width, stem=Path(args.checkpoint).stem)
+    paths = export_onnx(model, out, cfg.data.height, cfg.data.width, stem=Path(args.checkpoint).stem,
+                        resize=cfg.eval.resize)
     images = torch.randn(2, 3, cfg.data.height, cfg.data.width, generator=torch.Generator().manual_seed(0))
     for modality, path in paths.items():
         line = f"wrote {path}"
@@ -192,6 +239,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from bmil.analysis import analyze_features, analyze_run
 
     if args.run:
@@ -205,11 +254,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         if not args.out:
             raise ConfigError("bmil analyze --checkpoint needs --out DIR for the figures")
         device = resolve_device(args.device)
-        model, cfg = load_model(args.checkpoint, device)
+        model, trained = load_model(args.checkpoint, device)
         if args.config:
             cfg = load_config(preset_path(args.config), args.overrides)
-        elif args.overrides:
-            cfg = apply_overrides(cfg, args.overrides)
+        else:
+            cfg = apply_overrides(trained, args.overrides) if args.overrides else trained
+        # the network's input size is the checkpoint's, whatever the configuration says
+        cfg = replace(cfg, data=replace(cfg.data, height=trained.data.height, width=trained.data.width))
         feats, records = train_set_features(model, cfg, device, progress=not args.quiet)
         pids, _, modality = record_arrays(records)
         written = analyze_features(feats, modality, pids, args.out, cfg.cluster, seed=cfg.train.seed)
@@ -225,11 +276,25 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"bmil {package_version()}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also the INFO lines of the libraries bmil calls (e.g. the ONNX exporter)")
+    # -q / -v are accepted after the command too; SUPPRESS keeps them from resetting the top level's
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="as bmil -q")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="as bmil -v")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    class _Sub:  # every sub-command parser takes the common options
+        @staticmethod
+        def add_parser(name: str, **kwargs) -> argparse.ArgumentParser:
+            return subparsers.add_parser(name, parents=[common], **kwargs)
+
+    sub = _Sub()
 
     def with_config(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", required=True, help="YAML file or preset name (sysu, regdb, llcm, folder, demo)")
+        p.add_argument("--config", required=True, help=f"YAML file or preset name ({PRESETS})")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=1e-4 data.root=/data")
 
     def with_checkpoint(p: argparse.ArgumentParser, help: str = "a .pt file written by bmil train") -> None:
@@ -270,10 +335,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("extract", help="features of every image under a folder, saved as .npz")
     with_checkpoint(p)
-    p.add_argument("--images", required=True, help="folder of images (searched recursively)")
-    p.add_argument("--modality", required=True, choices=["visible", "infrared"])
+    p.add_argument("--images", required=True,
+                   help="folder of images (searched recursively); a folder holding visible/ and infrared/ "
+                        "is split by them")
+    p.add_argument("--modality", choices=["visible", "infrared", "both"],
+                   help="the images' modality; default: from the folder names (FOLDER/visible/, "
+                        "FOLDER/infrared/, or a folder itself named visible or infrared)")
     p.add_argument("--out", required=True, help="features file (.npz)")
-    p.add_argument("--ids-from-folders", action="store_true", help="person id = the image's folder name (SYSU layout)")
+    p.add_argument("--ids-from-folders", action="store_true",
+                   help="person id = the name of the folder each image lies in (any string, e.g. anna)")
     with_device(p)
     p.set_defaults(func=cmd_extract)
 
@@ -284,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="matches to show (default 10)")
     p.add_argument("--query-modality", choices=["visible", "infrared"],
                    help="default: the other modality than the gallery's")
-    p.add_argument("--query-id", type=int, help="the query's person id: colours matches green/red")
+    p.add_argument("--query-id", help="the query's person id (a folder name, e.g. anna or 0007): "
+                                     "colours matches green/red")
     p.add_argument("--out", default="rank_list.png", help="rank-list image (default rank_list.png)")
     with_device(p)
     p.set_defaults(func=cmd_search)
@@ -319,13 +390,25 @@ def error_sentence(err: BaseException) -> str:
     return text
 
 
+def package_version() -> str:
+    """The installed bmil's version (``unknown`` when run from a source tree that was never installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("bmil")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
+        level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    previous = log.level
+    log.setLevel(logging.WARNING if args.quiet else logging.INFO)  # bmil's own INFO lines unless -q
     try:
         return args.func(args)
     except BmilError as err:
@@ -334,6 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        log.setLevel(previous)
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Two-stream ResNet (METHOD.md "Backbone"). ``pretrained``: imagenet | none | a file path.
+    """Two-stream ResNet (docs/method.md, "The network"). ``pretrained``: imagenet | none | a file path.
 
     ``non_local_width``: inner width of the non-local blocks, ``release`` (1 channel, the
     release's ``reduc_ratio // reduc_ratio``) or ``half`` (C/2, the non-local paper's).
@@ -133,7 +133,7 @@ class ModelConfig:
 
 @dataclass
 class ClusterConfig:
-    """Jaccard distance + DBSCAN pseudo labels (METHOD.md stage 1 step 2, stage 2).
+    """Jaccard distance + DBSCAN pseudo labels (docs/method.md, stages 1 and 2).
 
     ``memory_check``: before each clustering, stop with a clear message when the estimated
     kNN + Jaccard memory exceeds the available memory (``bmil.engine.memory_check``).
@@ -172,7 +172,7 @@ class LossConfig:
 
     ``split_prototypes`` is a clustering switch despite its section: it splits every global
     cluster of stage 2 into one sub-cluster per modality (one global-memory prototype each,
-    the split-and-contrast of METHOD.md); false keeps one prototype per global cluster.
+    the split-and-contrast of docs/method.md); false keeps one prototype per global cluster.
     ``global_gradient``: which prototypes the stage-2 global loss takes its gradient against:
     ``release`` (the infrared term against the prototypes the visible batch has already moved,
     the order the release's in-place memory update produces) or ``simultaneous`` (both terms
@@ -249,7 +249,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Test protocol options (METHOD.md "Datasets and protocols").
+    """Test protocol options (docs/method.md, "Test protocols").
 
     ``resize``: how query and gallery images are resized to the network input when scored:
     ``lanczos`` (the release's ``TestData``, PIL ``ANTIALIAS``) or ``bicubic`` (what the

@@ -1,4 +1,4 @@
-"""Contrastive losses against prototype memories (METHOD.md stages 1 and 2).
+"""Contrastive losses against prototype memories (docs/method.md stages 1 and 2).
 
 All functions take batch features already L2-normalised by the caller, return a scalar
 tensor that is differentiable w.r.t. the features, and never back-propagate into the

@@ -4,7 +4,7 @@ Used for the per-modality intra memories of stage 1 (one prototype per pseudo id
 for the global split-and-contrast memory of stage 2 (one prototype per (cluster, modality)
 sub-cluster; see :func:`positive_mask`).
 
-Two modes (METHOD.md):
+Two modes (docs/method.md):
 
 * ``hybrid=True`` (the release's default): two banks, ``mean`` and ``hard``, both ``[C, D]``.
   After a step, for every cluster c present in the batch, ``mean[c]`` moves toward the mean of

@@ -48,7 +48,8 @@ def plot_distance_histograms(pairs: dict[str, dict[str, np.ndarray]], eps: float
                 ax.hist(values, bins=bins, density=True, alpha=0.6, color=colour, label=f"{group}-modality")
         ax.axvline(eps, color="k", linestyle="--", linewidth=1, label=f"eps {eps:g}")
         ax.set_title(f"{name} Jaccard")
-        ax.set_xlabel("distance between images of one identity")
+        ax.set_xlabel("Jaccard distance between two images of one identity")
+        ax.set_ylabel("density (each histogram: area 1)")
         ax.legend()
     return _save(fig, path)
 
@@ -65,18 +66,27 @@ def plot_curves(curves: dict[str, dict[str, list]], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_tsne(points: np.ndarray, pids: np.ndarray, modality: np.ndarray, path: str | Path) -> Path:
-    """Scatter: colour = identity, marker = modality (o visible, ^ infrared)."""
-    fig, ax = plt.subplots(figsize=(5, 5))
+def tsne_figure(points: np.ndarray, pids: np.ndarray, modality: np.ndarray):
+    """The t-SNE scatter as a matplotlib figure: colour = identity, marker = modality
+    (o visible, ^ infrared); the legend names both (``id <pid>`` per colour)."""
+    fig, ax = plt.subplots(figsize=(6.5, 5))
     ids = np.unique(pids)
     cmap = plt.get_cmap("tab10" if ids.size <= 10 else "tab20")
     for colour_index, pid in enumerate(ids):
+        colour = cmap(colour_index % cmap.N)
         for mod, (marker, _) in MODALITY_MARKERS.items():
             mask = (pids == pid) & (modality == mod)
-            ax.scatter(points[mask, 0], points[mask, 1], s=18, marker=marker, color=cmap(colour_index % cmap.N))
+            ax.scatter(points[mask, 0], points[mask, 1], s=18, marker=marker, color=colour)
+        ax.scatter([], [], marker="s", color=colour, label=f"id {pid}")
     for marker, label in MODALITY_MARKERS.values():
         ax.scatter([], [], marker=marker, color="grey", label=label)
-    ax.legend(loc="best")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+    ax.set_title("t-SNE of the features (distances between clouds are not to scale)", fontsize="small")
     ax.set_xticks([])
     ax.set_yticks([])
-    return _save(fig, path)
+    return fig
+
+
+def plot_tsne(points: np.ndarray, pids: np.ndarray, modality: np.ndarray, path: str | Path) -> Path:
+    """:func:`tsne_figure` as a PNG."""
+    return _save(tsne_figure(points, pids, modality), path)

@@ -40,7 +40,7 @@ def analyze_features(
 
     modality: [N] 0/1. pids: [N] person ids (-1 unknown) or None: figures 3 and the t-SNE
     need ids and are skipped without them. cluster: k1, k2, eps, lqe of the Jaccard
-    distances (defaults: METHOD.md's), k1 shrunk to fit small sets as training shrinks it
+    distances (defaults: those of docs/method.md), k1 shrunk to fit small sets as training shrinks it
     (:func:`bmil.cluster.clustering_k1`).
     Files: neighbours.{png,json}, distances.{png,json}, tsne.{png,json}.
     """

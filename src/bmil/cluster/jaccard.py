@@ -1,7 +1,7 @@
 """k-reciprocal Jaccard distance (Zhong et al., CVPR 2017) and BMIL's modality-aware variant,
 computed sparsely: no N×N matrix anywhere; memory linear in N plus the result itself.
 
-Steps (the k-reciprocal encoding and BMIL's modality-aware changes to it), each vectorised over row blocks:
+Steps (docs/method.md, "The Jaccard distance, step by step"), each vectorised over row blocks:
 
 1. ``rank[i]``: the k1 nearest neighbours of i, i itself first (exact kNN). Modality-aware:
    the k1//2 nearest visible and the k1//2 nearest infrared (both from one product per block

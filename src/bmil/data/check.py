@@ -170,14 +170,60 @@ def looks_labelled(root: str | os.PathLike) -> bool:
     return depths == {2}
 
 
+MAX_CAMERAS = 12  # more camera folders than this in one modality look like person folders
+
+
+def camera_level_mistakes(root: str | os.PathLike) -> list[str]:
+    """One sentence per sign that an unlabelled reading of ROOT takes person folders for
+    cameras (``visible/<person>/<image>``, the camera level missing): a modality with more
+    than MAX_CAMERAS camera folders, or camera folders of which some hold images directly
+    and others only sub-folders (a mix of the two layouts)."""
+    root = os.path.abspath(os.fspath(root))
+    lines = []
+    for modality in MODALITIES:
+        top = os.path.join(root, MODALITY_NAMES[modality])
+        if not os.path.isdir(top):
+            continue
+        _, cameras = user_folder._entries(top)
+        direct = [c.name for c in cameras if user_folder._entries(c.path)[0]]
+        nested = [c.name for c in cameras if not user_folder._entries(c.path)[0] and user_folder._images_below(c.path)]
+        if len(cameras) > MAX_CAMERAS and direct:
+            lines.append(
+                f"{top} holds {len(cameras)} camera folders ({user_folder.named([c.name for c in cameras], 3)}) "
+                f"with images directly in them: they look like person-id folders without a camera folder above "
+                f"them; the layout is {top}/<camera>/<person id>/<image> (or, without ids, {top}/<camera>/<image>: "
+                "then pass --no-ids-from-folders)"
+            )
+        elif direct and nested:
+            lines.append(
+                f"{top}: camera folder(s) {user_folder.named(direct, 3)} hold images directly but "
+                f"{user_folder.named(nested, 3)} hold only sub-folders: is a camera level missing above some person "
+                f"folders? The layout is {top}/<camera>/<person id>/<image> (or, without ids, {top}/<camera>/<image>: "
+                "then pass --no-ids-from-folders)"
+            )
+    return lines
+
+
 def inspect_folder(root: str | os.PathLike, ids_from_folders: bool | None = None) -> _Inspection:
-    """Counts and problems of a user folder; ``ids_from_folders`` None = :func:`looks_labelled`."""
+    """Counts and problems of a user folder; ``ids_from_folders`` None = :func:`looks_labelled`.
+
+    Read without ids, the layout's likely mistakes (:func:`camera_level_mistakes`) are
+    problems when the layout was detected and warnings when ``ids_from_folders`` is False
+    (the user said the folders are cameras)."""
     labelled = looks_labelled(root) if ids_from_folders is None else ids_from_folders
     if not labelled:
         records = user_folder.folder_train(root)
         visible, infrared = _modality_counts(records)
         counts = {"visible images": visible, "infrared images": infrared, "cameras": len({r.camid for r in records})}
-        return _Inspection(counts=counts, images=[r.path for r in records])
+        found = _Inspection(counts=counts, images=[r.path for r in records])
+        found.notes.append(f"read without person ids ({os.path.abspath(os.fspath(root))}/<modality>/<camera>/"
+                           f"<image>, layout {'given' if ids_from_folders is False else 'detected'})")
+        mistakes = camera_level_mistakes(root)
+        if ids_from_folders is None:
+            found.problems += mistakes
+        else:
+            found.warnings += mistakes
+        return found
     return _inspect_labelled_folder(root, how="given" if ids_from_folders else "detected")
 
 

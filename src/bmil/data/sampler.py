@@ -27,6 +27,23 @@ from torch.utils.data import Sampler
 log = logging.getLogger(__name__)
 
 
+_WARNED: set[int] = set()  # batch sizes (num_ids) already warned about in this process
+
+
+def warn_few_identities(clusters: int, num_ids: int) -> None:
+    """The few-clusters warning, once per process and ``num_ids`` (a new sampler is made
+    every epoch and the count changes between epochs: the first count is named)."""
+    if num_ids in _WARNED:
+        return
+    _WARNED.add(num_ids)
+    log.warning(
+        "only %d pseudo identities for %d per batch: identities repeat within a batch; set train.num_ids to "
+        "at most the clusters an epoch gives (e.g. train.num_ids=%d), or make more clusters with a lower "
+        "cluster.eps (bmil cluster-scan shows the counts); this warning is not repeated",
+        clusters, num_ids, max(2, clusters),
+    )
+
+
 def cluster_members(labels: np.ndarray) -> list[np.ndarray]:
     """Dataset indices of every cluster (label >= 0), clusters in label order, indices ascending."""
     indices = np.flatnonzero(labels >= 0)
@@ -85,10 +102,7 @@ class PseudoIdentitySampler(Sampler[int]):
         self.seed = seed
         self.epoch = 0
         if len(self.members) < num_ids:
-            log.warning(
-                "only %d pseudo identities for %d per batch: identities repeat within a batch",
-                len(self.members), num_ids,
-            )
+            warn_few_identities(len(self.members), num_ids)
 
     def set_epoch(self, epoch: int) -> None:
         """Reseed the order with (seed, epoch)."""

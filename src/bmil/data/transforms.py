@@ -1,7 +1,7 @@
 """Training and test transforms, including the release's channel augmentation.
 
 The default (``augmentation="release"``) is the release's ``train_sysu.py`` pipelines
-(METHOD.md "What the release does"). Every training view: bicubic resize to (H, W), pad,
+(docs/method.md). Every training view: bicubic resize to (H, W), pad,
 random crop (H, W), horizontal flip, [colour jitter 0.5 x4], to tensor, ImageNet
 normalisation, channel-wise random erasing (p 0.5, fill 0.4914, 0.4822, 0.4465 on the
 normalised tensor), [channel step on the normalised, erased tensor]:

@@ -35,7 +35,7 @@ def prepare_root(cfg: Config) -> Path:
     if entry.generate is not None:
         entry.generate(root, cfg)
     elif not root.is_dir():
-        raise DatasetError(f"dataset root {root} not found: set data.root to the {cfg.data.dataset} folder")
+        raise DatasetError(f"dataset root {root} not found: set data.root to the folder that holds your {entry.title}")
     return root
 
 
@@ -100,18 +100,32 @@ def run_protocol(cfg: Config, extract: Extractor, trials: int | None = None) -> 
 _HINTED: set[tuple] = set()
 
 
+def one_cluster_advice(cfg: Config, images: int) -> str:
+    """What to change when clustering ``images`` images gave a single cluster, from the
+    numbers at hand: ``cluster.k1`` (how many neighbours each image's reciprocal list holds)
+    should stay below the size of the clusters a batch needs, about images / (2 ×
+    ``train.num_ids``); when it already does, ``cluster.eps`` is what merges everything."""
+    c = cfg.cluster
+    target = max(c.min_samples, images // (2 * cfg.train.num_ids))
+    if c.k1 > target:
+        change = (f"lower cluster.k1 from {c.k1} to about {target} (at most images / (2 × train.num_ids) = "
+                  f"{images} / {2 * cfg.train.num_ids}, so that a neighbour list stays within one person)")
+    else:
+        change = (f"cluster.k1={c.k1} is already small for {images} images, so lower cluster.eps from {c.eps:g} "
+                  f"(e.g. cluster.eps={max(0.05, c.eps - 0.15):.2g})")
+    return (f"{change}, and choose cluster.eps with `bmil cluster-scan --config ... --checkpoint CKPT "
+            "--eps 0.2:0.7:0.05`")
+
+
 def one_cluster_hint(cfg: Config, images: int) -> None:
     """Once per run (output folder and clustering settings): what to change when an epoch's
-    clustering gives a single cluster, which skips a loss (small user folders with the
-    SYSU-MM01 defaults k1 = 30, eps 0.6 do)."""
+    clustering gives a single cluster, which skips a loss (:func:`one_cluster_advice`)."""
     key = (cfg.output, cfg.cluster.k1, cfg.cluster.k2, cfg.cluster.eps)
     if key in _HINTED:
         return
     _HINTED.add(key)
     log.warning(
-        "clustering gave a single cluster on %d training images with cluster.k1=%d, cluster.eps=%g: lower "
-        "cluster.k1 (30 suits SYSU-MM01's 34,000 images; a folder of a few hundred wants about 5-15) and "
-        "choose cluster.eps with `bmil cluster-scan --config ... --checkpoint CKPT --eps 0.3:0.7:0.05`; "
+        "clustering gave a single cluster on %d training images with cluster.k1=%d, cluster.eps=%g: %s; "
         "this hint is not repeated",
-        images, cfg.cluster.k1, cfg.cluster.eps,
+        images, cfg.cluster.k1, cfg.cluster.eps, one_cluster_advice(cfg, images),
     )

@@ -12,6 +12,7 @@ from bmil.engine.datasets import can_score, run_protocol
 from bmil.engine.extract import resolve_device
 from bmil.engine.inference import feature_extractor, load_model
 from bmil.errors import CheckpointError
+from bmil.model import model_signature
 
 log = logging.getLogger(__name__)
 
@@ -35,21 +36,33 @@ def check_trained_trial(cfg: Config, state: dict, path: str | Path) -> None:
 check_regdb_trial = check_trained_trial  # the name earlier releases used
 
 
+def result_path(cfg: Config, checkpoint: str | Path) -> Path:
+    """Where ``bmil eval`` writes its results: ``eval_<dataset>[_trial<t>]_<checkpoint
+    name>.json`` in ``cfg.output``, so scoring another checkpoint or trial keeps the others."""
+    trial = f"_trial{cfg.data.trial}" if get_dataset(cfg.data.dataset).per_trial else ""
+    return Path(cfg.output) / f"eval_{cfg.data.dataset}{trial}_{Path(checkpoint).stem}.json"
+
+
 def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, *, progress: bool = True) -> tuple[list, Path | None]:
     """Results of ``checkpoint`` on the test protocol of ``cfg``'s dataset, and the JSON path
-    they were written to (``eval_<dataset>.json`` in ``cfg.output``; ``None`` when the
-    dataset cannot be scored)."""
+    they were written to (:func:`result_path`; ``None`` when the dataset cannot be scored).
+
+    The network (its ``model:`` section) and its input size (``data.height`` × ``data.width``)
+    come from the checkpoint, as for every other command; ``cfg`` decides the data, the
+    protocol and the resize (``eval.resize``)."""
     from bmil.evaluation import save_results
 
     state = load_checkpoint(checkpoint)
     check_trained_trial(cfg, state, checkpoint)
     device = resolve_device(cfg.train.device)
-    model, _ = load_model(checkpoint, device, expected=cfg.model, state=state)
+    model, trained = load_model(checkpoint, device, state=state)
+    size = (trained.data.height, trained.data.width)
+    log.info("model read from the checkpoint: %s, input %d×%d (the configuration's model section is not used)",
+             ", ".join(f"{k}={v}" for k, v in model_signature(model).items()), *size)
     if not can_score(cfg):
         return run_protocol(cfg, lambda records: None), None
-    results = run_protocol(cfg, feature_extractor(model, cfg, device, progress=progress))
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"eval_{cfg.data.dataset}.json"
+    results = run_protocol(cfg, feature_extractor(model, cfg, device, progress=progress, size=size))
+    path = result_path(cfg, checkpoint)
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_results(results, path)
     return results, path

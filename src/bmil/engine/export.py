@@ -3,8 +3,9 @@
 Each file maps ``images`` float32 [B, 3, H, W] (normalised as ``test_transform`` does) to
 ``features`` float32 [B, D]: the BN-neck outputs of the image and of its horizontally
 flipped copy, each L2-normalised, averaged and L2-normalised again — the same feature
-``bmil extract`` writes. The batch size
-is dynamic; H and W are fixed to the checkpoint's input size.
+``bmil extract`` writes. The batch size is dynamic; H and W are fixed to the checkpoint's
+input size. What a consumer must do to the images (resize, scaling, normalisation) and what
+the output is are also written into each file's metadata (:func:`onnx_metadata`, keys ``bmil.*``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from bmil.data.records import INFRARED, MODALITY_NAMES, VISIBLE
+from bmil.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from bmil.engine.extract import combine_views
 from bmil.errors import BmilError
 
@@ -50,10 +52,49 @@ def require_onnx() -> None:
         )
 
 
+def onnx_metadata(modality: int, height: int, width: int, feat_dim: int, *, flip: bool = True,
+                  resize: str = "lanczos") -> dict[str, str]:
+    """The ``bmil.*`` metadata of an exported file: the preprocessing its input needs and
+    what its output is, in words a consumer without bmil can follow."""
+    mean = ", ".join(f"{v:g}" for v in IMAGENET_MEAN)
+    std = ", ".join(f"{v:g}" for v in IMAGENET_STD)
+    each = "of the image and of its horizontal mirror, each L2-normalised, summed, then" if flip else "then"
+    return {
+        "bmil.modality": MODALITY_NAMES[modality],
+        "bmil.input": f"images: float32 [batch, 3, {height}, {width}] (N, C, H, W), RGB channel order",
+        "bmil.preprocessing": (
+            f"decode as 3-channel RGB (an infrared image too), resize to {height}x{width} (height x width) with "
+            f"{resize} interpolation (PIL), no crop or padding; scale to [0, 1] (divide by 255); subtract the "
+            f"mean ({mean}) and divide by the std ({std}) per channel"
+        ),
+        "bmil.resize": resize,
+        "bmil.mean": mean,
+        "bmil.std": std,
+        "bmil.output": (f"features: float32 [batch, {feat_dim}], the BN-neck output {each} L2-normalised: unit "
+                        "length, so the cosine similarity of two images is the dot product of their features"),
+        "bmil.flip_averaged": str(flip).lower(),
+        "bmil.l2_normalised": "true",
+    }
+
+
+def _write_metadata(path: Path, metadata: dict[str, str]) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.doc_string = f"bmil {metadata['bmil.modality']} feature extractor: {metadata['bmil.output']}"
+    onnx.save(proto, str(path))
+
+
 def export_onnx(
-    model: nn.Module, out_dir: str | Path, height: int, width: int, *, flip: bool = True, stem: str = "bmil"
+    model: nn.Module, out_dir: str | Path, height: int, width: int, *, flip: bool = True, stem: str = "bmil",
+    resize: str = "lanczos",
 ) -> dict[int, Path]:
-    """Write ``<stem>_visible.onnx`` and ``<stem>_infrared.onnx`` into ``out_dir``.
+    """Write ``<stem>_visible.onnx`` and ``<stem>_infrared.onnx`` into ``out_dir``, each
+    with :func:`onnx_metadata` (``resize``: the interpolation the model's scoring uses,
+    ``eval.resize``).
 
     model: a TwoStreamResNet (put in eval mode here). Returns {modality: path}.
     """
@@ -77,8 +118,9 @@ def export_onnx(
                 verbose=False,
             )
         program.save(str(path))
+        _write_metadata(path, onnx_metadata(modality, height, width, model.feat_dim, flip=flip, resize=resize))
         paths[modality] = path
-        log.info("wrote %s", path)
+        log.debug("wrote %s", path)
     return paths
 
 

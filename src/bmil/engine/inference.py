@@ -2,8 +2,9 @@
 
 :func:`load_model` is the one way every command (eval, extract, search, export, analyze,
 cluster-scan) gets a model from a checkpoint: the architecture comes from the configuration
-saved inside it, so no configuration file is needed; ``bmil eval`` also passes the user's
-``model:`` section, which must describe the same network. :func:`feature_extractor` is
+saved inside it, so no configuration file is needed (``bmil eval`` reads its data and
+protocol from the user's configuration, never its ``model:`` section). ``expected`` lets a
+library caller insist on a given network. :func:`feature_extractor` is
 the one place that turns a configuration into an ``extract_features`` call.
 """
 

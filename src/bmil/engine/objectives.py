@@ -1,4 +1,4 @@
-"""The objectives of one epoch (DESIGN.md's stage table as code): a stage is the list of its
+"""The objectives of one epoch (the stage table of the README's developer map, as code): a stage is the list of its
 objectives — intra for each modality, and in stage 2 the global one — each built from the
 epoch's association, or absent (with a warning) when the association is degenerate.
 
@@ -86,7 +86,7 @@ class IntraObjective(Objective):
 class GlobalObjective(Objective):
     """The stage-2 global loss, ½(L_visible + L_infrared): each modality's batch against the
     global memory of one prototype per (global cluster, modality), positives being every
-    prototype of the image's global cluster, against the hardest negatives. METHOD.md and
+    prototype of the image's global cluster, against the hardest negatives. docs/method.md and
     the paper also call it the cross-modality, split-and-contrast or multi-positive loss.
 
     sub_labels: modality → sub-cluster of every image [N_m]; sub_to_cluster: [S] the global

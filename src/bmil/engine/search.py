@@ -3,8 +3,14 @@ a gallery file for one query image (the rank-list figure: :mod:`bmil.analysis.ra
 
 The features file is a plain NumPy ``.npz`` (``numpy.load`` reads it without bmil):
 ``features`` float32 [N, D] (L2-normalised), ``paths`` str [N], ``modality`` int64 [N]
-(0 visible, 1 infrared), ``pids`` int64 [N] when ids are known (-1 for unknown), and
-``bmil_features`` = 1 (the format version).
+(0 visible, 1 infrared), ``pids`` str [N] when ids are known (the person-id folder names,
+``""`` for unknown), and ``bmil_features`` = 1 (the format version). Person ids are strings
+everywhere, as in a folder data set (``anna``, ``0007``); a file with integer ids (-1 for
+unknown) is read as their decimal text.
+
+A folder given to :func:`extract_folder` that holds ``visible/`` and ``infrared/``
+sub-folders (a data-set root) is split by them: each image takes the modality of the
+folder it lies under.
 """
 
 from __future__ import annotations
@@ -28,11 +34,12 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MODALITIES = {name: index for index, name in MODALITY_NAMES.items()}  # the --modality choices
+UNKNOWN_ID = ""  # the person id of an image whose id is not known
 
 @dataclass
 class FeatureSet:
     """Features of a list of images: features [N, D] float32, paths [N], modality [N]
-    int64, pids [N] int64 or None when no id is known."""
+    int64, pids [N] str (``UNKNOWN_ID`` where unknown) or None when no id is known."""
 
     features: np.ndarray
     paths: list[str]
@@ -63,33 +70,72 @@ def folder_images(folder: str | Path) -> list[str]:
     return paths
 
 
-def id_from_folder(path: str) -> int:
-    """The person id a SYSU-style layout gives an image (its folder's name as an integer),
-    -1 when the folder name is not a number."""
-    name = Path(path).parent.name
-    return int(name) if name.isdigit() else -1
+def id_from_folder(path: str) -> str:
+    """The person id a folder layout gives an image: the name of the folder it lies in
+    (``.../<person id>/<image>``), any string."""
+    return Path(path).parent.name
+
+
+def modality_folders(folder: str | Path) -> dict[int, Path]:
+    """{modality: FOLDER/visible | FOLDER/infrared} for those sub-folders that exist."""
+    folder = Path(folder)
+    return {m: folder / name for m, name in MODALITY_NAMES.items() if (folder / name).is_dir()}
+
+
+def images_by_modality(folder: str | Path, modality: int | None) -> dict[int, list[str]]:
+    """{modality: sorted image paths} to extract from ``folder``.
+
+    A folder with ``visible/`` / ``infrared/`` sub-folders is split by them (``modality``
+    None: both; else that one only, the other logged as skipped). Any other folder holds
+    one modality: ``modality``, or the folder's own name when it is ``visible`` or
+    ``infrared``. ConfigError when the modality cannot be known or contradicts the
+    folder's name; DatasetError when there are no images.
+    """
+    folder = Path(folder)
+    split = modality_folders(folder)
+    if split:
+        wanted = sorted(split) if modality is None else [modality]
+        if modality is not None and modality not in split:
+            raise DatasetError(f"{folder} has no {MODALITY_NAMES[modality]}/ folder (it holds "
+                               f"{', '.join(MODALITY_NAMES[m] + '/' for m in split)})")
+        for m in sorted(set(split) - set(wanted)):
+            log.info("%s: only the %s images are read, the %s images under %s are left out",
+                     folder, MODALITY_NAMES[wanted[0]], MODALITY_NAMES[m], split[m])
+        return {m: folder_images(split[m]) for m in wanted}
+    named = MODALITIES.get(folder.name)
+    if modality is None and named is None:
+        raise ConfigError(f"{folder} has no visible/ or infrared/ folder: give the images' modality "
+                          "with --modality visible or --modality infrared")
+    if modality is not None and named is not None and named != modality:
+        raise ConfigError(f"{folder} is named {folder.name} but --modality is {MODALITY_NAMES[modality]}: "
+                          "give the folder of the modality you mean")
+    return {named if modality is None else modality: folder_images(folder)}
 
 
 def extract_folder(
     model: nn.Module,
     cfg: Config,
     folder: str | Path,
-    modality: int,
+    modality: int | None,
     *,
     ids_from_folders: bool = False,
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> FeatureSet:
-    """Test features (flip-averaged, L2-normalised) of every image under ``folder``.
+    """Test features (flip-averaged, L2-normalised) of every image under ``folder``, in
+    the order of :func:`images_by_modality` (visible first, then paths sorted).
 
     cfg: the checkpoint's configuration (input size, batch size).
-    ids_from_folders: read person ids from folder names (:func:`id_from_folder`).
+    modality: 0, 1 or None (from the folder names, :func:`images_by_modality`).
+    ids_from_folders: person id = the image's folder name (:func:`id_from_folder`).
     """
-    paths = folder_images(folder)
-    pids = np.array([id_from_folder(p) for p in paths], np.int64) if ids_from_folders else None
-    records = [Record(p, -1, -1, modality) for p in paths]
+    groups = images_by_modality(folder, modality)
+    paths = [p for m in sorted(groups) for p in groups[m]]
+    modalities = np.concatenate([np.full(len(groups[m]), m, np.int64) for m in sorted(groups)])
+    pids = np.array([id_from_folder(p) for p in paths], dtype=str) if ids_from_folders else None
+    records = [Record(p, -1, -1, int(m)) for p, m in zip(paths, modalities, strict=True)]
     feats = feature_extractor(model, cfg, device, progress=progress, desc="features")(records)
-    return FeatureSet(feats, paths, np.full(len(paths), modality, np.int64), pids)
+    return FeatureSet(feats, paths, modalities, pids)
 
 
 def save_features(features: FeatureSet, path: str | Path) -> Path:
@@ -105,7 +151,7 @@ def save_features(features: FeatureSet, path: str | Path) -> Path:
         "modality": features.modality.astype(np.int64),
     }
     if features.pids is not None:
-        arrays["pids"] = features.pids.astype(np.int64)
+        arrays["pids"] = np.asarray(features.pids, dtype=str)
     np.savez(path, **arrays)
     return path
 
@@ -128,7 +174,16 @@ def load_features(path: str | Path) -> FeatureSet:
     if feats.ndim != 2 or feats.shape[0] != n or arrays["modality"].shape != (n,):
         raise DatasetError(f"features file {path} is inconsistent: features {feats.shape} for {n} paths")
     pids = arrays.get("pids")
+    if pids is not None:
+        pids = _id_strings(pids)
     return FeatureSet(feats.astype(np.float32), [str(p) for p in arrays["paths"]], arrays["modality"], pids)
+
+
+def _id_strings(pids: np.ndarray) -> np.ndarray:
+    """Person ids as str [N]; integer ids (older files) as decimal text, -1 as unknown."""
+    if pids.dtype.kind in "iu":
+        return np.array([UNKNOWN_ID if p < 0 else str(p) for p in pids.tolist()], dtype=str)
+    return pids.astype(str)
 
 
 def rank_gallery(query: np.ndarray, gallery: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
@@ -148,6 +203,8 @@ def embed_image(
     model: nn.Module, cfg: Config, path: str | Path, modality: int, device: torch.device | str = "cpu"
 ) -> np.ndarray:
     """The test feature [D] of one image (DatasetError when it cannot be read)."""
+    if Path(path).is_dir():
+        raise DatasetError(f"query {path} is a folder, not an image file: give one image with --query")
     if not Path(path).is_file():
         raise DatasetError(f"query image {path} not found")
     record = Record(str(path), -1, -1, modality)
@@ -165,10 +222,18 @@ def query_modality(gallery: FeatureSet, name: str | None, source: str | Path) ->
     return OTHER_MODALITY[int(present[0])]
 
 
-def match_flags(gallery: FeatureSet, order: np.ndarray, query_id: int | None) -> list[bool | None] | None:
+def cross_modality_rows(gallery: FeatureSet, modality: int) -> np.ndarray:
+    """Row indices of ``gallery`` to rank for a query of ``modality``: those of the other
+    modality when the gallery holds both (a cross-modality search), else every row."""
+    if np.unique(gallery.modality).size > 1:
+        return np.flatnonzero(gallery.modality != modality)
+    return np.arange(len(gallery.paths))
+
+
+def match_flags(gallery: FeatureSet, order: np.ndarray, query_id: str | None) -> list[bool | None] | None:
     """Per ranked match: True same id as ``query_id``, False another id, None unknown id;
     None when the query's or the gallery's ids are not known at all."""
     if query_id is None or gallery.pids is None:
         return None
     pids = gallery.pids[order]
-    return [None if pid < 0 else bool(pid == query_id) for pid in pids]
+    return [None if pid == UNKNOWN_ID else bool(pid == str(query_id)) for pid in pids]

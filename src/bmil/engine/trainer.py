@@ -1,4 +1,4 @@
-"""The BMIL epoch loop. Stage 1 and stage 2 are the same loop (DESIGN.md): cluster → build
+"""The BMIL epoch loop. Stage 1 and stage 2 are the same loop (README, "For developers"): cluster → build
 the stage's objectives from the association → step through them; then evaluate, keep the
 selected model and write the run folder. Set-up and resume live in :mod:`bmil.engine.run`,
 the objectives in :mod:`bmil.engine.objectives`, the batch forward in :mod:`bmil.engine.forward`."""

@@ -1,4 +1,4 @@
-"""The two-stream backbone and its parts (METHOD.md "Backbone")."""
+"""The two-stream backbone and its parts (docs/method.md, "The network")."""
 
 from bmil.model.backbone import (
     ModalityStem,

@@ -94,7 +94,7 @@ def _set_first_block_stride(layer: nn.Sequential, stride: int) -> None:
 
 
 class TwoStreamResNet(nn.Module):
-    """AGW-style two-stream ResNet for visible-infrared re-ID (METHOD.md "Backbone").
+    """AGW-style two-stream ResNet for visible-infrared re-ID (docs/method.md, "The network").
 
     Layout: a visible stem and an infrared stem (conv1, bn1, relu, maxpool each, separate
     parameters that start from the same weights), shared ``layer1``–``layer4`` with
@@ -102,7 +102,7 @@ class TwoStreamResNet(nn.Module):
     ``layer2`` and the last 3 of ``layer3`` (fewer where a layer has fewer blocks: ResNet-18
     gets 2 + 2), GeM pooling and a BN neck (``BatchNorm1d``, weight ~ N(1, 0.01) as the
     release's ``weights_init_kaiming``, bias 0 and frozen). The default at depth 50 is the
-    release's network: 23,550,351 parameters (METHOD.md "What the release does").
+    release's network: 23,550,351 parameters (docs/method.md).
 
     The trunk's parameter names are torchvision's (``layer2.0.conv1.weight`` ...), the stems'
     are ``visible_stem.conv1.weight`` / ``infrared_stem.conv1.weight`` ..., the non-local

@@ -6,7 +6,7 @@ projected back to the input width by a 1x1 conv followed by a BatchNorm whose we
 bias start at zero, and added to the input. A freshly built block is therefore the identity
 map, so inserting it into a pretrained ResNet does not change the network at first.
 
-Inner width (METHOD.md "What the release does"): the release computes it as
+Inner width (docs/method.md): the release computes it as
 ``reduc_ratio // reduc_ratio`` = 1 channel, whatever the input width; that is what produced
 the published numbers and is the default (``"release"``). ``"half"`` is the C/2 width of the
 non-local paper and of AGW's intent (7.3 million more parameters at depth 50).

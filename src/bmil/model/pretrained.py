@@ -2,7 +2,15 @@
 
 Which weights: torchvision's ``IMAGENET1K_V1`` for every depth (the classic ResNet weights
 that AGW-based re-ID code starts from; for ResNet-50 torchvision's default is ``V2``, a
-different training recipe). The stems both receive the checkpoint's ``conv1``/``bn1``; the
+different training recipe).
+
+What is fetched, and when: nothing for ``model.pretrained=none`` or a file path. For
+``imagenet`` (the presets' default), when a run builds its model: the file in torch hub's
+cache (``imagenet_cache_path``) when present, otherwise torchvision downloads it once from
+its URL into that cache (the log names both) and later runs read the cache; offline without
+the file, a CheckpointError says where to put it. Datasets are never downloaded.
+
+The stems both receive the checkpoint's ``conv1``/``bn1``; the
 trunk receives ``layer1``–``layer4``; the classifier ``fc`` is ignored; the non-local blocks,
 GeM and BN neck keep their initialisation.
 """
@@ -85,6 +93,8 @@ def _imagenet_state_dict(depth: int) -> tuple[Mapping[str, object], str]:
     if cached.is_file():
         return _read_state_dict_file(cached), str(cached)
     file_name = imagenet_weights_file(depth)
+    logger.info("model.pretrained=imagenet: downloading torchvision's ResNet-%d ImageNet weights from %s into %s "
+                "(once; later runs read that file)", depth, _IMAGENET_WEIGHTS[depth].url, cached)
     try:
         state = torch.hub.load_state_dict_from_url(
             _IMAGENET_WEIGHTS[depth].url,
