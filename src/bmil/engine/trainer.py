@@ -106,7 +106,7 @@ class Trainer:
     def epoch_split(self, epoch: int) -> tuple[np.random.Generator, tuple[np.ndarray, np.ndarray] | None]:
         """Seed ``epoch`` and draw its visible split (:func:`draw_subsets`, the first draw from
         the epoch's generator); returns the generator, which association goes on drawing from."""
-        rng = seed_everything(self.cfg.train.seed, epoch)
+        rng = seed_everything(self.cfg.train.seed, epoch, self.dist.rank)  # augmentations differ per rank
         return rng, draw_subsets(self.modality, self.cfg.cluster, rng)
 
     def global_association(self, stage: int) -> bool:
