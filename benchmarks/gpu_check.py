@@ -60,7 +60,7 @@ class Sizes:
     steps: int = 10
     warmup: int = 3
     extract_images: int = 2048
-    synthetic_ids: int = 40
+    synthetic_ids: int = 24
     tiny_ids: int = 12
     tiny_images_per_camera: int = 3
     tiny_iterations: int = 2
@@ -203,6 +203,8 @@ class GpuCheck:
         self.args, self.report = args, report
         self.sizes = SMOKE if args.smoke else Sizes()
         self.device = torch.device(args.device)
+        if self.device.type == "cuda" and self.device.index is None and torch.cuda.is_available():
+            self.device = torch.device("cuda", torch.cuda.current_device())  # set_device and DDP need the index
         self.work = Path(tempfile.mkdtemp(prefix="bmil_gpu_check_"))
 
     def close(self) -> None:
@@ -416,10 +418,12 @@ class GpuCheck:
             def gather():
                 rows = torch.arange(12.0, device=dev).reshape(6, 2)
                 got = distributed.gather_rows(ctx, rows)
+                same = distributed.gather_rows(ctx, rows, same_size=True)
                 flag = distributed.all_true(ctx, True) and not distributed.all_true(ctx, False)
                 obj = distributed.broadcast_object(ctx, {"labels": [3, -1, 2]})
-                ok = torch.equal(got, rows) and got.device == rows.device and flag and obj == {"labels": [3, -1, 2]}
-                return ok, "gather_rows, all_true, broadcast_object", ""
+                ok = torch.equal(got, rows) and got.device == rows.device and torch.equal(same, rows)
+                ok = ok and flag and obj == {"labels": [3, -1, 2]}
+                return ok, "gather_rows (sizes exchanged or equal), all_true, broadcast_object", ""
 
             r.check(s, "collectives", gather)
 
@@ -507,26 +511,32 @@ class GpuCheck:
 
             ckpt = run_a / "checkpoints" / "last.pt"
             maps = {}
-            for device in (dev, "cpu"):
-                cfg = load_config(config, self._train_overrides(self.work / f"eval_{device}", device))
-                results, _ = evaluate_checkpoint(cfg, ckpt, progress=False)
-                maps[device] = float(results[0].mean["mAP"])
+            # fp32 on both devices (the comparison), then the device's bf16 extraction (a figure).
+            for key, device, amp in ((dev, dev, False), ("cpu", "cpu", False), ("bf16", dev, True)):
+                if key == "bf16" and not self.cuda:
+                    continue
+                overrides = self._train_overrides(self.work / f"eval_{key}", device, f"train.amp={str(amp).lower()}")
+                results, _ = evaluate_checkpoint(load_config(config, overrides), ckpt, progress=False)
+                maps[key] = float(results[0].mean["mAP"])
             diff = abs(maps[dev] - maps["cpu"])
-            return diff <= 1e-3, f"eval on {dev} and on cpu of the same checkpoint", \
-                f"mAP {maps[dev]:.4f} vs {maps['cpu']:.4f} (|diff| {diff:.1e})"
+            bf16 = f", bf16 {maps['bf16']:.4f}" if "bf16" in maps else ""
+            return diff <= 1e-3, f"fp32 eval on {dev} and on cpu of the same checkpoint", \
+                f"mAP {maps[dev]:.4f} vs {maps['cpu']:.4f} (|diff| {diff:.1e}){bf16}"
 
         r.check(s, "eval device vs CPU", eval_match)
 
         def resume():
+            # The CPU run ends in stage 2, so the resumed epoch steps the restored Adam state.
             run_b = self.work / "run_resume"
-            rc, _ = _quiet_cli(["train", "--config", config,
-                                *self._train_overrides(run_b, "cpu", "train.stage2_epochs=0")])
+            rc, _ = _quiet_cli(["train", "--config", config, *self._train_overrides(run_b, "cpu")])
             if rc != 0:
                 return False, f"the CPU run that writes the checkpoint exited {rc}", ""
-            rc, _ = _quiet_cli(["train", "--config", config, "--resume", *self._train_overrides(run_b, dev)])
+            rc, _ = _quiet_cli(["train", "--config", config, "--resume",
+                                *self._train_overrides(run_b, dev, "train.stage2_epochs=2")])
             lines = (run_b / "metrics.jsonl").read_text().splitlines()
             epochs = [json.loads(line)["epoch"] for line in lines]
-            return rc == 0 and epochs == [0, 1], f"CPU-written last.pt resumed on {dev}, exit {rc}", f"epochs {epochs}"
+            return rc == 0 and epochs == [0, 1, 2], f"CPU-written last.pt (stage 2) resumed on {dev}, exit {rc}", \
+                f"epochs {epochs}"
 
         r.check(s, "resume from CPU checkpoint", resume)
 
@@ -594,16 +604,16 @@ class GpuCheck:
         def cached_counts_free():
             if not self.cuda:
                 return None, "CUDA only", ""
-            from bmil.engine.memory_check import available_memory as avail
+            from bmil.engine.memory_check import gpu_available_memory
 
             torch.cuda.synchronize(dev)
             block = torch.empty(1 << 28, dtype=torch.uint8, device=dev)  # 256 MiB
-            del block  # now cached by PyTorch, free for it
-            seen = avail(dev)
+            del block  # now cached by PyTorch: free for its next allocation, used for the driver
+            seen = gpu_available_memory(dev)
             free, _ = torch.cuda.mem_get_info(dev)
-            reserved = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
-            return seen >= min(free + reserved, seen + 1) - 1, "cached-but-free blocks counted as available", \
-                f"{seen / 2**30:.2f} GiB (driver free {free / 2**30:.2f}, cached {reserved / 2**30:.2f})"
+            cached = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+            return seen - free >= 1 << 28, "cached-but-free blocks counted as available", \
+                f"{seen / 2**30:.2f} GiB (driver free {free / 2**30:.2f}, cached {cached / 2**30:.2f})"
 
         r.check(s, "memory check counts cache", cached_counts_free)
 
@@ -636,9 +646,11 @@ class GpuCheck:
 
             run = self._sysu_run()
             loop = _LoaderStep(run, z)
+            _peak_reset(dev)
             one = _timed(loop.stage1, dev, z.steps, z.warmup)
             two = _timed(loop.stage2, dev, z.steps, z.warmup)
-            return True, f"bmil Run, real loaders ({loader_workers(run.cfg, dev)} workers each), amp {self.cuda}", \
+            workers = loader_workers(run.cfg, dev, run.loaders_alive)
+            return True, f"bmil Run, 4 real loaders ({workers} workers each), amp {self.cuda}; {note}", \
                 f"stage 1 {one:.3f} s/it, stage 2 {two:.3f} s/it, {_peak_gib(dev)}"
 
         r.check(s, "with the real loader", with_loader)
@@ -649,7 +661,8 @@ class GpuCheck:
 
             net = build_model(depth=z.depth, non_local=True, pretrained="none", width=z.model_width)
             net = net.to(dev, memory_format=torch.channels_last)
-            records = self._sysu_records()[: z.extract_images]
+            records = self._sysu_records()
+            records = (records * (z.extract_images // len(records) + 1))[: z.extract_images]  # images repeat
             from bmil.engine.datasets import loader_workers
 
             workers = loader_workers(self._sysu_config(), dev)
@@ -786,7 +799,7 @@ class _LoaderStep:
         from bmil.data.records import MODALITIES
 
         self.run, self.z = run, z
-        run.set_stage_views(1)
+        run.set_stage_views(2)  # stage 2: four loaders alive, as here
         self.labels = {}
         for m in MODALITIES:
             pids = run.pids[run.index[m]]

@@ -47,11 +47,17 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from bmil.engine.distributed import shutdown
     from bmil.engine.trainer import Trainer
 
     cfg = _load(args)
-    summary = Trainer(cfg, resume=args.resume, progress=not args.quiet).fit()
-    print(json.dumps(summary, indent=2))
+    trainer = Trainer(cfg, resume=args.resume, progress=not args.quiet)
+    try:
+        summary = trainer.fit()
+    finally:
+        shutdown(trainer.dist)  # leave the process group (torchrun) before the process ends
+    if trainer.dist.is_main:  # one summary per job, not one per process
+        print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -130,6 +136,8 @@ def cmd_cluster_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
+    import torch
+
     from bmil.engine.extract import resolve_device
     from bmil.engine.inference import load_model
     from bmil.engine.search import extract_folder, parse_modality, save_features
@@ -137,6 +145,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     modality = parse_modality(args.modality)
     device = resolve_device(args.device)
     model, cfg = load_model(args.checkpoint, device)
+    if cfg.train.channels_last:  # the layout extraction gives the images
+        model = model.to(memory_format=torch.channels_last)
     feats = extract_folder(
         model, cfg, args.images, modality, ids_from_folders=args.ids_from_folders, device=device,
         progress=not args.quiet,

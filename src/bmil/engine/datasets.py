@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -70,10 +71,27 @@ def prepare_root(cfg: Config) -> Path:
     root = Path(cfg.data.root).expanduser()
     entry = get_dataset(cfg.data.dataset)
     if entry.generate is not None:
-        entry.generate(root, cfg)
+        _generate_once_per_node(lambda: entry.generate(root, cfg))
     elif not root.is_dir():
         raise DatasetError(f"dataset root {root} not found: set data.root to the {cfg.data.dataset} folder")
     return root
+
+
+def _generate_once_per_node(generate: Callable[[], object]) -> None:
+    """Run ``generate`` (idempotent: it finds an existing dataset and does nothing) in the
+    first process of each node first, while the node's other processes of a torchrun job
+    wait, then in those (which find it made): no two processes write one folder."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        generate()
+        return
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if first:
+        generate()
+    dist.barrier()
+    if not first:
+        generate()
 
 
 def train_records(cfg: Config) -> list[Record]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from bmil.config import Config
 from bmil.data.registry import get_dataset
 from bmil.engine.checkpoint import load_checkpoint
@@ -45,6 +47,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, *, progress: bool =
     check_trained_trial(cfg, state, checkpoint)
     device = resolve_device(cfg.train.device)
     model, _ = load_model(checkpoint, device, expected=cfg.model, state=state)
+    if cfg.train.channels_last:  # the layout extraction gives the images
+        model = model.to(memory_format=torch.channels_last)
     if not can_score(cfg):
         return run_protocol(cfg, lambda records: None), None
     results = run_protocol(cfg, feature_extractor(model, cfg, device, progress=progress))

@@ -8,6 +8,7 @@ is dynamic; H and W are fixed to the checkpoint's input size.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 from pathlib import Path
@@ -38,6 +39,11 @@ class FlipAveragedFeature(nn.Module):
         return nn.functional.normalize(feats, dim=1)
 
 
+def _cpu_eval_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` on the CPU (NCHW), leaving ``model`` as it was."""
+    return copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
+
+
 def require_onnx() -> None:
     """BmilError naming the missing packages when the ONNX exporter cannot run."""
     missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
@@ -52,12 +58,13 @@ def export_onnx(
 ) -> dict[int, Path]:
     """Write ``<stem>_visible.onnx`` and ``<stem>_infrared.onnx`` into ``out_dir``.
 
-    model: a TwoStreamResNet (put in eval mode here). Returns {modality: path}.
+    model: a TwoStreamResNet (an eval-mode CPU copy is exported; the caller's model keeps
+    its device and mode). Returns {modality: path}.
     """
     require_onnx()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = model.eval().cpu()
+    model = _cpu_eval_copy(model)
     example = torch.zeros(2, 3, height, width)
     paths = {}
     for modality in (VISIBLE, INFRARED):
@@ -89,5 +96,5 @@ def onnx_max_difference(path: str | Path, model: nn.Module, modality: int, image
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(["features"], {"images": images.numpy().astype(np.float32)})[0]
     with torch.no_grad():
-        expected = FlipAveragedFeature(model.eval().cpu(), modality)(images).numpy()
+        expected = FlipAveragedFeature(_cpu_eval_copy(model), modality)(images).numpy()
     return float(np.abs(got - expected).max())

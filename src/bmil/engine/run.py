@@ -58,11 +58,15 @@ def seed_everything(seed: int, epoch: int, rank: int = 0) -> np.random.Generator
 
 
 def set_deterministic(enabled: bool) -> None:
-    """Deterministic kernels where torch has them (``train.deterministic``)."""
+    """Deterministic kernels where torch has them (``train.deterministic``); otherwise cuDNN
+    picks its fastest convolution algorithms (training batches all have one size, so the
+    search is made once per shape)."""
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
 
 
 def worker_seed(seed: int, modality: int, rank: int) -> int:
@@ -191,9 +195,27 @@ class Run:
         self.optimizer = adam(params, t.lr, t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=t.lr_step, gamma=t.lr_gamma)
 
-    def load_weights(self, path: str | Path) -> None:
-        """Model weights from a checkpoint of the same architecture."""
-        state = load_checkpoint(path)
+    def read_checkpoint(self, path: str | Path, *, required: bool = True) -> dict[str, Any] | None:
+        """The checkpoint at ``path`` as rank 0 reads it, on every rank: ranks on other nodes
+        need not see the file (no shared file system), and all ranks load the same bytes.
+        ``None`` when rank 0 finds no file and ``required`` is false; a missing (required)
+        or unreadable file raises :class:`CheckpointError` on every rank."""
+        reply = None
+        if self.dist.is_main:
+            try:
+                found = required or Path(path).is_file()
+                reply = ("state", load_checkpoint(path)) if found else ("absent", None)
+            except CheckpointError as err:
+                reply = ("error", str(err))
+        kind, value = distributed.broadcast_object(self.dist, reply)
+        if kind == "error":
+            raise CheckpointError(value)
+        return value if kind == "state" else None
+
+    def load_weights(self, path: str | Path, state: dict[str, Any] | None = None) -> None:
+        """Model weights from a checkpoint of the same architecture (``state``: the checkpoint
+        already read, else rank 0 reads ``path``)."""
+        state = self.read_checkpoint(path) if state is None else state
         check_signature(self.signature, state, path)
         try:
             self.model.load_state_dict(state["model"])
@@ -202,11 +224,19 @@ class Run:
             raise CheckpointError(f"checkpoint {path} does not fit the configured model: {reason}") from err
         log.info("initialised weights from %s", path)
 
+    def start_weights(self, path: str | Path) -> bool:
+        """Load ``path`` (stage 2's ``best_stage1.pt``) when rank 0 has it; returns whether it
+        did. Every rank takes rank 0's answer and weights."""
+        state = self.read_checkpoint(path, required=False)
+        if state is not None:
+            self.load_weights(path, state)
+        return state is not None
+
     def resume(self) -> None:
-        """Weights, optimiser, schedule and progress from ``checkpoints/last.pt``."""
+        """Weights, optimiser, schedule and progress from ``checkpoints/last.pt`` (rank 0's)."""
         path = self.ckpt_dir / "last.pt"
-        state = load_checkpoint(path)
-        self.load_weights(path)
+        state = self.read_checkpoint(path)
+        self.load_weights(path, state)
         self.optimizer.load_state_dict(state["optimizer"])
         align_optimizer_state(self.optimizer)  # the checkpoint may come from another device or layout
         self.scheduler.load_state_dict(state["scheduler"])
@@ -314,7 +344,9 @@ class Run:
     def gathered(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A memory update's batch from all ranks, in rank order (= the single-process
         batch), so that every rank moves its memories identically."""
-        return distributed.gather_rows(self.dist, features), distributed.gather_rows(self.dist, labels)
+        # Every rank's batch has per_rank_ids × num_instances images (drop_last): no size exchange.
+        return (distributed.gather_rows(self.dist, features, same_size=True),
+                distributed.gather_rows(self.dist, labels, same_size=True))
 
     def step(self, loss: torch.Tensor, epoch: int, step: int) -> None:
         """One optimiser step on ``loss``; a non-finite loss (on any rank) raises

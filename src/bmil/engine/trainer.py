@@ -178,10 +178,9 @@ class Trainer:
 
     def _start_stage2(self) -> None:
         best = self.run.ckpt_dir / "best_stage1.pt"
-        if best.is_file():
-            self.run.load_weights(best)
+        found = self.run.start_weights(best)  # rank 0's file and weights, on every rank
         self.run.new_optimizer()
-        log.info("stage 2 starts from %s", best if best.is_file() else "the last stage-1 model")
+        log.info("stage 2 starts from %s", best if found else "the last stage-1 model")
 
     def _maybe_evaluate(self, epoch: int, stage: int) -> dict[str, Any] | None:
         """Evaluate at the first epoch of the stage, every ``eval_every`` after it and at its
@@ -239,9 +238,10 @@ class Trainer:
         positions = features_read(self.modality, subsets, global_association=self.global_association(stage))
         features = self.epoch_features(epoch, positions)
         # Rank 0 clusters; the other ranks receive its pseudo labels.
-        assoc = distributed.broadcast_object(
-            self.dist, self.associate(features, stage, rng, subsets) if self.dist.is_main else None
-        )
+        with distributed.clustering_threads(self.dist):
+            assoc = distributed.broadcast_object(
+                self.dist, self.associate(features, stage, rng, subsets) if self.dist.is_main else None
+            )
         stats = self.association_stats(assoc)
         losses = self.train_epoch(epoch, features, assoc)
         distributed.average_buffers(self.dist, self.model)  # one set of BN statistics for all ranks
