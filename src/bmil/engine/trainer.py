@@ -141,7 +141,7 @@ class Trainer:
             return {}
         self.model.train()
         plan = step_plan(objectives, self.cfg.train.separate_global_step)
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # on the device: read on the host only for the progress bar
         iterators = {(o.name, m): iter(dl) for o in objectives for m, dl in o.loaders.items()}
         bar = tqdm(range(self.cfg.train.iterations), desc=f"epoch {epoch}", disable=not self.progress, leave=False)
         for step in bar:
@@ -152,17 +152,18 @@ class Trainer:
                 losses = [group_loss(group, batches, self.run.forward) for group in groups]
                 for group, loss in zip(groups, losses, strict=True):
                     key = f"loss/{group[0].group}"
-                    sums[key] = sums.get(key, 0.0) + float(loss.detach())
+                    sums[key] = sums.get(key, 0.0) + loss.detach().double()  # as a Python float sum
                 self.run.step(sum(losses), epoch, step)
                 for group in groups:
                     for objective in group:
                         objective.update()
-            bar.set_postfix({k.split("/")[1]: f"{v / (step + 1):.3f}" for k, v in sums.items()})
+            if self.progress:
+                bar.set_postfix({k.split("/")[1]: f"{float(v) / (step + 1):.3f}" for k, v in sums.items()})
         self.memory_state = {
             "intra": {o.modality: o.memory.state_dict() for o in objectives if o.group == "intra"},
             "global": next((o.memory.state_dict() for o in objectives if o.group == "global"), None),
         }
-        return {k: v / self.cfg.train.iterations for k, v in sums.items()}
+        return {k: float(v) / self.cfg.train.iterations for k, v in sums.items()}
 
     # ---------------------------------------------------------------- evaluation, checkpoints
     def evaluate(self, trials: int | None = None) -> list:
