@@ -328,3 +328,22 @@ def test_too_little_shared_memory_lowers_the_workers_with_one_sentence():
     assert "/dev/shm has 64 MiB free" in sentence and "--shm-size" in sentence and "\n" not in sentence
     assert shm_workers(4, 2, batch, free=2 * 2 * PREFETCH * batch)[0] == 2  # as many as fit
     assert shm_workers(4, 2, batch, free=None) == (4, None)  # unknown: unchanged
+
+
+def test_rank_zero_clusters_on_the_node_cores_then_gives_them_back(monkeypatch):
+    """torchrun sets OMP_NUM_THREADS=1; the clustering step (rank 0 alone) gets the node's
+    cores less one per other process of the node, and the thread count is restored."""
+    monkeypatch.setattr(distributed, "node_cores", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with distributed.clustering_threads(distributed.DistContext(rank=0, world_size=4)) as threads:
+            assert threads == 13 and torch.get_num_threads() == 13
+        assert torch.get_num_threads() == 1
+        with distributed.clustering_threads(distributed.DistContext(rank=2, world_size=4)) as threads:
+            assert threads == 1 and torch.get_num_threads() == 1  # the waiting ranks keep theirs
+        with distributed.clustering_threads(distributed.DistContext()) as threads:
+            assert threads == 1  # one process: the user's setting stands
+    finally:
+        torch.set_num_threads(before)
