@@ -642,14 +642,14 @@ class GpuCheck:
         r.add(s, "release anchors", "SKIP", f"{ANCHORS['stage1']}, {ANCHORS['stage2']}", "for comparison")
 
         def with_loader():
-            from bmil.engine.datasets import loader_workers
+            from bmil.data.records import VISIBLE
 
             run = self._sysu_run()
             loop = _LoaderStep(run, z)
             _peak_reset(dev)
             one = _timed(loop.stage1, dev, z.steps, z.warmup)
             two = _timed(loop.stage2, dev, z.steps, z.warmup)
-            workers = loader_workers(run.cfg, dev, run.loaders_alive)
+            workers = run.workers(VISIBLE)  # after the /dev/shm check
             return True, f"bmil Run, 4 real loaders ({workers} workers each), amp {self.cuda}; {note}", \
                 f"stage 1 {one:.3f} s/it, stage 2 {two:.3f} s/it, {_peak_gib(dev)}"
 
@@ -663,17 +663,19 @@ class GpuCheck:
             net = net.to(dev, memory_format=torch.channels_last)
             records = self._sysu_records()
             records = (records * (z.extract_images // len(records) + 1))[: z.extract_images]  # images repeat
-            from bmil.engine.datasets import loader_workers
+            from bmil.engine.datasets import extraction_workers
 
-            workers = loader_workers(self._sysu_config(), dev)
-            kwargs = dict(height=z.height, width=z.width, batch_size=256, device=dev, workers=workers,
-                          amp=self.cuda, progress=False)
+            cfg = self._sysu_config()
+            workers = extraction_workers(cfg, dev, z.height, z.width)  # fewer when /dev/shm is small
+            kwargs = dict(height=z.height, width=z.width, batch_size=cfg.train.extract_batch, device=dev,
+                          workers=workers, amp=self.cuda, progress=False)
             extract_features(net, records[: min(len(records), 256)], **kwargs)  # warm-up
             _sync(dev)
             start = time.perf_counter()
             feats = extract_features(net, records, **kwargs)
             took = time.perf_counter() - start
-            return feats.shape[0] == len(records), f"{len(records)} images, flip, {workers} workers, amp {self.cuda}", \
+            return feats.shape[0] == len(records), \
+                f"{len(records)} images, flip, batch {cfg.train.extract_batch}, {workers} workers, amp {self.cuda}", \
                 f"{len(records) / took:.0f} images/s"
 
         r.check(s, "extraction", extraction)

@@ -66,6 +66,18 @@ def shm_workers(workers: int, loaders: int, batch_bytes: int, free: int | None) 
     )
 
 
+def extraction_workers(cfg: Config, device: torch.device | str, height: int, width: int) -> int:
+    """Workers of a feature-extraction loader (one loader: :func:`loader_workers`), fewer when
+    /dev/shm cannot hold their prefetched batches of ``train.extract_batch`` float32 images of
+    ``height`` × ``width`` (logged in one sentence)."""
+    workers = loader_workers(cfg, device)
+    batch_bytes = cfg.train.extract_batch * 3 * height * width * 4
+    workers, warning = shm_workers(workers, 1, batch_bytes, shm_bytes() if workers else None)
+    if warning:
+        log.warning(warning)
+    return workers
+
+
 def prepare_root(cfg: Config) -> Path:
     """The dataset root; a generated dataset (synthetic) is made there when absent."""
     root = Path(cfg.data.root).expanduser()
