@@ -1,12 +1,44 @@
-"""Shared fixtures: a tiny synthetic dataset and a tiny CPU configuration."""
+"""Shared fixtures: a tiny synthetic dataset and a tiny CPU configuration.
+
+The suite runs on the CPU, also on a machine with GPUs: for every test not marked
+``@pytest.mark.cuda`` CUDA looks absent (``device="auto"`` resolves to the CPU, and
+processes the tests start see no GPU). Tests marked ``cuda`` are about CUDA; they see the
+GPUs and are skipped where there is none."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from bmil.config import Config, load_config
+
+# Asked before CUDA_VISIBLE_DEVICES is cleared below, so this process keeps its answer.
+CUDA_PRESENT = torch.cuda.is_available()
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "cuda: the test is about CUDA (skipped without a GPU)")
+    # Processes the tests start (CLI subprocesses, DDP workers) run on the CPU.
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if CUDA_PRESENT:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_cuda(request, monkeypatch):
+    """CUDA looks absent to tests not marked ``cuda``."""
+    if "cuda" not in request.keywords:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 # tests/helpers.py holds plain functions that assert: report their failures as in a test.
 pytest.register_assert_rewrite("helpers")
@@ -28,7 +60,7 @@ def tiny_config(root: Path, out: Path, *overrides: str) -> Config:
     synthetic = [f"data.synthetic.{k}={v}" for k, v in TINY_SYNTHETIC.items()]
     return load_config(None, [
         "data.dataset=synthetic", f"data.root={root}", *synthetic,
-        "data.height=64", "data.width=32", "data.workers=0", "data.cache_images=true",
+        "data.height=64", "data.width=32", "data.workers=0", "data.cache_images=true", "train.device=cpu",
         "model.depth=18", "model.non_local=false", "model.pretrained=none",
         "cluster.k1=10", "cluster.k2=3", "cluster.eps=0.6",
         "train.stage1_epochs=2", "train.stage2_epochs=2", "train.iterations=2",

@@ -96,6 +96,8 @@ def test_overrides_are_typed():
         ("model.depth=101", "'model.depth' must be 18, 34 or 50"),
         ("cluster.lqe=both", "'cluster.lqe' must be one of release, paper"),
         ("cluster.eps=1.5", "'cluster.eps' must be in (0, 1)"),
+        ("cluster.eps=1", "'cluster.eps' must be in (0, 1)"),  # the bound itself: every pair would join
+        ("cluster.eps=0", "'cluster.eps' must be in (0, 1)"),
         ("train", "must look like section.key=value"),
         ("train=3", "'train' expects a mapping"),
     ],

@@ -101,3 +101,17 @@ def test_training_that_cannot_cluster_stops_before_the_first_epoch(synthetic_roo
     # 96 visible + 48 infrared; stage 2 clusters the 48 visible images subset 0 leaves out + 48 infrared
     assert "training on 144 images" in err and "N = 96," in err
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+
+
+def test_cuda_memory_counts_cached_blocks_as_free(monkeypatch):
+    """The driver's free memory leaves out what PyTorch caches without using; a clustering
+    after training may use those blocks, so they count as available."""
+    gib = 1 << 30
+    monkeypatch.setattr(memory_check.torch.cuda, "mem_get_info", lambda device: (2 * gib, 80 * gib))
+    monkeypatch.setattr(memory_check.torch.cuda, "memory_reserved", lambda device: 30 * gib)
+    monkeypatch.setattr(memory_check.torch.cuda, "memory_allocated", lambda device: 12 * gib)
+    monkeypatch.setattr(memory_check, "host_available_memory", lambda: 100 * gib)
+    assert memory_check.gpu_available_memory("cuda:0") == 2 * gib + 18 * gib
+    assert memory_check.available_memory("cuda:0") == 20 * gib
+    monkeypatch.setattr(memory_check, "host_available_memory", lambda: 5 * gib)  # the host phase is smaller
+    assert memory_check.available_memory("cuda:0") == 5 * gib

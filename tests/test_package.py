@@ -9,7 +9,8 @@ from helpers import REPO
 
 def test_no_absolute_path_is_hard_coded_in_the_package():
     """Data and weights come from the configuration (data.root, model.pretrained); the only
-    absolute paths allowed in code are the kernel's interfaces /proc and /dev/shm (shared memory)."""
+    absolute paths allowed in code are the kernel's interfaces: /proc and the shared-memory
+    file system /dev/shm (whose free space bounds the loader workers)."""
     import ast
 
     found = []

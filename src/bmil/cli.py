@@ -67,10 +67,17 @@ def train_table(summary: dict) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from bmil.engine.distributed import shutdown
     from bmil.engine.trainer import Trainer
 
     cfg = _load(args)
-    summary = Trainer(cfg, resume=args.resume, progress=not args.quiet).fit()
+    trainer = Trainer(cfg, resume=args.resume, progress=not args.quiet)
+    try:
+        summary = trainer.fit()
+    finally:
+        shutdown(trainer.dist)  # leave the process group (torchrun) before the process ends
+    if not trainer.dist.is_main:  # one summary per job, not one per process
+        return 0
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
@@ -160,6 +167,8 @@ def cmd_cluster_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
+    import torch
+
     from bmil.data.records import MODALITY_NAMES
     from bmil.engine.extract import resolve_device
     from bmil.engine.inference import load_model
@@ -168,6 +177,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     modality = None if args.modality in (None, "both") else parse_modality(args.modality)
     device = resolve_device(args.device)
     model, cfg = load_model(args.checkpoint, device)
+    if cfg.train.channels_last:  # the layout extraction gives the images
+        model = model.to(memory_format=torch.channels_last)
     feats = extract_folder(
         model, cfg, args.images, modality, ids_from_folders=args.ids_from_folders, device=device,
         progress=not args.quiet,

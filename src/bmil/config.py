@@ -45,17 +45,24 @@ class SyntheticConfig:
     seed: int = 0
 
 
-def default_workers(cuda: bool) -> int:
-    """DataLoader workers when ``data.workers`` is not set: 0 without CUDA (decoding in
-    the training process leaves the few cores to the model), else min(8, CPU cores / GPU
-    processes on this node) so decoding keeps up with the GPU. ``cuda``: the run's device
-    is a GPU (the engine knows; this module does not import torch)."""
-    import os
-
+def default_workers(cuda: bool, loaders: int = 1) -> int:
+    """DataLoader workers per loader when ``data.workers`` is not set: 0 without CUDA
+    (decoding in the training process leaves the few cores to the model), else
+    min(8, CPU cores / (GPU processes on this node × ``loaders`` alive at once)), at least 1,
+    so decoding keeps up with the GPU without oversubscribing the node. ``cuda``: the run's
+    device is a GPU (the engine knows; this module does not import torch)."""
     if not cuda:
         return 0
+    return max(1, min(8, cores_per_process() // max(1, loaders)))
+
+
+def cores_per_process() -> int:
+    """CPU cores of this node divided by the training processes on it (``LOCAL_WORLD_SIZE``,
+    set by torchrun; 1 without it), at least 1."""
+    import os
+
     local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(8, (os.cpu_count() or 1) // local_processes))
+    return max(1, (os.cpu_count() or 1) // local_processes)
 
 
 @dataclass
@@ -66,8 +73,11 @@ class DataConfig:
     ``trial``: RegDB split 1..10 the model is trained on.
     ``height``/``width``: network input in pixels.
     ``pad``: zero padding in pixels before the random crop (10 at 288×144).
-    ``workers``: DataLoader worker processes per training process; unset (null) means
-    :func:`default_workers` of the run's device (0 on a CPU, else up to 8 per GPU process).
+    ``workers``: DataLoader worker processes per loader; unset (null) means
+    :func:`default_workers` of the run's device (0 on a CPU, else up to 8). When several
+    loaders are alive at once (2 in stage 1, 4 in stage 2) each gets at most
+    cores per process / loaders (at least 1), and fewer when /dev/shm cannot hold their
+    prefetched batches; the training log says how many.
     ``ids_from_folders``: for ``folder``, read person ids from the layout
     ROOT/{visible,infrared}/<camera>/<person id>/ (scored by ``bmil eval``, never trained on).
     ``cache_images``: keep the decoded training images in memory and, with ``workers`` 0,

@@ -113,17 +113,19 @@ class PrototypeMemory(nn.Module):
             labels: ``[B]`` their cluster ids; -1 entries are skipped.
         """
         labels = torch.as_tensor(labels, device=features.device).long()
-        kept = labels >= 0
-        features = features.detach()[kept]
-        labels = labels[kept]
         if labels.numel() == 0:
             return
-        features = features.to(getattr(self, self.bank_names[0]).dtype)
-        if self.hybrid:
-            hardest = self._hardest(features, labels)  # judged against the mean bank before it moves
-            self._update_mean(features, labels)
-            self._move(self.hard, labels[hardest], features[hardest])
-        else:
+        features = features.detach().to(getattr(self, self.bank_names[0]).dtype)
+        if self.hybrid:  # on the device throughout: no host synchronisation
+            kept = labels >= 0
+            labels = torch.where(kept, labels, 0)
+            hardest = self._hardest(features, labels, kept)  # judged against the mean bank before it moves
+            present = self._update_mean(features, labels, kept)
+            self._move_present(self.hard, features[hardest], present)
+            return
+        kept = labels >= 0
+        features, labels = features[kept], labels[kept]
+        if labels.numel():
             self._update_sequential(features, labels)
 
     def moved(self, features: torch.Tensor, labels: torch.Tensor) -> PrototypeMemory:
@@ -141,23 +143,36 @@ class PrototypeMemory(nn.Module):
         moved = self.momentum * bank[clusters] + (1.0 - self.momentum) * targets
         bank[clusters] = F.normalize(moved, dim=1)
 
-    def _update_mean(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        clusters, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-        sums = features.new_zeros(len(clusters), features.shape[1]).index_add_(0, inverse, features)
-        self._move(self.mean, clusters, sums / counts[:, None].to(features.dtype))
+    def _move_present(self, bank: torch.Tensor, targets: torch.Tensor, present: torch.Tensor) -> None:
+        """:meth:`_move` of every cluster (``targets`` [C, D]) where ``present`` [C] is true;
+        the other rows are left as they are. Shapes never depend on the batch's content."""
+        moved = F.normalize(self.momentum * bank + (1.0 - self.momentum) * targets, dim=1)
+        bank.copy_(torch.where(present[:, None], moved, bank))
 
-    def _hardest(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Batch position of each present cluster's instance least similar to its ``mean``
-        prototype, clusters in ascending order ([C_batch] int64)."""
+    def _update_mean(self, features: torch.Tensor, labels: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """Move every cluster with kept batch rows toward their mean; returns that mask [C]."""
+        weight = kept.to(features.dtype)
+        counts = features.new_zeros(self.num_clusters).index_add_(0, labels, weight)
+        sums = features.new_zeros(self.num_clusters, features.shape[1])
+        sums.index_add_(0, labels, features * weight[:, None])
+        present = counts > 0
+        self._move_present(self.mean, sums / counts.clamp(min=1.0)[:, None], present)
+        return present
+
+    def _hardest(self, features: torch.Tensor, labels: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """Batch position [C] (int64) of each cluster's kept instance least similar to its
+        ``mean`` prototype (ties: the earliest in the batch); arbitrary for clusters with
+        no kept instance. ``labels``: 0 where not kept."""
         similarity = (features * self.mean[labels]).sum(dim=1)
+        similarity = torch.where(kept, similarity, torch.inf)  # rows left out are never the hardest
         # Sort by similarity, then (stably) by cluster: each cluster's run starts at its
-        # least similar instance (ties: the earliest one in the batch).
+        # least similar instance.
         by_similarity = torch.argsort(similarity, stable=True)
         order = by_similarity[torch.argsort(labels[by_similarity], stable=True)]
-        sorted_labels = labels[order]
-        run_start = torch.ones_like(sorted_labels, dtype=torch.bool)
-        run_start[1:] = sorted_labels[1:] != sorted_labels[:-1]
-        return order[run_start]
+        positions = torch.arange(len(order), device=labels.device)
+        first = torch.full((self.num_clusters,), len(order), dtype=torch.long, device=labels.device)
+        first.scatter_reduce_(0, labels[order], positions, reduce="amin")
+        return order[first.clamp(max=len(order) - 1)]
 
     def _update_sequential(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Exactly the per-image sequential update, in rounds: round r applies each cluster's

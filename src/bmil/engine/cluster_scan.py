@@ -151,4 +151,6 @@ def cluster_scan(
         size=(trained.data.height, trained.data.width), resize=CLUSTERING_RESIZE, feature="clustering",
     )(records)
     pids, _, modality = record_arrays(records)
+    if torch.device(device).type == "cuda":  # the kNN of every distance then runs on the GPU, as in training
+        features = torch.from_numpy(features).to(device)
     return scan_eps(features, modality, eps_values, cfg.cluster, pids if has_labels(records) else None)

@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bmil.config import Config, default_workers
+from bmil.config import Config, cores_per_process, default_workers
 from bmil.data.records import MODALITIES, MODALITY_NAMES, Record, record_arrays
 from bmil.data.registry import get_dataset
 from bmil.errors import DatasetError
@@ -20,12 +22,60 @@ log = logging.getLogger(__name__)
 Extractor = Callable[[list[Record]], np.ndarray]
 
 
-def loader_workers(cfg: Config, device: torch.device | str) -> int:
-    """DataLoader worker processes: ``data.workers`` when set, else the device default
-    (:func:`bmil.config.default_workers`: 0 on a CPU, min(8, cores / GPU processes) on CUDA)."""
-    if cfg.data.workers is not None:
-        return cfg.data.workers
-    return default_workers(torch.device(device).type == "cuda")
+PREFETCH = 2
+"""Batches each DataLoader worker keeps ready (torch's default ``prefetch_factor``)."""
+SHM = "/dev/shm"
+
+
+def loader_workers(cfg: Config, device: torch.device | str, loaders: int = 1) -> int:
+    """DataLoader worker processes of each of ``loaders`` loaders alive at once: ``data.workers``
+    when set, else the device default (:func:`bmil.config.default_workers`: 0 on a CPU, up to
+    8 on CUDA); with several loaders, at most cores per process / ``loaders`` (at least 1),
+    so that stage 2's four loaders on a node of several GPU processes do not start more
+    workers than there are cores."""
+    cuda = torch.device(device).type == "cuda"
+    wanted = cfg.data.workers if cfg.data.workers is not None else default_workers(cuda)
+    if loaders <= 1 or wanted == 0:
+        return wanted
+    return max(1, min(wanted, cores_per_process() // loaders))
+
+
+def shm_bytes(path: str | Path = SHM) -> int | None:
+    """Free bytes of the shared-memory file system that worker processes hand batches
+    through (``None`` where there is none, e.g. not Linux)."""
+    try:
+        return int(shutil.disk_usage(path).free)
+    except OSError:
+        return None
+
+
+def shm_workers(workers: int, loaders: int, batch_bytes: int, free: int | None) -> tuple[int, str | None]:
+    """Workers per loader that fit in ``free`` bytes of /dev/shm when ``loaders`` loaders of
+    ``workers`` workers each hold :data:`PREFETCH` batches of ``batch_bytes`` per worker;
+    returns (workers, None) when they fit, else (fewer workers, the sentence to log)."""
+    need = loaders * workers * PREFETCH * batch_bytes
+    if workers == 0 or free is None or need <= free:
+        return workers, None
+    fitting = int(free // max(1, loaders * PREFETCH * batch_bytes))
+    mib = 1 << 20
+    return min(workers, fitting), (
+        f"{SHM} has {free / mib:.0f} MiB free but {loaders} loader(s) x {workers} workers x {PREFETCH} prefetched "
+        f"batches of {batch_bytes / mib:.0f} MiB need {need / mib:.0f} MiB (too little shared memory ends in "
+        f"'Bus error'): using {min(workers, fitting)} workers per loader; give the container more "
+        f"(docker run --shm-size=8g) or set data.workers lower"
+    )
+
+
+def extraction_workers(cfg: Config, device: torch.device | str, height: int, width: int) -> int:
+    """Workers of a feature-extraction loader (one loader: :func:`loader_workers`), fewer when
+    /dev/shm cannot hold their prefetched batches of ``train.extract_batch`` float32 images of
+    ``height`` × ``width`` (logged in one sentence)."""
+    workers = loader_workers(cfg, device)
+    batch_bytes = cfg.train.extract_batch * 3 * height * width * 4
+    workers, warning = shm_workers(workers, 1, batch_bytes, shm_bytes() if workers else None)
+    if warning:
+        log.warning(warning)
+    return workers
 
 
 def prepare_root(cfg: Config) -> Path:
@@ -33,10 +83,27 @@ def prepare_root(cfg: Config) -> Path:
     root = Path(cfg.data.root).expanduser()
     entry = get_dataset(cfg.data.dataset)
     if entry.generate is not None:
-        entry.generate(root, cfg)
+        _generate_once_per_node(lambda: entry.generate(root, cfg))
     elif not root.is_dir():
         raise DatasetError(f"dataset root {root} not found: set data.root to the folder that holds your {entry.title}")
     return root
+
+
+def _generate_once_per_node(generate: Callable[[], object]) -> None:
+    """Run ``generate`` (idempotent: it finds an existing dataset and does nothing) in the
+    first process of each node first, while the node's other processes of a torchrun job
+    wait, then in those (which find it made): no two processes write one folder."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        generate()
+        return
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if first:
+        generate()
+    dist.barrier()
+    if not first:
+        generate()
 
 
 def train_records(cfg: Config) -> list[Record]:

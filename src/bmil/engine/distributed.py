@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -114,16 +116,22 @@ def all_true(ctx: DistContext, flag: bool) -> bool:
     return bool(value.item())
 
 
-def gather_rows(ctx: DistContext, rows: torch.Tensor) -> torch.Tensor:
+def gather_rows(ctx: DistContext, rows: torch.Tensor, *, same_size: bool = False) -> torch.Tensor:
     """Concatenate every rank's ``rows`` [n_r, ...] in rank order → [Σ n_r, ...].
 
-    Ranks may hold different n_r (the trailing dimensions and dtype must agree). The result
-    is on ``rows``' device; no gradient flows through it.
+    Ranks may hold different n_r (the trailing dimensions and dtype must agree); with
+    ``same_size`` the caller promises equal n_r (training batches), which saves exchanging
+    the sizes and the host synchronisation reading them. The result is on ``rows``' device;
+    no gradient flows through it.
     """
     if not ctx.enabled:
         return rows
     comm = _comm_device()
     local = rows.detach().to(comm).contiguous()
+    if same_size:
+        parts = [torch.empty_like(local) for _ in range(ctx.world_size)]
+        dist.all_gather(parts, local)
+        return torch.cat(parts).to(rows.device)
     count = torch.tensor([local.shape[0]], dtype=torch.int64, device=comm)
     counts = [torch.zeros_like(count) for _ in range(ctx.world_size)]
     dist.all_gather(counts, count)
@@ -237,6 +245,35 @@ def wrap_ddp(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
         return model
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+
+
+def node_cores() -> int:
+    """CPU cores this process may run on (its affinity set; ``os.cpu_count`` elsewhere)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+@contextmanager
+def clustering_threads(ctx: DistContext) -> Iterator[int]:
+    """Context for the clustering step, which rank 0 runs alone while the other ranks wait in
+    a collective: rank 0 gets the node's cores as torch threads, less one for each other
+    process of the node (a rank waiting on its GPU may spin a core). torchrun sets
+    ``OMP_NUM_THREADS=1``, which would leave the kNN and the Jaccard join on one core. The
+    torch thread count is restored afterwards. Yields the threads this rank uses; without a
+    process group, or on the other ranks, nothing changes."""
+    before = torch.get_num_threads()
+    if not (ctx.enabled and ctx.is_main):
+        yield before
+        return
+    others = max(0, int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)
+    threads = max(before, node_cores() - others)
+    torch.set_num_threads(threads)
+    log.debug("clustering on %d threads (was %d)", threads, before)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
 
 
 def shutdown(ctx: DistContext) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from bmil.config import Config
 from bmil.data.registry import get_dataset
 from bmil.engine.checkpoint import load_checkpoint
@@ -59,6 +61,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, *, progress: bool =
     size = (trained.data.height, trained.data.width)
     log.info("model read from the checkpoint: %s, input %d×%d (the configuration's model section is not used)",
              ", ".join(f"{k}={v}" for k, v in model_signature(model).items()), *size)
+    if cfg.train.channels_last:  # the layout extraction gives the images
+        model = model.to(memory_format=torch.channels_last)
     if not can_score(cfg):
         return run_protocol(cfg, lambda records: None), None
     results = run_protocol(cfg, feature_extractor(model, cfg, device, progress=progress, size=size))

@@ -10,6 +10,7 @@ the output is are also written into each file's metadata (:func:`onnx_metadata`,
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 from pathlib import Path
@@ -41,6 +42,11 @@ class FlipAveragedFeature(nn.Module):
         feats = self.model(images, self.modality)
         flipped = self.model(torch.flip(images, dims=[3]), self.modality) if self.flip else None
         return combine_views(feats, flipped, "test")
+
+
+def _cpu_eval_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` on the CPU (NCHW), leaving ``model`` as it was."""
+    return copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
 
 
 def require_onnx() -> None:
@@ -96,12 +102,13 @@ def export_onnx(
     with :func:`onnx_metadata` (``resize``: the interpolation the model's scoring uses,
     ``eval.resize``).
 
-    model: a TwoStreamResNet (put in eval mode here). Returns {modality: path}.
+    model: a TwoStreamResNet (an eval-mode CPU copy is exported; the caller's model keeps
+    its device and mode). Returns {modality: path}.
     """
     require_onnx()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = model.eval().cpu()
+    model = _cpu_eval_copy(model)
     example = torch.zeros(2, 3, height, width)
     paths = {}
     for modality in (VISIBLE, INFRARED):
@@ -134,5 +141,5 @@ def onnx_max_difference(path: str | Path, model: nn.Module, modality: int, image
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(["features"], {"images": images.numpy().astype(np.float32)})[0]
     with torch.no_grad():
-        expected = FlipAveragedFeature(model.eval().cpu(), modality)(images).numpy()
+        expected = FlipAveragedFeature(_cpu_eval_copy(model), modality)(images).numpy()
     return float(np.abs(got - expected).max())

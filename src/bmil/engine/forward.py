@@ -74,13 +74,14 @@ def forward_batches(network: nn.Module, batches: Batches, labels: dict[int, np.n
     """
     images, targets = {}, {}
     for m, (views, index) in batches.items():
-        images[m] = views.transpose(0, 1).flatten(0, 1)
-        targets[m] = torch.from_numpy(labels[m][index.numpy()]).repeat(views.shape[1])
+        # Each (pinned) batch goes to the device whole, asynchronously; it is laid out there.
+        images[m] = views.to(device, non_blocking=True).transpose(0, 1).flatten(0, 1)
+        targets[m] = torch.from_numpy(labels[m][index.numpy()]).repeat(views.shape[1]).to(device, non_blocking=True)
     chunks = {m: x.chunk(bn_split) for m, x in images.items()}
     parts = []
     for j in range(bn_split):
         x = torch.cat([chunks[m][j] for m in images])
-        mods = torch.cat([torch.full((len(chunks[m][j]),), m, dtype=torch.long) for m in images])
+        mods = torch.cat([torch.full((len(chunks[m][j]),), m, dtype=torch.long, device=device) for m in images])
         if j == 0:
             parts.append(network_features(network, x, mods, device, amp))
         else:
@@ -91,6 +92,6 @@ def forward_batches(network: nn.Module, batches: Batches, labels: dict[int, np.n
         for m, f in zip(images, feats.split([len(chunks[m][j]) for m in images]), strict=True):
             pieces[m].append(f)
     return {
-        m: ModalityFeatures(torch.cat(pieces[m]), targets[m].to(device), index, int(views.shape[1]))
+        m: ModalityFeatures(torch.cat(pieces[m]), targets[m], index, int(views.shape[1]))
         for m, (views, index) in batches.items()
     }

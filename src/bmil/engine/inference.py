@@ -101,15 +101,15 @@ def feature_extractor(
     them: input ``data.height`` × ``data.width`` (or ``size`` = (height, width), e.g. the
     checkpoint's own), resized with ``resize`` (default ``eval.resize``, the scoring resize;
     pass ``"bicubic"`` for the features clustering sees), ``train.extract_batch`` images a
-    batch, :func:`~bmil.engine.datasets.loader_workers` loader workers, ``train.amp``;
+    batch, :func:`~bmil.engine.datasets.extraction_workers` loader workers (as many as /dev/shm holds), ``train.amp``;
     flip-averaged (``flip``); ``feature`` ``"test"`` (unit rows, for scoring) or
     ``"clustering"`` (the flip average not normalised again) as
     :func:`bmil.engine.extract.extract_features` computes them (it reads and fills
     ``cache`` when given)."""
-    from bmil.engine.datasets import loader_workers
+    from bmil.engine.datasets import extraction_workers
 
-    workers = loader_workers(cfg, device)
     height, width = size if size is not None else (cfg.data.height, cfg.data.width)
+    workers = extraction_workers(cfg, device, height, width)  # as many as /dev/shm holds
 
     def extract(records: list[Record], *, desc: str = desc) -> np.ndarray:
         return extract_features(

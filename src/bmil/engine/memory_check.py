@@ -65,15 +65,25 @@ def host_available_memory() -> int | None:
 
 
 def available_memory(device: torch.device | str = "cpu") -> int | None:
-    """Bytes available on ``device``: host memory for the CPU, the smaller of the GPU's free
-    memory (``torch.cuda.mem_get_info``) and the host's for CUDA (the sparse Jaccard phase
-    always runs on the host). ``None`` when it cannot be read."""
+    """Bytes available on ``device``: host memory for the CPU, the smaller of the GPU's
+    available memory (:func:`gpu_available_memory`) and the host's for CUDA (the sparse
+    Jaccard phase always runs on the host). ``None`` when it cannot be read."""
     device = torch.device(device)
     host = host_available_memory()
     if device.type != "cuda":
         return host
+    free = gpu_available_memory(device)
+    return free if host is None else min(free, host)
+
+
+def gpu_available_memory(device: torch.device | str) -> int:
+    """Bytes a new allocation on the CUDA ``device`` can get: the driver's free memory
+    (``torch.cuda.mem_get_info``, which counts PyTorch's cached blocks as used) plus the
+    blocks PyTorch holds in its cache without using them (reserved − allocated)."""
+    device = torch.device(device)
     free, _ = torch.cuda.mem_get_info(device)
-    return int(free) if host is None else min(int(free), host)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(free) + max(int(cached), 0)
 
 
 def _hints(cfg: ClusterConfig, join: bool = False) -> str:

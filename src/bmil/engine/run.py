@@ -18,13 +18,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bmil.config import Config, TrainConfig, config_to_dict
+from bmil.config import Config, TrainConfig, config_to_dict, cores_per_process
 from bmil.data import PseudoIdentitySampler, TrainDataset, infrared_views, visible_views
 from bmil.data.records import INFRARED, MODALITIES, VISIBLE, Record, record_arrays
 from bmil.data.resized_cache import resized_caches
 from bmil.engine import distributed
 from bmil.engine.checkpoint import load_checkpoint
-from bmil.engine.datasets import has_labels, loader_workers, log_dataset_counts, train_records
+from bmil.engine.datasets import (
+    has_labels,
+    loader_workers,
+    log_dataset_counts,
+    shm_bytes,
+    shm_workers,
+    train_records,
+)
 from bmil.engine.extract import FEATURE_DESCRIPTION, resolve_device
 from bmil.engine.forward import Batches, ModalityFeatures, forward_batches
 from bmil.engine.inference import signature_difference
@@ -39,22 +46,34 @@ class TrainingError(BmilError):
     """Training cannot go on (e.g. a non-finite loss); the message says what to do."""
 
 
-def seed_everything(seed: int, epoch: int) -> np.random.Generator:
+def seed_everything(seed: int, epoch: int, rank: int = 0) -> np.random.Generator:
     """Seed torch and Python for one epoch and return the epoch's numpy generator, so an
-    epoch's randomness depends only on (seed, epoch): that is what makes resume exact.
-    ``epoch`` may be -1 (set-up before the first epoch)."""
-    mixed = (seed * 1_000_003 + epoch + 1) % (2**31)
+    epoch's randomness depends only on (seed, epoch, rank): that is what makes resume exact.
+    ``epoch`` may be -1 (set-up before the first epoch). torch and Python (the augmentations
+    drawn in the training process) differ per ``rank``; the numpy generator, which draws the
+    epoch's visible split and must be the same on every rank, does not."""
+    mixed = (seed * 1_000_003 + epoch + 1 + rank * 7_919_000_003) % (2**31)
     torch.manual_seed(mixed)
     random.seed(mixed)
     return np.random.default_rng([seed, epoch + 1])
 
 
 def set_deterministic(enabled: bool) -> None:
-    """Deterministic kernels where torch has them (``train.deterministic``)."""
+    """Deterministic kernels where torch has them (``train.deterministic``); otherwise cuDNN
+    picks its fastest convolution algorithms (training batches all have one size, so the
+    search is made once per shape)."""
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def worker_seed(seed: int, modality: int, rank: int) -> int:
+    """The seed of a training loader's worker generator: distinct per (loader ``seed``, which
+    already holds the epoch, ``modality``, ``rank``)."""
+    return int(np.random.SeedSequence([seed, modality, rank]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def seed_worker(worker_id: int) -> None:
@@ -85,6 +104,23 @@ def adam(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.op
     CPU: 5.3 ms a step against 20 ms for the multi-tensor loop); the same update up to
     floating-point rounding."""
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
+def align_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every per-parameter state tensor of the shape of its parameter (Adam's moments)
+    that parameter's memory layout, dtype and device, in place.
+
+    ``load_state_dict`` moves the saved state to the parameter's device and dtype but keeps
+    the saved strides: a checkpoint written from NCHW parameters (on the CPU) and loaded for
+    channels_last ones (on CUDA) would leave moments the fused Adam kernel refuses."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if not torch.is_tensor(value) or value.shape != param.shape:
+                    continue
+                if value.stride() != param.stride() or value.dtype != param.dtype or value.device != param.device:
+                    state[key] = torch.empty_like(param).copy_(value)
 
 
 @dataclass
@@ -146,6 +182,8 @@ class Run:
     best: dict[int, StageBest] = field(default_factory=lambda: {1: StageBest(), 2: StageBest()})
     last: dict[int, StageBest] = field(default_factory=lambda: {1: StageBest(), 2: StageBest()})
     history: list[dict[str, Any]] = field(default_factory=list)
+    stage: int = 1
+    _workers_said: tuple | None = field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -155,10 +193,10 @@ class Run:
     def ckpt_dir(self) -> Path:
         return Path(self.cfg.output) / "checkpoints"
 
-    @property
-    def per_rank_ids(self) -> int:
-        """This process's share of the ``train.num_ids`` identities of every batch."""
-        return distributed.per_rank_ids(self.cfg.train.num_ids, self.dist)
+    def rank_ids(self, modality: int) -> int:
+        """This process's share of the identities of every batch of ``modality``
+        (:func:`batch_ids`)."""
+        return distributed.per_rank_ids(batch_ids(self.cfg.train, modality), self.dist)
 
     # ------------------------------------------------------------ optimiser and weights
     def new_optimizer(self) -> None:
@@ -168,9 +206,27 @@ class Run:
         self.optimizer = adam(params, t.lr, t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=t.lr_step, gamma=t.lr_gamma)
 
-    def load_weights(self, path: str | Path) -> None:
-        """Model weights from a checkpoint of the same architecture."""
-        state = load_checkpoint(path)
+    def read_checkpoint(self, path: str | Path, *, required: bool = True) -> dict[str, Any] | None:
+        """The checkpoint at ``path`` as rank 0 reads it, on every rank: ranks on other nodes
+        need not see the file (no shared file system), and all ranks load the same bytes.
+        ``None`` when rank 0 finds no file and ``required`` is false; a missing (required)
+        or unreadable file raises :class:`CheckpointError` on every rank."""
+        reply = None
+        if self.dist.is_main:
+            try:
+                found = required or Path(path).is_file()
+                reply = ("state", load_checkpoint(path)) if found else ("absent", None)
+            except CheckpointError as err:
+                reply = ("error", str(err))
+        kind, value = distributed.broadcast_object(self.dist, reply)
+        if kind == "error":
+            raise CheckpointError(value)
+        return value if kind == "state" else None
+
+    def load_weights(self, path: str | Path, state: dict[str, Any] | None = None) -> None:
+        """Model weights from a checkpoint of the same architecture (``state``: the checkpoint
+        already read, else rank 0 reads ``path``)."""
+        state = self.read_checkpoint(path) if state is None else state
         check_signature(self.signature, state, path)
         try:
             self.model.load_state_dict(state["model"])
@@ -179,12 +235,21 @@ class Run:
             raise CheckpointError(f"checkpoint {path} does not fit the configured model: {reason}") from err
         log.info("initialised weights from %s", path)
 
+    def start_weights(self, path: str | Path) -> bool:
+        """Load ``path`` (stage 2's ``best_stage1.pt``) when rank 0 has it; returns whether it
+        did. Every rank takes rank 0's answer and weights."""
+        state = self.read_checkpoint(path, required=False)
+        if state is not None:
+            self.load_weights(path, state)
+        return state is not None
+
     def resume(self) -> None:
-        """Weights, optimiser, schedule and progress from ``checkpoints/last.pt``."""
+        """Weights, optimiser, schedule and progress from ``checkpoints/last.pt`` (rank 0's)."""
         path = self.ckpt_dir / "last.pt"
-        state = load_checkpoint(path)
-        self.load_weights(path)
+        state = self.read_checkpoint(path)
+        self.load_weights(path, state)
         self.optimizer.load_state_dict(state["optimizer"])
+        align_optimizer_state(self.optimizer)  # the checkpoint may come from another device or layout
         self.scheduler.load_state_dict(state["scheduler"])
         self._apply_lr_override(state)
         self.start_epoch = int(state["epoch"]) + 1
@@ -229,13 +294,43 @@ class Run:
     # ------------------------------------------------------------ batches and steps
     def set_stage_views(self, stage: int) -> None:
         """Give the training datasets the views of ``stage`` (called at the start of every epoch)."""
+        self.stage = stage
         views = stage_views(self.cfg, stage)
         for dataset in self.datasets.values():
             dataset.set_transforms(views)
 
+    @property
+    def loaders_alive(self) -> int:
+        """Training loaders iterated together: one per modality, twice that in stage 2 with
+        the global objective."""
+        return 2 * len(MODALITIES) if self.stage == 2 and self.cfg.train.global_association else len(MODALITIES)
+
+    def workers(self, modality: int) -> int:
+        """Worker processes of one training loader (:func:`~bmil.engine.datasets.loader_workers`
+        for the loaders alive now, lowered to what /dev/shm holds); logged when it changes."""
+        loaders = self.loaders_alive
+        workers = loader_workers(self.cfg, self.device, loaders)
+        d, t = self.cfg.data, self.cfg.train
+        views = len(stage_views(self.cfg, self.stage)[modality])
+        batch_bytes = self.rank_ids(modality) * t.num_instances * views * 3 * d.height * d.width * 4
+        workers, warning = shm_workers(workers, loaders, batch_bytes, shm_bytes() if workers else None)
+        said = (workers, loaders, warning)
+        if said != self._workers_said:
+            self._workers_said = said
+            if warning:
+                log.warning(warning)
+            source = f"data.workers={d.workers}" if d.workers is not None else "the device default"
+            log.info("data loading: %d worker(s) per loader x %d loaders (%s; %d cores per process on this node)",
+                     workers, loaders, source, cores_per_process())
+        return workers
+
     def loader(self, modality: int, labels: np.ndarray, seed: int) -> DataLoader:
         """The P×K loader of one epoch over ``modality``'s images with pseudo labels
-        ``labels`` [N_m] (-1: never drawn); this process's share of each batch when distributed."""
+        ``labels`` [N_m] (-1: never drawn); this process's share of each batch when distributed.
+
+        The sampler's ``seed`` is the same on every rank (all ranks cut the same batches);
+        the augmentations are drawn per rank: worker w of a loader is seeded from
+        (``seed``, modality, rank, w), so ranks and workers differ and a rerun repeats them."""
         t = self.cfg.train
         # The release's sampler draws each anchor's companions from other cameras.
         cameras = self.camids[self.index[modality]] if t.sampler == "camera" else None
@@ -243,11 +338,13 @@ class Run:
         sampler = PseudoIdentitySampler(labels, num_ids, t.num_instances, t.iterations, seed=seed, cameras=cameras)
         if self.dist.enabled:  # this rank's num_ids / world_size identities of every batch
             sampler = distributed.IdentityShardSampler(sampler, self.dist)
-        share = distributed.per_rank_ids(num_ids, self.dist)
+        workers = self.workers(modality)
+        # With workers, DataLoader seeds worker w with (a draw of this generator) + w.
+        generator = torch.Generator().manual_seed(worker_seed(seed, modality, self.dist.rank)) if workers else None
         return DataLoader(
-            self.datasets[modality], batch_size=share * t.num_instances, sampler=sampler, drop_last=True,
-            num_workers=loader_workers(self.cfg, self.device), pin_memory=self.device.type == "cuda",
-            persistent_workers=False, worker_init_fn=seed_worker,
+            self.datasets[modality], batch_size=self.rank_ids(modality) * t.num_instances, sampler=sampler,
+            drop_last=True, num_workers=workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=False, worker_init_fn=seed_worker, generator=generator,
         )
 
     def forward(self, batches: Batches, labels: dict[int, np.ndarray]) -> dict[int, ModalityFeatures]:
@@ -259,7 +356,9 @@ class Run:
     def gathered(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A memory update's batch from all ranks, in rank order (= the single-process
         batch), so that every rank moves its memories identically."""
-        return distributed.gather_rows(self.dist, features), distributed.gather_rows(self.dist, labels)
+        # Every rank's batch of a modality has rank_ids × num_instances images (drop_last): no size exchange.
+        return (distributed.gather_rows(self.dist, features, same_size=True),
+                distributed.gather_rows(self.dist, labels, same_size=True))
 
     def step(self, loss: torch.Tensor, epoch: int, step: int) -> None:
         """One optimiser step on ``loss``; a non-finite loss (on any rank) raises

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from bmil.config import Config, save_config
-from bmil.data.records import VISIBLE, Record
+from bmil.data.records import INFRARED, VISIBLE, Record
 from bmil.engine import distributed
 from bmil.engine.association import Association, associate, draw_subsets, features_read
 from bmil.engine.checkpoint import save_checkpoint
@@ -109,7 +109,7 @@ class Trainer:
     def epoch_split(self, epoch: int) -> tuple[np.random.Generator, tuple[np.ndarray, np.ndarray] | None]:
         """Seed ``epoch`` and draw its visible split (:func:`draw_subsets`, the first draw from
         the epoch's generator); returns the generator, which association goes on drawing from."""
-        rng = seed_everything(self.cfg.train.seed, epoch)
+        rng = seed_everything(self.cfg.train.seed, epoch, self.dist.rank)  # augmentations differ per rank
         return rng, draw_subsets(self.modality, self.cfg.cluster, rng)
 
     def global_association(self, stage: int) -> bool:
@@ -144,7 +144,7 @@ class Trainer:
             return {}
         self.model.train()
         plan = step_plan(objectives, self.cfg.train.separate_global_step)
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # on the device: read on the host only for the progress bar
         iterators = {(o.name, m): iter(dl) for o in objectives for m, dl in o.loaders.items()}
         bar = tqdm(range(self.cfg.train.iterations), desc=f"epoch {epoch}", disable=not self.progress, leave=False)
         for step in bar:
@@ -155,17 +155,18 @@ class Trainer:
                 losses = [group_loss(group, batches, self.run.forward) for group in groups]
                 for group, loss in zip(groups, losses, strict=True):
                     key = f"loss/{group[0].group}"
-                    sums[key] = sums.get(key, 0.0) + float(loss.detach())
+                    sums[key] = sums.get(key, 0.0) + loss.detach().double()  # as a Python float sum
                 self.run.step(sum(losses), epoch, step)
                 for group in groups:
                     for objective in group:
                         objective.update()
-            bar.set_postfix({k.split("/")[1]: f"{v / (step + 1):.3f}" for k, v in sums.items()})
+            if self.progress:
+                bar.set_postfix({k.split("/")[1]: f"{float(v) / (step + 1):.3f}" for k, v in sums.items()})
         self.memory_state = {
             "intra": {o.modality: o.memory.state_dict() for o in objectives if o.group == "intra"},
             "global": next((o.memory.state_dict() for o in objectives if o.group == "global"), None),
         }
-        return {k: v / self.cfg.train.iterations for k, v in sums.items()}
+        return {k: float(v) / self.cfg.train.iterations for k, v in sums.items()}
 
     # ---------------------------------------------------------------- evaluation, checkpoints
     def evaluate(self, trials: int | None = None) -> list:
@@ -182,10 +183,9 @@ class Trainer:
 
     def _start_stage2(self) -> None:
         best = self.run.ckpt_dir / "best_stage1.pt"
-        if best.is_file():
-            self.run.load_weights(best)
+        found = self.run.start_weights(best)  # rank 0's file and weights, on every rank
         self.run.new_optimizer()
-        log.info("stage 2 starts from %s", best if best.is_file() else "the last stage-1 model")
+        log.info("stage 2 starts from %s", best if found else "the last stage-1 model")
 
     def _maybe_evaluate(self, epoch: int, stage: int) -> dict[str, Any] | None:
         """Evaluate at the first epoch of the stage, every ``eval_every`` after it and at its
@@ -221,8 +221,8 @@ class Trainer:
             save_config(self.cfg, self.out / "config.yaml")
             # Per process: this rank's share of the P×K identities, both modalities' views in one BN pass.
             t = self.cfg.train
-            batch = self.run.per_rank_ids * t.num_instances
-            visible = distributed.per_rank_ids(batch_ids(t, VISIBLE), self.dist) * t.num_instances
+            batch = self.run.rank_ids(INFRARED) * t.num_instances
+            visible = self.run.rank_ids(VISIBLE) * t.num_instances
             bn_batch = (visible * (2 if self.cfg.data.channel_aug else 1) + batch) // t.bn_split
             write_run_info(self.out, device=str(self.device), world_size=self.dist.world_size,
                            per_process_batch=batch,
@@ -248,9 +248,10 @@ class Trainer:
         positions = features_read(self.modality, subsets, global_association=self.global_association(stage))
         features = self.epoch_features(epoch, positions)
         # Rank 0 clusters; the other ranks receive its pseudo labels.
-        assoc = distributed.broadcast_object(
-            self.dist, self.associate(features, stage, rng, subsets) if self.dist.is_main else None
-        )
+        with distributed.clustering_threads(self.dist):
+            assoc = distributed.broadcast_object(
+                self.dist, self.associate(features, stage, rng, subsets) if self.dist.is_main else None
+            )
         stats = self.association_stats(assoc)
         losses = self.train_epoch(epoch, features, assoc)
         distributed.average_buffers(self.dist, self.model)  # one set of BN statistics for all ranks
