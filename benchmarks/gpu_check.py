@@ -495,8 +495,8 @@ class GpuCheck:
 
         def train_both():
             start = time.perf_counter()
-            rc, out = _quiet_cli(["train", "--config", config, *self._train_overrides(run_a, dev)])
-            summary = json.loads(out) if rc == 0 else {}
+            rc, _ = _quiet_cli(["train", "--config", config, *self._train_overrides(run_a, dev)])
+            summary = json.loads((run_a / "summary.json").read_text()) if rc == 0 else {}
             ok = rc == 0 and (run_a / "checkpoints" / "last.pt").is_file() and summary["stage2"]["epoch"] >= 0
             return ok, f"bmil train on {dev}, amp {self.cuda}, both stages, exit {rc}", \
                 f"{time.perf_counter() - start:.1f} s"
