@@ -449,7 +449,8 @@ def knn(
     k: neighbours per query, 1 <= k <= number of candidates.
     candidates: optional int indices [M] of the rows to search among (e.g. one modality);
         default all N rows.
-    queries: optional int indices [Q] of the query rows; default all N rows.
+    queries: optional unique int indices [Q] of the query rows, default all N rows; the
+        results' rows come in ascending index order, whatever the order given.
     backend: "torch" (blocked matrix products, running top-k; memory per block
         block_size × 8·block_size float32) or "faiss" (IndexFlatIP / IndexFlatL2, CPU; equal
         similarities may be cut differently at the k-th place).
