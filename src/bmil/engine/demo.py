@@ -122,7 +122,8 @@ def demo_table(summary: dict[str, Any]) -> str:
             f"{training['ari_plain']:.3f} / {training['ari_modality_aware']:.3f} |"]),
         f"| models kept | {summary['selected_by']}; last epoch: stage 1 {_scores(summary['stage1_last'])}, "
         f"stage 2 {_scores(summary['stage2_last'])} |",
-    ]) + ("\n\nStage-1 features: the best stage-1 model's test features (flip-averaged, as training clusters them). "
+    ]) + ("\n\nStage-1 features: the best stage-1 model's clustering features (the mean of the image's and its "
+          "mirror's unit BN-neck outputs, as training clusters them). "
           f"Global clustering: the {summary['clustering']['images']:.0f} images stage 2's first epoch clusters "
           "(the visible half intra clustering leaves out, and every infrared image).")
 
