@@ -25,7 +25,6 @@ from bmil.engine.objectives import Objective, build_objectives, group_loss, step
 from bmil.engine.run import (  # noqa: F401  (seed_worker, check_signature, TrainingError: public here too)
     StageBest,
     TrainingError,
-    batch_ids,
     build_run,
     check_signature,
     seed_everything,
