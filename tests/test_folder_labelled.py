@@ -369,11 +369,11 @@ def test_one_cluster_advice_follows_from_the_numbers():
 def test_few_pseudo_identities_warning_is_said_once_with_what_to_change(caplog):
     from bmil.data import sampler
 
-    sampler._WARNED.clear()  # the warning is said once per process
+    warned: set[int] = set()  # what a run shares between its epochs' samplers
     with caplog.at_level(logging.WARNING, logger="bmil"):
         for clusters in (3, 5, 3):  # three epochs, each a new sampler
             sampler.PseudoIdentitySampler(np.arange(clusters * 4) % clusters, num_ids=8, num_instances=4,
-                                          iterations=1)
+                                          iterations=1, warned=warned)
     warnings = [r.getMessage() for r in caplog.records if "pseudo identities" in r.getMessage()]
     assert len(warnings) == 1
     assert warnings[0].startswith("only 3 pseudo identities for 8 per batch") and "train.num_ids=3" in warnings[0]

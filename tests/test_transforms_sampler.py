@@ -25,7 +25,6 @@ from bmil.data import (
     train_transform,
     visible_views,
 )
-from bmil.data import sampler as sampler_module
 from bmil.data import transforms as bmil_transforms
 from bmil.errors import DatasetError
 from helpers import imagenet_normalised
@@ -239,7 +238,6 @@ def test_sampler_is_deterministic_per_seed_and_epoch():
 
 def test_sampler_with_fewer_clusters_than_ids_repeats_and_warns_once(caplog):
     labels = np.array([0, 0, 0, 1, 1, -1, -1])
-    sampler_module._WARNED.clear()  # the warning is said once per process
     with caplog.at_level(logging.WARNING, logger="bmil.data.sampler"):
         sampler = PseudoIdentitySampler(labels, num_ids=5, num_instances=2, iterations=4)
         for batch in batches(sampler, 5, 2):

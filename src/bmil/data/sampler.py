@@ -27,15 +27,14 @@ from torch.utils.data import Sampler
 log = logging.getLogger(__name__)
 
 
-_WARNED: set[int] = set()  # batch sizes (num_ids) already warned about in this process
-
-
-def warn_few_identities(clusters: int, num_ids: int) -> None:
-    """The few-clusters warning, once per process and ``num_ids`` (a new sampler is made
-    every epoch and the count changes between epochs: the first count is named)."""
-    if num_ids in _WARNED:
-        return
-    _WARNED.add(num_ids)
+def warn_few_identities(clusters: int, num_ids: int, warned: set[int] | None = None) -> None:
+    """The few-clusters warning; with ``warned`` (the batch sizes already warned about, owned
+    by the caller and updated here) once per ``num_ids`` (a new sampler is made every epoch
+    and the count changes between epochs: the first count is named)."""
+    if warned is not None:
+        if num_ids in warned:
+            return
+        warned.add(num_ids)
     log.warning(
         "only %d pseudo identities for %d per batch: identities repeat within a batch; set train.num_ids to "
         "at most the clusters an epoch gives (e.g. train.num_ids=%d), or make more clusters with a lower "
@@ -60,7 +59,8 @@ class PseudoIdentitySampler(Sampler[int]):
     Each batch of ``num_ids × num_instances`` indices holds ``num_ids`` pseudo identities
     (labels >= 0; -1 outliers are never sampled), ``num_instances`` consecutive indices each.
     With fewer than ``num_ids`` clusters, identities repeat within a batch (a warning is
-    logged once).
+    logged; ``warned``, a set shared by the samplers of one run, says it once per ``num_ids``:
+    :func:`warn_few_identities`).
 
     cameras: None — the ``uniform`` rule: distinct identities per batch; a cluster with at
     least ``num_instances`` images contributes distinct images, a smaller one all its images
@@ -81,6 +81,7 @@ class PseudoIdentitySampler(Sampler[int]):
         iterations: int = 200,
         seed: int = 0,
         cameras: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+        warned: set[int] | None = None,
     ) -> None:
         if num_ids < 1 or num_instances < 1 or iterations < 1:
             raise ValueError("PseudoIdentitySampler needs num_ids, num_instances and iterations of at least 1.")
@@ -102,7 +103,7 @@ class PseudoIdentitySampler(Sampler[int]):
         self.seed = seed
         self.epoch = 0
         if len(self.members) < num_ids:
-            warn_few_identities(len(self.members), num_ids)
+            warn_few_identities(len(self.members), num_ids, warned)
 
     def set_epoch(self, epoch: int) -> None:
         """Reseed the order with (seed, epoch)."""

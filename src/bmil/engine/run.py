@@ -184,6 +184,7 @@ class Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     stage: int = 1
     _workers_said: tuple | None = field(default=None, repr=False)
+    _few_ids_warned: set[int] = field(default_factory=set, repr=False)  # batch sizes warned about
 
     @property
     def device(self) -> torch.device:
@@ -335,7 +336,8 @@ class Run:
         # The release's sampler draws each anchor's companions from other cameras.
         cameras = self.camids[self.index[modality]] if t.sampler == "camera" else None
         num_ids = batch_ids(t, modality)
-        sampler = PseudoIdentitySampler(labels, num_ids, t.num_instances, t.iterations, seed=seed, cameras=cameras)
+        sampler = PseudoIdentitySampler(labels, num_ids, t.num_instances, t.iterations, seed=seed, cameras=cameras,
+                                        warned=self._few_ids_warned)
         if self.dist.enabled:  # this rank's num_ids / world_size identities of every batch
             sampler = distributed.IdentityShardSampler(sampler, self.dist)
         workers = self.workers(modality)
