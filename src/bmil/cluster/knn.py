@@ -67,11 +67,7 @@ def as_unit_tensor(features: np.ndarray | torch.Tensor) -> torch.Tensor:
     returned as they are, sharing memory with ``features`` (read only): at N = 200,000 ×
     2048 the normalised copy would be 1.5 GiB.
     """
-    is_tensor = isinstance(features, torch.Tensor)
-    x = features.detach() if is_tensor else torch.from_numpy(np.ascontiguousarray(features))
-    if x.ndim != 2:
-        raise ValueError(f"features must be a 2-D array [N, d], got shape {tuple(x.shape)}.")
-    x = x.to(torch.float32)
+    x = as_float_tensor(features)
     if x.shape[0] and _rows_are_unit(x):
         return x
     return torch.nn.functional.normalize(x, dim=1)

@@ -182,7 +182,7 @@ def load_features(path: str | Path) -> FeatureSet:
 def _id_strings(pids: np.ndarray) -> np.ndarray:
     """Person ids as str [N]; integer ids (older files) as decimal text, -1 as unknown."""
     if pids.dtype.kind in "iu":
-        return np.array([UNKNOWN_ID if p < 0 else str(p) for p in pids.tolist()], dtype=str)
+        return np.where(pids < 0, UNKNOWN_ID, pids.astype(str))
     return pids.astype(str)
 
 
