@@ -22,10 +22,9 @@ from bmil.analysis import (
     same_label_pairs,
     tsne_points,
 )
-from bmil.config import config_to_dict
-from bmil.engine.checkpoint import save_checkpoint
 from bmil.errors import DatasetError
-from bmil.model import build_model, model_signature
+from bmil.model import build_model
+from helpers import save_model_checkpoint
 
 
 def identities(ids: int, per_modality: int, seed: int, d: int = 12):
@@ -150,9 +149,7 @@ def test_analyze_checkpoint_cli(synthetic_root, tmp_path, make_config, capsys):
     cfg = make_config(synthetic_root, tmp_path)
     torch.manual_seed(0)
     model = build_model(depth=18, non_local=False, pretrained="none")
-    ckpt = tmp_path / "model.pt"
-    save_checkpoint({"config": config_to_dict(cfg), "signature": model_signature(model),
-                     "model": model.state_dict()}, ckpt)
+    ckpt = save_model_checkpoint(cfg, model, tmp_path / "model.pt")
     code = cli.main(["-q", "analyze", "--checkpoint", str(ckpt), "--out", str(tmp_path / "an")])
     assert code == 0, capsys.readouterr().err
     share = json.loads((tmp_path / "an" / "neighbours.json").read_text())
@@ -196,9 +193,7 @@ def test_analyze_with_a_config_keeps_the_checkpoints_input_size(synthetic_root, 
     cfg = make_config(synthetic_root, tmp_path)
     torch.manual_seed(0)
     model = build_model(depth=18, non_local=False, pretrained="none")
-    ckpt = tmp_path / "model.pt"
-    save_checkpoint({"config": config_to_dict(cfg), "signature": model_signature(model),
-                     "model": model.state_dict()}, ckpt)
+    ckpt = save_model_checkpoint(cfg, model, tmp_path / "model.pt")
     save_config(cfg, tmp_path / "cfg.yaml")
     sizes = []
 
