@@ -21,6 +21,10 @@ CUDA_PRESENT = torch.cuda.is_available()
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "cuda: the test is about CUDA (skipped without a GPU)")
+    config.addinivalue_line(
+        "markers", "e2e: an end-to-end run (training, a whole command, worker processes); "
+        "`-m 'not e2e'` leaves the unit tests"
+    )
     # Processes the tests start (CLI subprocesses, DDP workers) run on the CPU.
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
