@@ -642,7 +642,7 @@ class GpuCheck:
         r.add(s, "release anchors", "SKIP", f"{ANCHORS['stage1']}, {ANCHORS['stage2']}", "for comparison")
 
         def with_loader():
-            from bmil.data.records import VISIBLE
+            from bmil.records import VISIBLE
 
             run = self._sysu_run()
             loop = _LoaderStep(run, z)
@@ -798,7 +798,7 @@ class _LoaderStep:
     def __init__(self, run, z: Sizes) -> None:
         import numpy as np
 
-        from bmil.data.records import MODALITIES
+        from bmil.records import MODALITIES
 
         self.run, self.z = run, z
         run.set_stage_views(2)  # stage 2: four loaders alive, as here
@@ -816,8 +816,8 @@ class _LoaderStep:
     def _step(self, group: str) -> None:
         import torch
 
-        from bmil.data.records import MODALITIES
         from bmil.losses import intra_loss
+        from bmil.records import MODALITIES
 
         batches = {m: next(self.iters[(group, m)]) for m in MODALITIES}
         out = self.run.forward(batches, self.labels)

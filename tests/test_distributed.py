@@ -58,8 +58,8 @@ class _Draws(torch.utils.data.Dataset):
 def _augmentation_draws(trainer) -> dict:
     """The first batches of a visible training loader with data.workers=2 (twice with one
     seed, once with the next epoch's), and the in-process draws with no workers."""
-    from bmil.data.records import VISIBLE
     from bmil.engine.run import seed_everything
+    from bmil.records import VISIBLE
 
     run = trainer.run
     os.cpu_count = lambda: 16  # 8 cores per process: 2 workers for each of stage 2's 4 loaders

@@ -12,7 +12,6 @@ import json
 import numpy as np
 import pytest
 
-from bmil.data.records import INFRARED, VISIBLE, Record
 from bmil.evaluation import (
     ProtocolResult,
     evaluate_cross_modality,
@@ -22,6 +21,7 @@ from bmil.evaluation import (
     results_table,
     save_results,
 )
+from bmil.records import INFRARED, VISIBLE, Record
 
 DIM = 8
 

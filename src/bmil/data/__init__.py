@@ -10,16 +10,6 @@ from bmil.data.check import check_dataset, check_report, compare_counts, dataset
 from bmil.data.folder import folder_test, folder_train
 from bmil.data.images import IMAGE_EXTENSIONS, ImageDataset, TrainDataset, load_image
 from bmil.data.llcm import llcm_gallery, llcm_query, llcm_train
-from bmil.data.records import (
-    INFRARED,
-    MODALITIES,
-    MODALITY_INDEX,
-    MODALITY_NAMES,
-    OTHER_MODALITY,
-    VISIBLE,
-    Record,
-    record_arrays,
-)
 from bmil.data.regdb import regdb_test, regdb_train
 from bmil.data.registry import DATASETS, PUBLISHED_COUNTS, Dataset, dataset_names, get_dataset
 from bmil.data.sampler import PseudoIdentitySampler
@@ -34,6 +24,16 @@ from bmil.data.transforms import (
     test_transform,
     train_transform,
     visible_views,
+)
+from bmil.records import (
+    INFRARED,
+    MODALITIES,
+    MODALITY_INDEX,
+    MODALITY_NAMES,
+    OTHER_MODALITY,
+    VISIBLE,
+    Record,
+    record_arrays,
 )
 
 __all__ = [

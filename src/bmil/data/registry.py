@@ -30,7 +30,7 @@ from bmil.errors import ConfigError, DatasetError
 if TYPE_CHECKING:
     import numpy as np
 
-    from bmil.data.records import Record
+    from bmil.records import Record
 
     Extract = Callable[[list[Record]], np.ndarray]
 

@@ -22,9 +22,9 @@ import torch
 
 from bmil.cluster import cluster_counts, dbscan_labels, label_quality, num_clusters, relabel
 from bmil.config import ClusterConfig, Config
-from bmil.data.records import MODALITIES, MODALITY_NAMES, record_arrays
 from bmil.engine.association import cluster_distance
 from bmil.errors import ConfigError
+from bmil.records import MODALITIES, MODALITY_NAMES, record_arrays
 
 
 def parse_eps(text: str) -> list[float]:

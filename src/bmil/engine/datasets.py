@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from bmil.config import Config, cores_per_process, default_workers
-from bmil.data.records import MODALITIES, MODALITY_NAMES, Record, record_arrays
 from bmil.data.registry import get_dataset
 from bmil.errors import DatasetError
+from bmil.records import MODALITIES, MODALITY_NAMES, Record, record_arrays
 
 log = logging.getLogger(__name__)
 

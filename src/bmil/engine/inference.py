@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from bmil.config import Config, ModelConfig, config_from_dict
-from bmil.data.records import Record
 from bmil.engine.checkpoint import load_checkpoint
 from bmil.engine.extract import extract_features
 from bmil.errors import CheckpointError, ConfigError
 from bmil.model import model_from_config, model_signature
+from bmil.records import Record
 
 
 def signature_difference(found: dict | None, expected: dict) -> dict:

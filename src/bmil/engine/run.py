@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader
 
 from bmil.config import Config, TrainConfig, config_to_dict, cores_per_process
 from bmil.data import PseudoIdentitySampler, TrainDataset, infrared_views, visible_views
-from bmil.data.records import INFRARED, MODALITIES, VISIBLE, Record, record_arrays
 from bmil.data.resized_cache import resized_caches
 from bmil.engine import distributed
 from bmil.engine.checkpoint import load_checkpoint
@@ -38,6 +37,7 @@ from bmil.engine.inference import signature_difference
 from bmil.engine.memory_check import require_training_memory
 from bmil.errors import BmilError, CheckpointError, ConfigError
 from bmil.model import model_from_config, model_signature
+from bmil.records import INFRARED, MODALITIES, VISIBLE, Record, record_arrays
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ import torch
 from tqdm import tqdm
 
 from bmil.config import Config, save_config
-from bmil.data.records import INFRARED, VISIBLE, Record
 from bmil.engine import distributed
 from bmil.engine.association import Association, associate, draw_subsets, features_read
 from bmil.engine.checkpoint import save_checkpoint
@@ -31,6 +30,7 @@ from bmil.engine.run import (  # noqa: F401  (seed_worker, check_signature, Trai
     seed_worker,
 )
 from bmil.engine.run_log import RunLogger, write_run_info
+from bmil.records import INFRARED, VISIBLE, Record
 
 log = logging.getLogger(__name__)
 

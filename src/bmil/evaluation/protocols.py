@@ -25,7 +25,7 @@ import numpy as np
 from bmil.evaluation.metrics import evaluate
 
 if TYPE_CHECKING:
-    from bmil.data.records import Record
+    from bmil.records import Record
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def evaluate_llcm(
     the LLCM authors' release (gallery images of the query's identity and camera removed —
     LLCM cameras record both modalities — and Rank-k over distinct identities).
     """
-    from bmil.data.records import MODALITY_INDEX
+    from bmil.records import MODALITY_INDEX
 
     directions = _directions(direction, LLCM_DIRECTIONS, "LLCM")
     _check_positive("trials", trials)
@@ -242,7 +242,7 @@ def evaluate_folder(
     one ``extract`` call). The reader defaults to ``bmil.data.folder_test(root)`` (the
     test split of ``ROOT/test.txt`` / ``ROOT/train.txt``, every labelled image without them).
     """
-    from bmil.data.records import MODALITIES, MODALITY_NAMES
+    from bmil.records import MODALITIES, MODALITY_NAMES
 
     directions = _directions(direction, FOLDER_DIRECTIONS, "folder")
     if test_reader is None:
@@ -270,7 +270,7 @@ def evaluate_cross_modality(
     cosine distance. Returns ``rank1/5/10/20``, ``mAP``, ``mINP`` (fractions),
     ``num_valid_queries``, ``num_query``, ``num_gallery``.
     """
-    from bmil.data.records import INFRARED, VISIBLE
+    from bmil.records import INFRARED, VISIBLE
 
     feats = _unit_rows(np.asarray(features, dtype=np.float32))
     pids = np.asarray(pids).reshape(-1)
@@ -327,7 +327,7 @@ def _score_trial(
     protocol: str,
     trial: int,
 ) -> dict:
-    from bmil.data.records import record_arrays
+    from bmil.records import record_arrays
 
     q_pids, q_camids, _ = record_arrays(queries)
     g_pids, g_camids, _ = record_arrays(gallery)
