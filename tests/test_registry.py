@@ -13,7 +13,7 @@ import torch
 import bmil
 from bmil.config import Config, apply_overrides, config_to_dict, default_workers, load_config
 from bmil.data import DATASETS, PUBLISHED_COUNTS, dataset_names, get_dataset
-from bmil.data.registry import eval_direction
+from bmil.datasets import eval_direction
 from bmil.engine.checkpoint import save_checkpoint
 from bmil.engine.datasets import loader_workers
 from bmil.engine.inference import load_model

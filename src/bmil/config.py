@@ -352,7 +352,7 @@ def _merge(node: Any, values: dict, prefix: str) -> None:
 def _validate_dataset(cfg: Config) -> None:
     """``data.dataset``, ``data.trial`` and ``eval.direction`` against the dataset registry
     (imported here: ``bmil.data`` loads torch, which importing this module must not)."""
-    from bmil.data.registry import dataset_names, eval_direction, get_dataset
+    from bmil.datasets import dataset_names, eval_direction, get_dataset
 
     if cfg.data.dataset not in dataset_names():
         raise ConfigError(

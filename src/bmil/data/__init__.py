@@ -11,7 +11,6 @@ from bmil.data.folder import folder_test, folder_train
 from bmil.data.images import IMAGE_EXTENSIONS, ImageDataset, TrainDataset, load_image
 from bmil.data.llcm import llcm_gallery, llcm_query, llcm_train
 from bmil.data.regdb import regdb_test, regdb_train
-from bmil.data.registry import DATASETS, PUBLISHED_COUNTS, Dataset, dataset_names, get_dataset
 from bmil.data.sampler import PseudoIdentitySampler
 from bmil.data.synthetic import make_synthetic
 from bmil.data.sysu import sysu_gallery, sysu_query, sysu_train
@@ -25,6 +24,7 @@ from bmil.data.transforms import (
     train_transform,
     visible_views,
 )
+from bmil.datasets import DATASETS, PUBLISHED_COUNTS, Dataset, dataset_names, get_dataset
 from bmil.records import (
     INFRARED,
     MODALITIES,

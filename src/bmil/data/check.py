@@ -20,7 +20,7 @@ from tqdm import tqdm
 from bmil.data import folder as user_folder
 from bmil.data import llcm, regdb, sysu
 from bmil.data.images import image_error, list_image_names
-from bmil.data.registry import PUBLISHED_COUNTS, get_dataset
+from bmil.datasets import PUBLISHED_COUNTS, get_dataset
 from bmil.errors import DatasetError
 from bmil.records import INFRARED, MODALITIES, MODALITY_NAMES, VISIBLE, Record, record_arrays
 

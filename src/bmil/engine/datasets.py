@@ -1,5 +1,5 @@
 """From a configuration to records and an evaluation, through the dataset registry
-(``bmil.data.registry``): nothing here names a dataset."""
+(``bmil.datasets``): nothing here names a dataset."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from bmil.config import Config, cores_per_process, default_workers
-from bmil.data.registry import get_dataset
+from bmil.datasets import get_dataset
 from bmil.errors import DatasetError
 from bmil.records import MODALITIES, MODALITY_NAMES, Record, record_arrays
 
