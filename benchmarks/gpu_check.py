@@ -258,7 +258,7 @@ class GpuCheck:
         r.check(s, "CPU cores", cores)
 
         def shm():
-            from bmil.engine.datasets import shm_bytes
+            from bmil.engine.data_setup import shm_bytes
 
             size = shm_bytes()
             if size is None:
@@ -663,7 +663,7 @@ class GpuCheck:
             net = net.to(dev, memory_format=torch.channels_last)
             records = self._sysu_records()
             records = (records * (z.extract_images // len(records) + 1))[: z.extract_images]  # images repeat
-            from bmil.engine.datasets import extraction_workers
+            from bmil.engine.data_setup import extraction_workers
 
             cfg = self._sysu_config()
             workers = extraction_workers(cfg, dev, z.height, z.width)  # fewer when /dev/shm is small
@@ -696,7 +696,7 @@ class GpuCheck:
         ])
 
     def _sysu_records(self):
-        from bmil.engine.datasets import train_records
+        from bmil.engine.data_setup import train_records
 
         return train_records(self._sysu_config())
 

@@ -332,13 +332,13 @@ def test_cli_user_errors_exit_nonzero_without_traceback(tmp_path, capsys, comman
 def test_folder_layout_without_the_switch_is_unlabelled(labelled):
     assert os.path.isdir(labelled / "visible" / "cam_a" / "alice")
     cfg = load_config(None, ["data.dataset=folder", f"data.root={labelled}"])
-    from bmil.engine.datasets import can_score, run_protocol
+    from bmil.engine.data_setup import can_score, run_protocol
 
     assert not can_score(cfg) and run_protocol(cfg, lambda records: None) == []
 
 
 def test_one_cluster_hint_is_said_once_per_run(tmp_path, caplog):
-    from bmil.engine.datasets import one_cluster_hint
+    from bmil.engine.data_setup import one_cluster_hint
 
     cfg = load_config(None, ["data.dataset=folder", f"output={tmp_path / 'a'}"])
     with caplog.at_level(logging.WARNING, logger="bmil"):
@@ -353,7 +353,7 @@ def test_one_cluster_hint_is_said_once_per_run(tmp_path, caplog):
 def test_one_cluster_advice_follows_from_the_numbers():
     """k1 = 30 on 300 images with 8 ids a batch: 300 / 16 = 18 → lower k1; k1 = 6 is already
     below that, so the advice is eps (never "k1 about 5-15" to a run at k1 = 6)."""
-    from bmil.engine.datasets import one_cluster_advice
+    from bmil.engine.data_setup import one_cluster_advice
 
     default = load_config(None, ["data.dataset=folder"])
     assert one_cluster_advice(default, 300).startswith("lower cluster.k1 from 30 to about 18 ")

@@ -15,7 +15,7 @@ from bmil.config import Config, apply_overrides, config_to_dict, default_workers
 from bmil.data import DATASETS, PUBLISHED_COUNTS, dataset_names, get_dataset
 from bmil.datasets import eval_direction
 from bmil.engine.checkpoint import save_checkpoint
-from bmil.engine.datasets import loader_workers
+from bmil.engine.data_setup import loader_workers
 from bmil.engine.inference import load_model
 from bmil.errors import CheckpointError, ConfigError, DatasetError
 from bmil.model import build_model, model_signature
@@ -68,7 +68,7 @@ def test_eval_direction_outside_the_choices_is_refused():
 ])
 def test_eval_direction_reaches_the_protocol(dataset, direction, passed, monkeypatch):
     from bmil import evaluation
-    from bmil.engine.datasets import run_protocol
+    from bmil.engine.data_setup import run_protocol
 
     seen = {}
 

@@ -174,7 +174,7 @@ def test_demo_summary_has_the_published_keys(synthetic_root, tmp_path, make_conf
     from sklearn.metrics import adjusted_rand_score
 
     from bmil.cluster import dbscan_labels, jaccard_distance, visible_subsets
-    from bmil.engine.datasets import train_records
+    from bmil.engine.data_setup import train_records
     from bmil.engine.extract import extract_features
     from bmil.engine.inference import load_model
     from bmil.records import INFRARED, VISIBLE, record_arrays

@@ -23,7 +23,7 @@ from bmil.data import PseudoIdentitySampler, TrainDataset, infrared_views, visib
 from bmil.data.resized_cache import resized_caches
 from bmil.engine import distributed
 from bmil.engine.checkpoint import load_checkpoint
-from bmil.engine.datasets import (
+from bmil.engine.data_setup import (
     has_labels,
     loader_workers,
     log_dataset_counts,
@@ -307,7 +307,7 @@ class Run:
         return 2 * len(MODALITIES) if self.stage == 2 and self.cfg.train.global_association else len(MODALITIES)
 
     def workers(self, modality: int) -> int:
-        """Worker processes of one training loader (:func:`~bmil.engine.datasets.loader_workers`
+        """Worker processes of one training loader (:func:`~bmil.engine.data_setup.loader_workers`
         for the loaders alive now, lowered to what /dev/shm holds); logged when it changes."""
         loaders = self.loaders_alive
         workers = loader_workers(self.cfg, self.device, loaders)

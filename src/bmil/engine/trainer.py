@@ -17,7 +17,7 @@ from bmil.config import Config, save_config
 from bmil.engine import distributed
 from bmil.engine.association import Association, associate, draw_subsets, features_read
 from bmil.engine.checkpoint import save_checkpoint
-from bmil.engine.datasets import loader_workers, run_protocol
+from bmil.engine.data_setup import loader_workers, run_protocol
 from bmil.engine.epoch_stats import association_stats
 from bmil.engine.inference import CLUSTERING_RESIZE, feature_extractor
 from bmil.engine.objectives import Objective, build_objectives, group_loss, step_plan
