@@ -200,9 +200,9 @@ def test_evaluate_folder_both_directions_match_a_slow_recomputation(labelled):
             out.append(table[r.path])
         return np.stack(out)
 
-    results = evaluate_folder(extract, str(labelled))
-    assert [r.setting for r in results] == ["infrared→visible", "visible→infrared"]
     records = folder_test(labelled)
+    results = evaluate_folder(extract, records)
+    assert [r.setting for r in results] == ["infrared→visible", "visible→infrared"]
     unit = {p: v / np.linalg.norm(v) for p, v in table.items()}
     for result, (q_mod, g_mod) in zip(results, [(INFRARED, VISIBLE), (VISIBLE, INFRARED)], strict=True):
         queries = [r for r in records if r.modality == q_mod]
@@ -215,10 +215,10 @@ def test_evaluate_folder_both_directions_match_a_slow_recomputation(labelled):
             assert result.mean[key] == pytest.approx(expected[key], abs=1e-6), key
         assert result.per_trial[0]["num_valid_queries"] == expected["valid"]
     assert results[1].per_trial[0]["num_valid_queries"] == 7  # zed's visible query has no match
-    one = evaluate_folder(extract, str(labelled), direction="v2i")
+    one = evaluate_folder(extract, records, direction="v2i")
     assert [r.setting for r in one] == ["visible→infrared"] and one[0].mean == results[1].mean
     with pytest.raises(ValueError, match="folder direction must be one of"):
-        evaluate_folder(extract, str(labelled), direction="v2t")
+        evaluate_folder(extract, records, direction="v2t")
 
 
 # ---------------------------------------------------------------- bmil eval / bmil train

@@ -2,13 +2,23 @@
 training records are read, how it is scored, what the published counts are, whether a
 model is trained per split trial, and which eval directions it knows.
 
-Adding a dataset = writing its reader (and, to score it, a protocol in
-``bmil.evaluation.protocols``) and adding one :class:`Dataset` entry to ``DATASETS``
-below; ``config.py``, ``engine/`` and ``cli.py`` look everything up here.
+This layer composes the two below it: the readers of ``bmil.data`` make records, the
+protocols of ``bmil.evaluation`` score records (neither imports the other). ``config.py``,
+``engine/`` and ``cli.py`` look every dataset up here; none of them names one.
+
+Adding a dataset = writing its reader (records: path, person id or -1, camera, modality)
+and, from your own code, one call::
+
+    register_dataset(Dataset("mine", "my dataset", train=my_train, test=my_test))
+
+after which ``data.dataset: mine`` works in a configuration, in ``bmil train`` / ``eval``
+run from that code, and :func:`dataset_names` lists it. ``train(root, cfg)`` returns the
+training records; ``test(extract, root, cfg, trials)`` reads the test records and hands
+them to a protocol (e.g. :func:`bmil.evaluation.evaluate_folder`).
 
 Functions stored in an entry receive ``cfg`` (a :class:`bmil.config.Config`; only its
-``data`` and ``eval`` sections are read) and import the readers and protocols when called,
-so this module imports neither torch nor the evaluation package.
+``data`` and ``eval`` sections are read). The built-in entries import their readers and
+protocols when called, so this module imports neither torch nor the evaluation package.
 
 Direction names: RegDB calls the infrared modality "thermal", so its directions are
 ``v2t`` / ``t2v``; LLCM's and the folder's are ``v2i`` / ``i2v``. :func:`eval_direction`
@@ -26,11 +36,10 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from bmil.errors import ConfigError, DatasetError
+from bmil.records import MODALITY_INDEX, Record
 
 if TYPE_CHECKING:
     import numpy as np
-
-    from bmil.records import Record
 
     Extract = Callable[[list[Record]], np.ndarray]
 
@@ -88,9 +97,12 @@ def _sysu_train(root: Path, cfg) -> list[Record]:
 
 
 def _sysu_test(extract: Extract, root: Path, cfg, trials: int) -> list:
+    from bmil.data.sysu import sysu_gallery, sysu_query
     from bmil.evaluation import evaluate_sysu
 
-    return [evaluate_sysu(extract, root, mode=cfg.eval.mode, trials=trials, shots=cfg.eval.shots)]
+    mode, shots = cfg.eval.mode, cfg.eval.shots
+    galleries = [sysu_gallery(root, mode=mode, trial=t, shots=shots) for t in range(trials)]
+    return [evaluate_sysu(extract, query=sysu_query(root), galleries=galleries, mode=mode, shots=shots)]
 
 
 def _regdb_train(root: Path, cfg) -> list[Record]:
@@ -100,9 +112,12 @@ def _regdb_train(root: Path, cfg) -> list[Record]:
 
 
 def _regdb_test(extract: Extract, root: Path, cfg, trials: int) -> list:
+    from bmil.data.regdb import regdb_test
     from bmil.evaluation import evaluate_regdb
 
-    return evaluate_regdb(extract, root, trial=cfg.data.trial, direction=_logged_direction(cfg))
+    visible, thermal = regdb_test(root, cfg.data.trial)
+    return evaluate_regdb(extract, visible=visible, thermal=thermal, trial=cfg.data.trial,
+                          direction=_logged_direction(cfg))
 
 
 def _llcm_train(root: Path, cfg) -> list[Record]:
@@ -112,9 +127,16 @@ def _llcm_train(root: Path, cfg) -> list[Record]:
 
 
 def _llcm_test(extract: Extract, root: Path, cfg, trials: int) -> list:
+    from bmil.data.llcm import llcm_gallery, llcm_query
     from bmil.evaluation import evaluate_llcm
+    from bmil.evaluation.protocols import LLCM_DIRECTIONS
 
-    return evaluate_llcm(extract, root, direction=_logged_direction(cfg), trials=trials)
+    direction = _logged_direction(cfg)
+    pairs = [[MODALITY_INDEX[m] for m in LLCM_DIRECTIONS[name]]
+             for name in (LLCM_DIRECTIONS if direction == BOTH else (direction,))]
+    queries = {q: llcm_query(root, q) for q, _ in pairs}
+    galleries = {g: [llcm_gallery(root, g, trial=t) for t in range(trials)] for _, g in pairs}
+    return evaluate_llcm(extract, queries=queries, galleries=galleries, direction=direction)
 
 
 def _folder_train(root: Path, cfg) -> list[Record]:
@@ -124,9 +146,10 @@ def _folder_train(root: Path, cfg) -> list[Record]:
 
 
 def _folder_test(extract: Extract, root: Path, cfg, trials: int) -> list:
+    from bmil.data.folder import folder_test
     from bmil.evaluation import evaluate_folder
 
-    return evaluate_folder(extract, root, direction=_logged_direction(cfg))
+    return evaluate_folder(extract, folder_test(root), direction=_logged_direction(cfg))
 
 
 def _sysu_inspect(root: Path, **options):
@@ -175,7 +198,7 @@ SYSU_COUNTS = MappingProxyType({
 REGDB_COUNTS = MappingProxyType({"train ids": 206, "test ids": 206, "images per id in each list": 10})
 LLCM_COUNTS = MappingProxyType({"train ids": 713, "test ids": 351})
 
-_ENTRIES = (
+_REGISTRY: dict[str, Dataset] = {d.name: d for d in (
     Dataset("synthetic", "synthetic (SYSU-MM01 layout)", _sysu_train, _sysu_test, generate=_make_synthetic),
     Dataset("sysu", "SYSU-MM01", _sysu_train, _sysu_test, published_counts=SYSU_COUNTS, inspect=_sysu_inspect),
     Dataset("regdb", "RegDB", _regdb_train, _regdb_test, published_counts=REGDB_COUNTS, per_trial=True,
@@ -184,21 +207,68 @@ _ENTRIES = (
             inspect=_llcm_inspect),
     Dataset("folder", "folder dataset", _folder_train, _folder_test, scorable=lambda cfg: cfg.data.ids_from_folders,
             directions=("i2v", "v2i"), inspect=_folder_inspect),
-)
-DATASETS: Mapping[str, Dataset] = MappingProxyType({d.name: d for d in _ENTRIES})
-PUBLISHED_COUNTS: Mapping[str, Mapping[str, int]] = MappingProxyType(
-    {d.name: d.published_counts for d in _ENTRIES if d.checkable}
-)
+)}
+DATASETS: Mapping[str, Dataset] = MappingProxyType(_REGISTRY)
+"""Read-only view of the registry, name → :class:`Dataset` (registered ones included)."""
+
+
+class _PublishedCounts(Mapping):
+    """Read-only view name → published counts of every dataset ``bmil check-data`` knows."""
+
+    def __getitem__(self, name: str) -> Mapping[str, int]:
+        entry = _REGISTRY.get(name)
+        if entry is None or not entry.checkable:
+            raise KeyError(name)
+        return entry.published_counts
+
+    def __iter__(self):
+        return iter(dataset_names(checkable=True))
+
+    def __len__(self) -> int:
+        return len(dataset_names(checkable=True))
+
+
+PUBLISHED_COUNTS: Mapping[str, Mapping[str, int]] = _PublishedCounts()
+
+
+def register_dataset(dataset: Dataset, *, replace: bool = False) -> Dataset:
+    """Add ``dataset`` to the registry under ``dataset.name`` and return it; from then on
+    ``data.dataset: <name>`` is valid in a configuration of this process.
+
+    replace: allow a name that is already registered (a built-in one too) to be replaced;
+    without it such a name is refused with a :class:`DatasetError`. Also refused: a name
+    that is not a non-empty string, a per-trial dataset without ``trials``, and direction
+    names other than ``v2i`` / ``i2v`` / ``v2t`` / ``t2v``.
+    """
+    if not isinstance(dataset, Dataset):
+        raise TypeError(f"register_dataset expects a bmil.datasets.Dataset, got {type(dataset).__name__}.")
+    name = dataset.name
+    if not isinstance(name, str) or not name.strip():
+        raise DatasetError(f"a dataset's name must be a non-empty string, got {name!r}.")
+    if name in _REGISTRY and not replace:
+        raise DatasetError(
+            f"dataset {name!r} is already registered ({_REGISTRY[name].title}): pass replace=True to replace it."
+        )
+    if dataset.per_trial and not dataset.trials:
+        raise DatasetError(f"dataset {name!r} is trained per trial (per_trial=True) but names no trials.")
+    unknown = [d for d in dataset.directions if d not in DIRECTION_ALIASES]
+    if unknown:
+        raise DatasetError(
+            f"dataset {name!r} has direction(s) {', '.join(unknown)}: expected some of {', '.join(DIRECTION_ALIASES)}."
+        )
+    _REGISTRY[name] = dataset
+    return dataset
 
 
 def dataset_names(*, checkable: bool = False) -> tuple[str, ...]:
-    """The registered names (only those ``bmil check-data`` knows when ``checkable``)."""
-    return tuple(d.name for d in _ENTRIES if d.checkable or not checkable)
+    """The registered names, in registration order (only those ``bmil check-data`` knows
+    when ``checkable``)."""
+    return tuple(d.name for d in _REGISTRY.values() if d.checkable or not checkable)
 
 
 def get_dataset(name: str, *, checkable: bool = False) -> Dataset:
     """The entry called ``name``; DatasetError naming the known ones otherwise."""
-    entry = DATASETS.get(name)
+    entry = _REGISTRY.get(name)
     if entry is None or (checkable and not entry.checkable):
         known = ", ".join(dataset_names(checkable=checkable))
         raise DatasetError(f"unknown dataset {name!r}: expected one of {known}.")

@@ -1,9 +1,9 @@
 """Data: dataset readers returning plain records, image datasets, transforms, the sampler.
 
 Readers: ``sysu_train/sysu_query/sysu_gallery``, ``regdb_train/regdb_test``,
-``llcm_train/llcm_query/llcm_gallery``, ``folder_train/folder_test``; the registry
-(``DATASETS``, ``get_dataset``) says which reader and protocol belong to each
-``data.dataset`` name; ``check_dataset`` compares a root with the published counts.
+``llcm_train/llcm_query/llcm_gallery``, ``folder_train/folder_test``; ``check_dataset``
+compares a root with the published counts. Which reader and protocol belong to each
+``data.dataset`` name is said by the registry, ``bmil.datasets``.
 """
 
 from bmil.data.check import check_dataset, check_report, compare_counts, dataset_counts
@@ -24,7 +24,6 @@ from bmil.data.transforms import (
     train_transform,
     visible_views,
 )
-from bmil.datasets import DATASETS, PUBLISHED_COUNTS, Dataset, dataset_names, get_dataset
 from bmil.records import (
     INFRARED,
     MODALITIES,
@@ -37,19 +36,16 @@ from bmil.records import (
 )
 
 __all__ = [
-    "DATASETS",
     "IMAGE_EXTENSIONS",
     "INFRARED",
     "MODALITIES",
     "MODALITY_INDEX",
     "MODALITY_NAMES",
     "OTHER_MODALITY",
-    "PUBLISHED_COUNTS",
     "VISIBLE",
     "ChannelAdaptiveGray",
     "ChannelExchange",
     "ChannelRandomErasing",
-    "Dataset",
     "ImageDataset",
     "PseudoIdentitySampler",
     "RandomChannelOrGray",
@@ -59,10 +55,8 @@ __all__ = [
     "check_report",
     "compare_counts",
     "dataset_counts",
-    "dataset_names",
     "folder_test",
     "folder_train",
-    "get_dataset",
     "infrared_views",
     "llcm_gallery",
     "llcm_query",
