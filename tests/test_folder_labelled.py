@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from bmil.config import config_to_dict, load_config
-from bmil.data import INFRARED, VISIBLE, check_report, folder_test, folder_train
+from bmil.data import INFRARED, VISIBLE, folder_test, folder_train
 from bmil.data.transforms import test_transform
+from bmil.datasets import check_report
 from bmil.engine.checkpoint import save_checkpoint
 from bmil.errors import DatasetError
 from bmil.evaluation import evaluate_folder

@@ -1,6 +1,7 @@
 """Import layering, read from the source with ``ast`` (function-level and TYPE_CHECKING
-imports included): ``bmil.data`` and ``bmil.evaluation`` never import each other, and
-``bmil.records`` is a leaf that imports no bmil module and not torch."""
+imports included): ``bmil.data`` and ``bmil.evaluation`` never import each other nor the
+registry above them (``bmil.datasets``), and ``bmil.records`` is a leaf that imports no bmil
+module and not torch."""
 
 from __future__ import annotations
 
@@ -52,11 +53,14 @@ def test_the_import_parser_sees_nested_and_relative_imports(tmp_path):
     assert {"bmil.data", "bmil.data.sysu", "bmil.data.records", "bmil.data.records.Record", "bmil.cluster"} <= found
 
 
-@pytest.mark.parametrize(("lower", "other"), [("evaluation", "bmil.data"), ("data", "bmil.evaluation")])
-def test_data_and_evaluation_do_not_import_each_other(lower, other):
+@pytest.mark.parametrize(("lower", "above"), [
+    ("evaluation", "bmil.data"), ("data", "bmil.evaluation"),
+    ("evaluation", "bmil.datasets"), ("data", "bmil.datasets"),
+])
+def test_data_and_evaluation_import_neither_each_other_nor_the_registry(lower, above):
     files = sorted((PACKAGE / lower).rglob("*.py"))
     assert files
-    offending = {module_name(f): reaches(imported_modules(f), other) for f in files}
+    offending = {module_name(f): reaches(imported_modules(f), above) for f in files}
     assert {m: names for m, names in offending.items() if names} == {}
 
 

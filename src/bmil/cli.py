@@ -121,8 +121,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:
-    from bmil.data.check import check_report
-    from bmil.datasets import get_dataset
+    from bmil.datasets import check_report, get_dataset
 
     entry = get_dataset(args.dataset, checkable=True)
     report = check_report(args.dataset, args.root, ids_from_folders=args.ids_from_folders)

@@ -29,6 +29,7 @@ hand and rejects a direction the dataset does not have.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,6 +274,76 @@ def get_dataset(name: str, *, checkable: bool = False) -> Dataset:
         known = ", ".join(dataset_names(checkable=checkable))
         raise DatasetError(f"unknown dataset {name!r}: expected one of {known}.")
     return entry
+
+
+# ---------------------------------------------------------------- bmil check-data
+
+
+def _inspect(name: str, root: str | os.PathLike, per_id: int | None = None, ids_from_folders: bool | None = None):
+    return get_dataset(name, checkable=True).inspect(root, per_id=per_id, ids_from_folders=ids_from_folders)
+
+
+def dataset_counts(name: str, root: str | os.PathLike) -> dict[str, int]:
+    """What ``root`` holds, e.g. {"train ids": 395, "train visible images": 22258, …}.
+
+    Keys per dataset: sysu — train ids, train visible/infrared images, test ids, query
+    images; regdb — "trial t train|test ids" and "trial t train|test visible|thermal
+    images" for t = 1..10; llcm — train ids, train visible/infrared images, test ids, test
+    visible/infrared images; folder — visible images, infrared images, cameras.
+    """
+    return _inspect(name, root).counts
+
+
+def compare_counts(name: str, counts: Mapping[str, int], expected: Mapping[str, int] | None = None) -> list[str]:
+    """"<dataset> <what>: found X, expected Y" for every count that differs from ``expected``.
+
+    expected: defaults to PUBLISHED_COUNTS[name]. A count key "trial t <what>" is compared
+    with the expected key "<what>" (RegDB's per-trial counts).
+    """
+    from bmil.data.check import count_differences
+
+    expected = PUBLISHED_COUNTS.get(name, {}) if expected is None else expected
+    return count_differences(counts, expected, get_dataset(name).title if name in PUBLISHED_COUNTS else name)
+
+
+def check_report(
+    name: str,
+    root: str | os.PathLike,
+    expected: Mapping[str, int] | None = None,
+    verify_images: bool = True,
+    workers: int = 8,
+    ids_from_folders: bool | None = None,
+):
+    """Everything :func:`check_dataset` finds (a ``bmil.data.check.CheckReport``), with the
+    counts, notes and warnings.
+
+    ids_from_folders: for ``folder`` — True reads person-id folders, False does not, None
+    (default) decides from the layout (``bmil.data.check.looks_labelled``).
+    """
+    from bmil.data.check import PER_ID_KEY, inspection_report
+
+    expected = PUBLISHED_COUNTS.get(name, {}) if expected is None else expected
+    found = _inspect(name, root, expected.get(PER_ID_KEY), ids_from_folders)
+    title = get_dataset(name).title if name in PUBLISHED_COUNTS else name
+    return inspection_report(found, expected, title, verify_images, workers)
+
+
+def check_dataset(
+    name: str,
+    root: str | os.PathLike,
+    expected: Mapping[str, int] | None = None,
+    verify_images: bool = True,
+    workers: int = 8,
+) -> list[str]:
+    """Every difference between ``root`` and the published layout; ``[]`` when all good.
+
+    name: a checkable dataset (sysu | regdb | llcm | folder, or a registered one with an
+    ``inspect``). expected: counts to hold the data to (default PUBLISHED_COUNTS[name]).
+    verify_images: decode every image (slow on full data sets). One line per difference,
+    ``"<what>: found X, expected Y"``, then one per problem the inspection found and one
+    per image that cannot be decoded; a wrong root raises DatasetError.
+    """
+    return check_report(name, root, expected, verify_images, workers).problems
 
 
 def _logged_direction(cfg) -> str:

@@ -1,12 +1,11 @@
 """Data: dataset readers returning plain records, image datasets, transforms, the sampler.
 
 Readers: ``sysu_train/sysu_query/sysu_gallery``, ``regdb_train/regdb_test``,
-``llcm_train/llcm_query/llcm_gallery``, ``folder_train/folder_test``; ``check_dataset``
-compares a root with the published counts. Which reader and protocol belong to each
-``data.dataset`` name is said by the registry, ``bmil.datasets``.
+``llcm_train/llcm_query/llcm_gallery``, ``folder_train/folder_test``; ``bmil.data.check``
+inspects a root of each layout. Which reader, protocol and published counts belong to each
+``data.dataset`` name is said by the registry, ``bmil.datasets`` (with ``check_dataset``).
 """
 
-from bmil.data.check import check_dataset, check_report, compare_counts, dataset_counts
 from bmil.data.folder import folder_test, folder_train
 from bmil.data.images import IMAGE_EXTENSIONS, ImageDataset, TrainDataset, load_image
 from bmil.data.llcm import llcm_gallery, llcm_query, llcm_train
@@ -51,10 +50,6 @@ __all__ = [
     "RandomChannelOrGray",
     "Record",
     "TrainDataset",
-    "check_dataset",
-    "check_report",
-    "compare_counts",
-    "dataset_counts",
     "folder_test",
     "folder_train",
     "infrared_views",
