@@ -164,12 +164,15 @@ def _my_test(extract, root, cfg, trials):
 
 @pytest.fixture
 def my_root(tmp_path):
+    from PIL import Image
+
     for split, pids in (("train", (1, 2)), ("test", (3, 4, 5))):
         for folder, camid in (("vis", 1), ("ir", 2)):
             (tmp_path / split / folder).mkdir(parents=True)
             for pid in pids:
                 for n in range(2):
-                    (tmp_path / split / folder / f"{pid}_{camid}_{n}.png").write_bytes(b"")
+                    colour = (40 * pid, 20 * n, 200 - 30 * pid)
+                    Image.new("RGB", (8, 16), colour).save(tmp_path / split / folder / f"{pid}_{camid}_{n}.png")
     return tmp_path
 
 
@@ -236,3 +239,27 @@ def test_unknown_names_still_list_the_registered_ones(registry):
         load_config(None, ["data.dataset=market"])
     with pytest.raises(DatasetError, match="unknown dataset 'market': expected one of .*folder, mine."):
         registry.get_dataset("market")
+
+
+def test_bmil_eval_scores_a_registered_dataset(my_root, registry, tmp_path, capsys):
+    """A user's script registers its dataset, then runs ``bmil eval`` through ``bmil.cli.main``."""
+    import json
+
+    from helpers import run_cli, save_model_checkpoint
+
+    registry.register_dataset(registry.Dataset("mine", "my dataset", train=lambda root, cfg: _my_reader(root, "train"),
+                                               test=_my_test, directions=("i2v", "v2i")))
+    tiny = ["data.height=32", "data.width=16", "data.workers=0", "model.depth=18", "model.non_local=false",
+            "model.pretrained=none", "train.extract_batch=8"]
+    cfg = load_config(None, ["data.dataset=mine", f"data.root={my_root}", *tiny])
+    torch.manual_seed(0)
+    model = build_model(depth=18, non_local=False, pretrained="none").eval()
+    checkpoint = save_model_checkpoint(cfg, model, tmp_path / "model.pt")
+    out = tmp_path / "out"
+    config = tmp_path / "mine.yaml"
+    config.write_text(f"data:\n  dataset: mine\n  root: {my_root}\noutput: {out}\n")
+    code, printed, err = run_cli(capsys, "eval", "--config", str(config), "--checkpoint", str(checkpoint), *tiny)
+    assert code == 0, err
+    saved = json.loads((out / "eval_mine_model.json").read_text())["results"]
+    assert [(r["setting"], r["num_query"], r["num_gallery"]) for r in saved] == [
+        ("infrared→visible", 6, 6), ("visible→infrared", 6, 6)]
