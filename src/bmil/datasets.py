@@ -58,8 +58,10 @@ class Dataset:
 
     name: the ``data.dataset`` value. title: how messages and results name it.
     train: ``(root, cfg) -> records`` of the training set.
-    test: ``(extract, root, cfg, trials) -> [ProtocolResult, …]`` — the test protocol
-    (trials: galleries to draw, for datasets that draw them); None when never scorable.
+    test: ``(extract, root, cfg, trials) -> [ProtocolResult, …]`` — reads the test records
+    and scores them with a protocol of ``bmil.evaluation`` (trials: galleries to draw, for
+    datasets that draw them; the direction to pass is :func:`eval_direction` ``(cfg)``);
+    None when never scorable.
     scorable: ``cfg -> bool``, whether ``test`` applies to this configuration.
     published_counts: what ``bmil check-data`` and the start of training compare with.
     per_trial: a model is trained on one split (``data.trial`` in ``trials``) and only
