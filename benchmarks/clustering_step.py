@@ -26,9 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bmil.cluster import random_subset  # noqa: E402
 from bmil.config import ClusterConfig  # noqa: E402
-from bmil.data.records import INFRARED, VISIBLE  # noqa: E402
 from bmil.engine.association import cluster_once, global_labels  # noqa: E402
 from bmil.engine.extract import resolve_device  # noqa: E402
+from bmil.records import INFRARED, VISIBLE  # noqa: E402
 from jaccard import make_features  # noqa: E402  (the Jaccard benchmark's feature generator)
 
 SYSU_TRAIN_IMAGES = 34_167  # 22,258 visible + 11,909 infrared

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bmil.data.records import Record
 from bmil.engine.extract import extract_features, resolve_device
 from bmil.model import build_model
+from bmil.records import Record
 
 
 def write_images(folder: Path, count: int, height: int, width: int) -> list[Record]:

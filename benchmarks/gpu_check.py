@@ -258,7 +258,7 @@ class GpuCheck:
         r.check(s, "CPU cores", cores)
 
         def shm():
-            from bmil.engine.datasets import shm_bytes
+            from bmil.engine.data_setup import shm_bytes
 
             size = shm_bytes()
             if size is None:
@@ -642,7 +642,7 @@ class GpuCheck:
         r.add(s, "release anchors", "SKIP", f"{ANCHORS['stage1']}, {ANCHORS['stage2']}", "for comparison")
 
         def with_loader():
-            from bmil.data.records import VISIBLE
+            from bmil.records import VISIBLE
 
             run = self._sysu_run()
             loop = _LoaderStep(run, z)
@@ -663,7 +663,7 @@ class GpuCheck:
             net = net.to(dev, memory_format=torch.channels_last)
             records = self._sysu_records()
             records = (records * (z.extract_images // len(records) + 1))[: z.extract_images]  # images repeat
-            from bmil.engine.datasets import extraction_workers
+            from bmil.engine.data_setup import extraction_workers
 
             cfg = self._sysu_config()
             workers = extraction_workers(cfg, dev, z.height, z.width)  # fewer when /dev/shm is small
@@ -696,7 +696,7 @@ class GpuCheck:
         ])
 
     def _sysu_records(self):
-        from bmil.engine.datasets import train_records
+        from bmil.engine.data_setup import train_records
 
         return train_records(self._sysu_config())
 
@@ -798,7 +798,7 @@ class _LoaderStep:
     def __init__(self, run, z: Sizes) -> None:
         import numpy as np
 
-        from bmil.data.records import MODALITIES
+        from bmil.records import MODALITIES
 
         self.run, self.z = run, z
         run.set_stage_views(2)  # stage 2: four loaders alive, as here
@@ -816,8 +816,8 @@ class _LoaderStep:
     def _step(self, group: str) -> None:
         import torch
 
-        from bmil.data.records import MODALITIES
         from bmil.losses import intra_loss
+        from bmil.records import MODALITIES
 
         batches = {m: next(self.iters[(group, m)]) for m in MODALITIES}
         out = self.run.forward(batches, self.labels)

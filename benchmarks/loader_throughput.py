@@ -36,9 +36,9 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
 from bmil.data.images import TrainDataset, load_image
-from bmil.data.records import INFRARED, VISIBLE, Record
 from bmil.data.resized_cache import ResizedCache
 from bmil.data.transforms import TrainView, infrared_views, visible_views
+from bmil.records import INFRARED, VISIBLE, Record
 
 BATCH = 128  # images per modality in one sysu iteration (8 identities × 16)
 

@@ -48,7 +48,6 @@ import torch.nn.functional as F
 
 from bmil.cluster import dbscan_labels, jaccard_distance
 from bmil.data.images import TrainDataset
-from bmil.data.records import Record
 from bmil.data.resized_cache import ResizedCache
 from bmil.data.sampler import PseudoIdentitySampler
 from bmil.data.transforms import infrared_views, visible_views
@@ -59,6 +58,7 @@ from bmil.evaluation import evaluate
 from bmil.losses import global_loss, intra_loss
 from bmil.memory import PrototypeMemory, positive_mask
 from bmil.model import build_model
+from bmil.records import Record
 
 VISIBLE, INFRARED = 0, 1
 # SYSU-MM01 (train = train + val ids) and the recipe.

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from bmil.cli import preset_path
-from bmil.config import config_from_dict, config_to_dict, load_config, parse_override
+from bmil.config import Config, choices, config_from_dict, config_to_dict, load_config, parse_override
 from bmil.errors import ConfigError
 from helpers import REPO
 
@@ -149,3 +149,76 @@ def test_recipes_give_each_preset_its_batch_lr_and_bn_batch():
         assert (t.num_ids, t.num_instances, t.visible_num_ids, t.lr) == (ids, instances, visible, lr), name
         views = 2 if cfg.data.channel_aug else 1
         assert bn == views * (visible or ids) * instances + ids * instances, name
+
+
+# ---------------------------------------------------------------- choices: one list, in the field's annotation
+
+
+def literal_keys(node=None, prefix=""):
+    """Every dotted key of a Config field annotated Literal[...], found by walking the fields."""
+    import dataclasses
+    import typing
+
+    node = Config() if node is None else node
+    keys = []
+    hints = typing.get_type_hints(type(node))
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += literal_keys(value, f"{prefix}{f.name}.")
+        elif typing.get_origin(hints[f.name]) is typing.Literal:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def test_config_py_keeps_no_second_list_of_choices():
+    source = (REPO / "src" / "bmil" / "config.py").read_text()
+    assert "_CHOICES" not in source
+    assert len(literal_keys()) == 13
+    assert choices("cluster.lqe") == ("release", "paper")
+    assert choices("train.lr") is None and choices("data.synthetic.seed") is None and choices("nope.key") is None
+
+
+@pytest.mark.parametrize("key", literal_keys())
+def test_every_choice_is_accepted_and_anything_else_refused_in_one_sentence(key):
+    allowed = choices(key)
+    for value in allowed:
+        overrides = [f"{key}={value}"] + (["data.dataset=regdb"] if key == "eval.direction" else [])
+        section, name = key.split(".")
+        assert getattr(getattr(load_config(None, overrides), section), name) == value
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"{key}=nonsense"])
+    assert str(info.value) == f"configuration key '{key}' must be one of {', '.join(allowed)}, got 'nonsense'"
+    with pytest.raises(ConfigError, match=f"'{key}' expects a string"):
+        load_config(None, [f"{key}=true"])
+
+
+def test_the_owning_modules_lists_equal_the_configs_choices():
+    from bmil.cluster.jaccard import LQE_MODES
+    from bmil.cluster.knn import _BACKENDS, KNN_CHOICES
+    from bmil.data.transforms import AUGMENTATIONS, JITTERS, TEST_RESIZES
+    from bmil.datasets import DIRECTIONS
+    from bmil.evaluation.protocols import SCORE_KEYS, SYSU_SETTINGS
+    from bmil.model.non_local import NON_LOCAL_WIDTHS
+
+    same_order = {
+        "cluster.lqe": LQE_MODES, "cluster.knn": KNN_CHOICES, "cluster.backend": _BACKENDS,
+        "model.non_local_width": NON_LOCAL_WIDTHS, "data.augmentation": AUGMENTATIONS, "data.jitter": JITTERS,
+        "eval.direction": DIRECTIONS,
+    }
+    for key, owned in same_order.items():
+        assert tuple(owned) == choices(key), key
+    assert set(choices("eval.resize")) == set(TEST_RESIZES)  # resize name -> interpolation
+    assert set(choices("eval.mode")) == set(SYSU_SETTINGS)  # mode -> setting name
+    assert set(choices("train.select_by")) <= set(SCORE_KEYS)  # a score every result has
+
+
+def test_loading_and_validating_a_config_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from bmil.config import load_config; "
+            "load_config(None, ['data.dataset=regdb', 'eval.direction=v2i']); "
+            "import bmil.datasets, bmil.records; "
+            "assert not {'torch', 'torchvision'} & set(sys.modules), sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": str(REPO / "src")})

@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 
 from bmil.data import sysu_train
-from bmil.data.records import INFRARED, VISIBLE
 from bmil.data.transforms import test_transform
 from bmil.engine.export import FlipAveragedFeature
 from bmil.engine.extract import combine_views, extract_features
 from bmil.memory import PrototypeMemory
 from bmil.model import build_model
+from bmil.records import INFRARED, VISIBLE
 
 COMMON = dict(height=64, width=32, batch_size=4, device="cpu", workers=0, amp=False, progress=False)
 

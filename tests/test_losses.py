@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from bmil.cluster import split_by_modality
-from bmil.data.records import INFRARED, VISIBLE
 from bmil.losses import global_loss, info_nce, intra_loss, multi_positive_loss
 from bmil.memory import PrototypeMemory, positive_mask
+from bmil.records import INFRARED, VISIBLE
 from helpers import clustered_features
 
 

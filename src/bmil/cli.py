@@ -121,8 +121,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:
-    from bmil.data.check import check_report
-    from bmil.data.registry import get_dataset
+    from bmil.datasets import check_report, get_dataset
 
     entry = get_dataset(args.dataset, checkable=True)
     report = check_report(args.dataset, args.root, ids_from_folders=args.ids_from_folders)
@@ -169,10 +168,10 @@ def cmd_cluster_scan(args: argparse.Namespace) -> int:
 def cmd_extract(args: argparse.Namespace) -> int:
     import torch
 
-    from bmil.data.records import MODALITY_NAMES
     from bmil.engine.extract import resolve_device
     from bmil.engine.inference import load_model
     from bmil.engine.search import extract_folder, parse_modality, save_features
+    from bmil.records import MODALITY_NAMES
 
     modality = None if args.modality in (None, "both") else parse_modality(args.modality)
     device = resolve_device(args.device)
@@ -192,11 +191,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from bmil.analysis.rank_list import draw_rank_list
-    from bmil.data.records import MODALITY_NAMES
     from bmil.engine import search
     from bmil.engine.extract import resolve_device
     from bmil.engine.inference import load_model
     from bmil.errors import DatasetError
+    from bmil.records import MODALITY_NAMES
 
     gallery = search.load_features(args.gallery)
     modality = search.query_modality(gallery, args.query_modality, args.gallery)
@@ -258,9 +257,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         written = analyze_run(args.run, args.out)
     else:
         from bmil.config import apply_overrides, load_config
-        from bmil.data.records import record_arrays
         from bmil.engine.extract import resolve_device
         from bmil.engine.inference import load_model, train_set_features
+        from bmil.records import record_arrays
 
         if not args.out:
             raise ConfigError("bmil analyze --checkpoint needs --out DIR for the figures")

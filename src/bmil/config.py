@@ -22,7 +22,7 @@ import copy
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -106,13 +106,13 @@ class DataConfig:
     height: int = 288
     width: int = 144
     channel_aug: bool = True
-    augmentation: str = "release"
+    augmentation: Literal["release", "legacy"] = "release"
     pad: int = 10
     workers: int | None = None
     ids_from_folders: bool = False
     cache_images: bool = False
     infrared_jitter: bool = True
-    jitter: str = "pil"
+    jitter: Literal["pil", "tensor"] = "pil"
     resized_cache_gib: float = 0.0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -135,7 +135,7 @@ class ModelConfig:
     width: int = 64
     last_stride: int = 1
     non_local: bool = True
-    non_local_width: str = "release"
+    non_local_width: Literal["release", "half"] = "release"
     gem_learnable: bool = False
     pretrained: str = "imagenet"
     sync_bn: bool = False
@@ -165,13 +165,13 @@ class ClusterConfig:
     min_samples: int = 4
     subset_ratio: float = 0.5
     modality_aware: bool = True
-    lqe: str = "release"
-    backend: str = "torch"
+    lqe: Literal["release", "paper"] = "release"
+    backend: Literal["torch", "faiss"] = "torch"
     block_size: int = 2048
     flip: bool = True
-    global_visible: str = "left_out"
+    global_visible: Literal["left_out", "all"] = "left_out"
     memory_check: bool = True
-    knn: str = "exact"
+    knn: Literal["exact", "approximate", "auto"] = "exact"
     approximate_above: int = 100_000
     nprobe: int | None = None
 
@@ -195,7 +195,7 @@ class LossConfig:
     mean_margin: float = 0.2
     split_prototypes: bool = True
     num_candidates: int = 50
-    global_gradient: str = "release"
+    global_gradient: Literal["release", "simultaneous"] = "release"
 
 
 @dataclass
@@ -236,7 +236,7 @@ class TrainConfig:
     num_ids: int = 8
     visible_num_ids: int | None = None
     num_instances: int = 16
-    sampler: str = "camera"
+    sampler: Literal["camera", "uniform"] = "camera"
     lr: float = 3.5e-4
     weight_decay: float = 5e-4
     lr_step: int = 20
@@ -251,7 +251,7 @@ class TrainConfig:
     channels_last: bool = True
     bn_split: int = 1
     eval_every: int = 2
-    select_by: str = "rank1"
+    select_by: Literal["rank1", "mAP"] = "rank1"
     select_last: bool = False
     stage1_eval_trials: int = 1
     extract_batch: int = 128
@@ -266,13 +266,13 @@ class EvalConfig:
     release, and bmil, use for the clustering features).
     """
 
-    mode: str = "all"
+    mode: Literal["all", "indoor"] = "all"
     trials: int = 10
     shots: int = 1
-    direction: str = "both"
+    direction: Literal["both", "v2t", "t2v", "v2i", "i2v"] = "both"
     trial: int = 0
     allow_trial_mismatch: bool = False
-    resize: str = "lanczos"
+    resize: Literal["lanczos", "bicubic"] = "lanczos"
 
 
 @dataclass
@@ -289,21 +289,32 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-_CHOICES = {
-    "cluster.lqe": ("release", "paper"),
-    "model.non_local_width": ("release", "half"),
-    "data.augmentation": ("release", "legacy"),
-    "data.jitter": ("pil", "tensor"),
-    "train.sampler": ("camera", "uniform"),
-    "cluster.backend": ("torch", "faiss"),
-    "cluster.knn": ("exact", "approximate", "auto"),
-    "cluster.global_visible": ("left_out", "all"),
-    "train.select_by": ("rank1", "mAP"),
-    "loss.global_gradient": ("release", "simultaneous"),
-    "eval.mode": ("all", "indoor"),
-    "eval.resize": ("lanczos", "bicubic"),
-    "eval.direction": ("both", "v2t", "t2v", "v2i", "i2v"),
-}
+def choices(key: str) -> tuple | None:
+    """The values a ``section.key`` may take when its field is annotated ``Literal[...]``
+    (e.g. ``choices("cluster.lqe") == ("release", "paper")``), else None: the one list of
+    them, which validation, help texts and the owning modules' tests read."""
+    node: Any = Config
+    for part in key.split("."):
+        if not (isinstance(node, type) and is_dataclass(node)):
+            return None
+        hint = typing.get_type_hints(node).get(part)
+        if hint is None:
+            return None
+        node = hint
+    return typing.get_args(node) if typing.get_origin(node) is Literal else None
+
+
+def _choice_fields(node: Any, prefix: str = "") -> list[tuple[str, Any, tuple]]:
+    """(dotted key, value, allowed values) of every ``Literal`` field below ``node``, in field order."""
+    out = []
+    hints = typing.get_type_hints(type(node))
+    for f in fields(node):
+        value = getattr(node, f.name)
+        if is_dataclass(value):
+            out.extend(_choice_fields(value, f"{prefix}{f.name}."))
+        elif typing.get_origin(hints[f.name]) is Literal:
+            out.append((prefix + f.name, value, typing.get_args(hints[f.name])))
+    return out
 
 
 def _article(tp: Any) -> str:
@@ -312,8 +323,12 @@ def _article(tp: Any) -> str:
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the field type ``tp``; ints are accepted for floats, and
-    ``None`` (YAML ``null``) for an optional field (``int | None``: unset)."""
+    ``None`` (YAML ``null``) for an optional field (``int | None``: unset). A ``Literal``
+    field is checked against the type of its values here and against the values
+    themselves in :func:`_validate`."""
     args = typing.get_args(tp)
+    if typing.get_origin(tp) is Literal:
+        tp = type(args[0])
     if type(None) in args:
         if value is None:
             return None
@@ -352,7 +367,7 @@ def _merge(node: Any, values: dict, prefix: str) -> None:
 def _validate_dataset(cfg: Config) -> None:
     """``data.dataset``, ``data.trial`` and ``eval.direction`` against the dataset registry
     (imported here: ``bmil.data`` loads torch, which importing this module must not)."""
-    from bmil.data.registry import dataset_names, eval_direction, get_dataset
+    from bmil.datasets import dataset_names, eval_direction, get_dataset
 
     if cfg.data.dataset not in dataset_names():
         raise ConfigError(
@@ -369,9 +384,7 @@ def _validate_dataset(cfg: Config) -> None:
 
 def _validate(cfg: Config) -> None:
     _validate_dataset(cfg)
-    for key, allowed in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+    for key, value, allowed in _choice_fields(cfg):
         if value not in allowed:
             raise ConfigError(
                 f"configuration key '{key}' must be one of {', '.join(allowed)}, got {value!r}"
@@ -520,4 +533,5 @@ __all__ = [
     "config_from_dict",
     "save_config",
     "parse_override",
+    "choices",
 ]

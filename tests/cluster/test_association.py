@@ -14,9 +14,9 @@ import torch
 
 from bmil.cluster import dbscan_labels, jaccard_distance, visible_subsets
 from bmil.config import ClusterConfig
-from bmil.data.records import INFRARED, VISIBLE
 from bmil.engine import association
 from bmil.engine.association import associate, draw_subsets, features_read, global_input
+from bmil.records import INFRARED, VISIBLE
 from helpers import clustered_features
 
 

@@ -8,9 +8,9 @@ import pytest
 
 from bmil.cluster import estimate_jaccard_memory
 from bmil.config import ClusterConfig, Config, apply_overrides, save_config
-from bmil.data.records import INFRARED, VISIBLE
 from bmil.engine import association, memory_check
 from bmil.errors import BmilError
+from bmil.records import INFRARED, VISIBLE
 from helpers import clustered_features, run_cli
 
 

@@ -12,12 +12,12 @@ from sklearn.metrics import adjusted_rand_score
 
 from bmil import cli
 from bmil.config import ClusterConfig, config_to_dict, save_config
-from bmil.data.records import INFRARED, VISIBLE
 from bmil.engine import association
 from bmil.engine.checkpoint import save_checkpoint
 from bmil.engine.cluster_scan import parse_eps, scan_eps, scan_table
 from bmil.errors import ConfigError
 from bmil.model import build_model, model_signature
+from bmil.records import INFRARED, VISIBLE
 from helpers import clustered_features, run_cli
 
 

@@ -11,7 +11,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from bmil.data import PUBLISHED_COUNTS, check_dataset, compare_counts, dataset_counts
+from bmil.datasets import PUBLISHED_COUNTS, check_dataset, compare_counts, dataset_counts
 from bmil.errors import DatasetError
 from helpers import run_cli
 

@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from bmil.config import config_to_dict, load_config
-from bmil.data import INFRARED, VISIBLE, check_report, folder_test, folder_train
+from bmil.data import INFRARED, VISIBLE, folder_test, folder_train
 from bmil.data.transforms import test_transform
+from bmil.datasets import check_report
 from bmil.engine.checkpoint import save_checkpoint
 from bmil.errors import DatasetError
 from bmil.evaluation import evaluate_folder
@@ -200,9 +201,9 @@ def test_evaluate_folder_both_directions_match_a_slow_recomputation(labelled):
             out.append(table[r.path])
         return np.stack(out)
 
-    results = evaluate_folder(extract, str(labelled))
-    assert [r.setting for r in results] == ["infrared→visible", "visible→infrared"]
     records = folder_test(labelled)
+    results = evaluate_folder(extract, records)
+    assert [r.setting for r in results] == ["infrared→visible", "visible→infrared"]
     unit = {p: v / np.linalg.norm(v) for p, v in table.items()}
     for result, (q_mod, g_mod) in zip(results, [(INFRARED, VISIBLE), (VISIBLE, INFRARED)], strict=True):
         queries = [r for r in records if r.modality == q_mod]
@@ -215,10 +216,10 @@ def test_evaluate_folder_both_directions_match_a_slow_recomputation(labelled):
             assert result.mean[key] == pytest.approx(expected[key], abs=1e-6), key
         assert result.per_trial[0]["num_valid_queries"] == expected["valid"]
     assert results[1].per_trial[0]["num_valid_queries"] == 7  # zed's visible query has no match
-    one = evaluate_folder(extract, str(labelled), direction="v2i")
+    one = evaluate_folder(extract, records, direction="v2i")
     assert [r.setting for r in one] == ["visible→infrared"] and one[0].mean == results[1].mean
     with pytest.raises(ValueError, match="folder direction must be one of"):
-        evaluate_folder(extract, str(labelled), direction="v2t")
+        evaluate_folder(extract, records, direction="v2t")
 
 
 # ---------------------------------------------------------------- bmil eval / bmil train
@@ -332,13 +333,13 @@ def test_cli_user_errors_exit_nonzero_without_traceback(tmp_path, capsys, comman
 def test_folder_layout_without_the_switch_is_unlabelled(labelled):
     assert os.path.isdir(labelled / "visible" / "cam_a" / "alice")
     cfg = load_config(None, ["data.dataset=folder", f"data.root={labelled}"])
-    from bmil.engine.datasets import can_score, run_protocol
+    from bmil.engine.data_setup import can_score, run_protocol
 
     assert not can_score(cfg) and run_protocol(cfg, lambda records: None) == []
 
 
 def test_one_cluster_hint_is_said_once_per_run(tmp_path, caplog):
-    from bmil.engine.datasets import one_cluster_hint
+    from bmil.engine.data_setup import one_cluster_hint
 
     cfg = load_config(None, ["data.dataset=folder", f"output={tmp_path / 'a'}"])
     with caplog.at_level(logging.WARNING, logger="bmil"):
@@ -353,7 +354,7 @@ def test_one_cluster_hint_is_said_once_per_run(tmp_path, caplog):
 def test_one_cluster_advice_follows_from_the_numbers():
     """k1 = 30 on 300 images with 8 ids a batch: 300 / 16 = 18 → lower k1; k1 = 6 is already
     below that, so the advice is eps (never "k1 about 5-15" to a run at k1 = 6)."""
-    from bmil.engine.datasets import one_cluster_advice
+    from bmil.engine.data_setup import one_cluster_advice
 
     default = load_config(None, ["data.dataset=folder"])
     assert one_cluster_advice(default, 300).startswith("lower cluster.k1 from 30 to about 18 ")

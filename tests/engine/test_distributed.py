@@ -58,8 +58,8 @@ class _Draws(torch.utils.data.Dataset):
 def _augmentation_draws(trainer) -> dict:
     """The first batches of a visible training loader with data.workers=2 (twice with one
     seed, once with the next epoch's), and the in-process draws with no workers."""
-    from bmil.data.records import VISIBLE
     from bmil.engine.run import seed_everything
+    from bmil.records import VISIBLE
 
     run = trainer.run
     os.cpu_count = lambda: 16  # 8 cores per process: 2 workers for each of stage 2's 4 loaders
@@ -304,7 +304,7 @@ def test_workers_are_shared_between_the_loaders_alive(monkeypatch):
     """4 GPU processes on 16 cores: stage 2's four loaders get 1 worker each (16 / 4 / 4),
     not data.workers=8 each (128 workers on the node); a single loader keeps the setting."""
     from bmil.config import load_config
-    from bmil.engine.datasets import loader_workers
+    from bmil.engine.data_setup import loader_workers
 
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
@@ -318,7 +318,7 @@ def test_workers_are_shared_between_the_loaders_alive(monkeypatch):
 
 
 def test_too_little_shared_memory_lowers_the_workers_with_one_sentence():
-    from bmil.engine.datasets import PREFETCH, shm_workers
+    from bmil.engine.data_setup import PREFETCH, shm_workers
 
     mib = 1 << 20
     batch = 127 * mib  # 8 x 16 images, two views, 288 x 144, float32
@@ -351,7 +351,7 @@ def test_rank_zero_clusters_on_the_node_cores_then_gives_them_back(monkeypatch):
 
 def test_extraction_workers_fit_in_shared_memory(monkeypatch, caplog):
     from bmil.config import load_config
-    from bmil.engine import datasets
+    from bmil.engine import data_setup as datasets
 
     cfg = load_config(None, ["data.workers=8", "train.extract_batch=256"])  # batches of 127 MiB at 288 x 144
     monkeypatch.setattr(datasets, "shm_bytes", lambda: 64 << 20)

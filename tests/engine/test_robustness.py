@@ -14,7 +14,6 @@ from bmil import cli
 from bmil.cluster import split_by_modality
 from bmil.config import save_config
 from bmil.data.images import ImageDataset
-from bmil.data.records import Record
 from bmil.engine.association import Association
 from bmil.engine.checkpoint import save_checkpoint
 from bmil.engine.run import Run
@@ -22,6 +21,7 @@ from bmil.engine.run_log import read_metrics
 from bmil.engine.trainer import Trainer, TrainingError
 from bmil.errors import DatasetError
 from bmil.model import build_model, model_signature
+from bmil.records import Record
 
 
 # ------------------------------------------------------------------ degenerate clustering

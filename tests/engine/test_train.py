@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from bmil.data.records import INFRARED, VISIBLE
 from bmil.engine import trainer as trainer_mod
 from bmil.engine.association import Association
 from bmil.engine.objectives import group_loss
 from bmil.engine.run_log import read_metrics
 from bmil.engine.trainer import Trainer
 from bmil.errors import CheckpointError
+from bmil.records import INFRARED, VISIBLE
 from helpers import SHORT, finite_losses
 
 
@@ -174,10 +174,10 @@ def test_demo_summary_has_the_published_keys(synthetic_root, tmp_path, make_conf
     from sklearn.metrics import adjusted_rand_score
 
     from bmil.cluster import dbscan_labels, jaccard_distance, visible_subsets
-    from bmil.data.records import INFRARED, VISIBLE, record_arrays
-    from bmil.engine.datasets import train_records
+    from bmil.engine.data_setup import train_records
     from bmil.engine.extract import extract_features
     from bmil.engine.inference import load_model
+    from bmil.records import INFRARED, VISIBLE, record_arrays
 
     assert cfg.cluster.flip and summary["clustering_training_features"] == summary["clustering"]
     model, _ = load_model(tmp_path / "checkpoints" / "best_stage1.pt", "cpu")
@@ -466,7 +466,7 @@ def test_each_epoch_extracts_only_what_its_association_reads(synthetic_root, tmp
 
     from bmil.cluster import visible_subsets
     from bmil.data import images as images_mod
-    from bmil.data.records import INFRARED, VISIBLE
+    from bmil.records import INFRARED, VISIBLE
 
     cfg = make_config(synthetic_root, tmp_path, "train.stage1_epochs=2", "train.stage2_epochs=1",
                       "train.eval_every=10")

@@ -1,4 +1,4 @@
-"""Protocol runners and reports, with fake readers and a fake extractor.
+"""Protocol runners and reports, with records from fake readers and a fake extractor.
 
 The fake extractor maps every image to the one-hot direction of its person id, except
 images whose path contains "looks-like-<pid>", which point to that other person: a perfect
@@ -12,7 +12,8 @@ import json
 import numpy as np
 import pytest
 
-from bmil.data.records import INFRARED, VISIBLE, Record
+from bmil.config import load_config
+from bmil.datasets import get_dataset
 from bmil.evaluation import (
     ProtocolResult,
     evaluate_cross_modality,
@@ -22,6 +23,7 @@ from bmil.evaluation import (
     results_table,
     save_results,
 )
+from bmil.records import INFRARED, VISIBLE, Record
 
 DIM = 8
 
@@ -66,8 +68,9 @@ def sysu_gallery(root, mode="all", trial=0, shots=1):
     return records
 
 
-def _sysu(extract, **kwargs):
-    return evaluate_sysu(extract, "sysu", query_reader=sysu_query, gallery_reader=sysu_gallery, **kwargs)
+def _sysu(extract, mode="all", trials=10, shots=1):
+    galleries = [sysu_gallery("sysu", mode=mode, trial=t, shots=shots) for t in range(trials)]
+    return evaluate_sysu(extract, query=sysu_query("sysu"), galleries=galleries, mode=mode, shots=shots)
 
 
 def test_sysu_perfect_extractor_scores_one_and_extracts_once():
@@ -125,8 +128,11 @@ def test_sysu_indoor_and_multishot_bookkeeping():
 
 
 def test_sysu_rejects_unknown_mode():
+    galleries = [sysu_gallery("sysu")]
     with pytest.raises(ValueError, match="mode"):
-        _sysu(FakeExtract(), mode="outdoor")
+        evaluate_sysu(FakeExtract(), query=sysu_query("sysu"), galleries=galleries, mode="outdoor")
+    with pytest.raises(ValueError, match="trials"):
+        evaluate_sysu(FakeExtract(), query=sysu_query("sysu"), galleries=[])
 
 
 # ---------------------------------------------------------------- RegDB
@@ -150,7 +156,8 @@ def test_regdb_directions_are_scored_separately():
     #   R1 miss, hit at 3, AP = (1/3 + 2/4)/2 = 5/12, INP = 1/2; the other 5 queries perfect.
     #   R1 = 5/6, R5 = 1, mAP = (5 + 5/12)/6, mINP = (5 + 1/2)/6.
     extract = FakeExtract()
-    v2t, t2v = evaluate_regdb(extract, "regdb", trial=4, test_reader=regdb_test)
+    visible, thermal = regdb_test("regdb", 4)
+    v2t, t2v = evaluate_regdb(extract, visible=visible, thermal=thermal, trial=4)
     assert len(extract.calls) == 1 and len(extract.calls[0]) == 12
     assert (v2t.setting, t2v.setting) == ("visible→thermal", "thermal→visible")
     assert v2t.protocol == t2v.protocol == "regdb"
@@ -166,10 +173,11 @@ def test_regdb_directions_are_scored_separately():
 
 
 def test_regdb_single_direction():
-    (t2v,) = evaluate_regdb(FakeExtract(), "regdb", trial=1, direction="t2v", test_reader=regdb_test)
+    visible, thermal = regdb_test("regdb", 1)
+    (t2v,) = evaluate_regdb(FakeExtract(), visible=visible, thermal=thermal, trial=1, direction="t2v")
     assert t2v.setting == "thermal→visible"
     with pytest.raises(ValueError, match="direction"):
-        evaluate_regdb(FakeExtract(), "regdb", trial=1, direction="sideways", test_reader=regdb_test)
+        evaluate_regdb(FakeExtract(), visible=visible, thermal=thermal, trial=1, direction="sideways")
 
 
 # ---------------------------------------------------------------- LLCM
@@ -191,7 +199,9 @@ def test_llcm_removes_same_identity_same_camera_and_extracts_once():
     # queries are from camera 1: the pid-2 query loses its only match (same camera) and is
     # skipped; the pid-1 query keeps (pid 1, cam 2) at distance 0 -> all scores 1.
     extract = FakeExtract()
-    results = evaluate_llcm(extract, "llcm", trials=2, query_reader=llcm_query, gallery_reader=llcm_gallery)
+    queries = {m: llcm_query("llcm", m) for m in (VISIBLE, INFRARED)}
+    galleries = {m: [llcm_gallery("llcm", m, trial=t) for t in range(2)] for m in (VISIBLE, INFRARED)}
+    results = evaluate_llcm(extract, queries=queries, galleries=galleries)
     assert len(extract.calls) == 1
     assert len(extract.calls[0]) == 2 * (2 + 2 * 3)  # 2 directions x (queries + 2 galleries)
     assert [r.setting for r in results] == ["visible→infrared", "infrared→visible"]
@@ -199,6 +209,16 @@ def test_llcm_removes_same_identity_same_camera_and_extracts_once():
         assert r.protocol == "llcm" and r.num_trials == 2
         assert [t["num_valid_queries"] for t in r.per_trial] == [1, 1]
         assert r.mean["rank1"] == r.mean["mAP"] == 1.0
+
+
+def test_llcm_one_direction_needs_only_its_modalities():
+    extract = FakeExtract()
+    queries = {INFRARED: llcm_query("llcm", INFRARED)}
+    galleries = {VISIBLE: [llcm_gallery("llcm", VISIBLE, trial=0)]}
+    (i2v,) = evaluate_llcm(extract, queries=queries, galleries=galleries, direction="i2v")
+    assert i2v.setting == "infrared→visible" and len(extract.calls[0]) == 2 + 3
+    with pytest.raises(ValueError, match="LLCM direction v2i needs visible queries"):
+        evaluate_llcm(extract, queries=queries, galleries=galleries, direction="v2i")
 
 
 # ---------------------------------------------------------------- quick cross-modality
@@ -229,7 +249,8 @@ def test_cross_modality_uses_infrared_queries_against_visible_gallery():
 
 
 def _regdb_results():
-    return evaluate_regdb(FakeExtract(), "regdb", trial=4, test_reader=regdb_test)
+    visible, thermal = regdb_test("regdb", 4)
+    return evaluate_regdb(FakeExtract(), visible=visible, thermal=thermal, trial=4)
 
 
 def test_results_table_has_header_and_percent_rows():
@@ -288,7 +309,7 @@ def _touch(path):
     path.write_bytes(b"")
 
 
-def test_sysu_through_the_real_reader(tmp_path):
+def test_sysu_through_the_registry_and_the_real_reader(tmp_path):
     # 3 test ids; 3 files per (id, visible camera), 1 per (id, infrared camera)
     (tmp_path / "exp").mkdir()
     (tmp_path / "exp" / "test_id.txt").write_text("2,1,3\n")
@@ -299,7 +320,8 @@ def test_sysu_through_the_real_reader(tmp_path):
         for cam in (3, 6):
             _touch(tmp_path / f"cam{cam}" / f"{pid:04d}" / "0001.jpg")
     extract = FakeExtract()
-    result = evaluate_sysu(extract, str(tmp_path), mode="all", trials=3)
+    cfg = load_config(None, ["data.dataset=sysu", f"data.root={tmp_path}", "eval.mode=all"])
+    (result,) = get_dataset("sysu").test(extract, tmp_path, cfg, 3)
     assert len(extract.calls) == 1
     from bmil.data import sysu_gallery as real_gallery
 
@@ -311,7 +333,7 @@ def test_sysu_through_the_real_reader(tmp_path):
     assert result.mean["rank1"] == result.mean["mAP"] == result.mean["mINP"] == 1.0
 
 
-def test_regdb_through_the_real_reader(tmp_path):
+def test_regdb_through_the_registry_and_the_real_reader(tmp_path):
     lines = {"visible": [], "thermal": []}
     for pid in (5, 6):
         for n in range(2):
@@ -323,7 +345,8 @@ def test_regdb_through_the_real_reader(tmp_path):
     for name, entries in lines.items():
         (tmp_path / "idx" / f"test_{name}_3.txt").write_text("\n".join(entries) + "\n")
     extract = FakeExtract()
-    results = evaluate_regdb(extract, str(tmp_path), trial=3)
+    cfg = load_config(None, ["data.dataset=regdb", f"data.root={tmp_path}", "data.trial=3"])
+    results = get_dataset("regdb").test(extract, tmp_path, cfg, 1)
     assert len(extract.calls) == 1 and len(extract.calls[0]) == 8
     assert [(r.setting, r.num_query, r.num_gallery) for r in results] == [
         ("visible→thermal", 4, 4),

@@ -1,27 +1,15 @@
 """Data: dataset readers returning plain records, image datasets, transforms, the sampler.
 
 Readers: ``sysu_train/sysu_query/sysu_gallery``, ``regdb_train/regdb_test``,
-``llcm_train/llcm_query/llcm_gallery``, ``folder_train/folder_test``; the registry
-(``DATASETS``, ``get_dataset``) says which reader and protocol belong to each
-``data.dataset`` name; ``check_dataset`` compares a root with the published counts.
+``llcm_train/llcm_query/llcm_gallery``, ``folder_train/folder_test``; ``bmil.data.check``
+inspects a root of each layout. Which reader, protocol and published counts belong to each
+``data.dataset`` name is said by the registry, ``bmil.datasets`` (with ``check_dataset``).
 """
 
-from bmil.data.check import check_dataset, check_report, compare_counts, dataset_counts
 from bmil.data.folder import folder_test, folder_train
 from bmil.data.images import IMAGE_EXTENSIONS, ImageDataset, TrainDataset, load_image
 from bmil.data.llcm import llcm_gallery, llcm_query, llcm_train
-from bmil.data.records import (
-    INFRARED,
-    MODALITIES,
-    MODALITY_INDEX,
-    MODALITY_NAMES,
-    OTHER_MODALITY,
-    VISIBLE,
-    Record,
-    record_arrays,
-)
 from bmil.data.regdb import regdb_test, regdb_train
-from bmil.data.registry import DATASETS, PUBLISHED_COUNTS, Dataset, dataset_names, get_dataset
 from bmil.data.sampler import PseudoIdentitySampler
 from bmil.data.synthetic import make_synthetic
 from bmil.data.sysu import sysu_gallery, sysu_query, sysu_train
@@ -35,34 +23,35 @@ from bmil.data.transforms import (
     train_transform,
     visible_views,
 )
+from bmil.records import (
+    INFRARED,
+    MODALITIES,
+    MODALITY_INDEX,
+    MODALITY_NAMES,
+    OTHER_MODALITY,
+    VISIBLE,
+    Record,
+    record_arrays,
+)
 
 __all__ = [
-    "DATASETS",
     "IMAGE_EXTENSIONS",
     "INFRARED",
     "MODALITIES",
     "MODALITY_INDEX",
     "MODALITY_NAMES",
     "OTHER_MODALITY",
-    "PUBLISHED_COUNTS",
     "VISIBLE",
     "ChannelAdaptiveGray",
     "ChannelExchange",
     "ChannelRandomErasing",
-    "Dataset",
     "ImageDataset",
     "PseudoIdentitySampler",
     "RandomChannelOrGray",
     "Record",
     "TrainDataset",
-    "check_dataset",
-    "check_report",
-    "compare_counts",
-    "dataset_counts",
-    "dataset_names",
     "folder_test",
     "folder_train",
-    "get_dataset",
     "infrared_views",
     "llcm_gallery",
     "llcm_query",

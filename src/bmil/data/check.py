@@ -1,10 +1,12 @@
-"""Dataset check: what a root holds against the published counts, plus broken files.
+"""Dataset check: what a root of each known layout holds, plus broken files.
 
-``check_dataset`` returns one line per difference, ``"<what>: found X, expected Y"``, then
-one line per problem (ids named in split files without images, empty id folders, listed
-images that are missing) and one per image that cannot be decoded. An empty list means all
-good. A wrong root or a missing/malformed split file raises DatasetError instead (one
-sentence, as the readers do).
+``inspect_<layout>(root)`` counts what the root holds and lists the problems it finds (ids
+named in split files without images, empty id folders, listed images that are missing);
+:func:`inspection_report` compares such an inspection with expected counts, one line
+``"<what>: found X, expected Y"`` per difference, and decodes every image. A wrong root or
+a missing/malformed split file raises DatasetError instead (one sentence, as the readers
+do). Which layout and counts belong to a dataset name is the registry's business:
+``bmil.datasets.check_report`` / ``check_dataset`` look them up and call these.
 """
 
 from __future__ import annotations
@@ -20,9 +22,8 @@ from tqdm import tqdm
 from bmil.data import folder as user_folder
 from bmil.data import llcm, regdb, sysu
 from bmil.data.images import image_error, list_image_names
-from bmil.data.records import INFRARED, MODALITIES, MODALITY_NAMES, VISIBLE, Record, record_arrays
-from bmil.data.registry import PUBLISHED_COUNTS, get_dataset
 from bmil.errors import DatasetError
+from bmil.records import INFRARED, MODALITIES, MODALITY_NAMES, VISIBLE, Record, record_arrays
 
 PER_ID_KEY = "images per id in each list"
 
@@ -276,36 +277,17 @@ def _inspect_labelled_folder(root: str | os.PathLike, how: str) -> _Inspection:
     return inspection
 
 
-def _inspect(name: str, root: str | os.PathLike, per_id: int | None = None,
-             ids_from_folders: bool | None = None) -> _Inspection:
-    entry = get_dataset(name, checkable=True)
-    return entry.inspect(root, per_id=per_id, ids_from_folders=ids_from_folders)
+def count_differences(counts: Mapping[str, int], expected: Mapping[str, int], title: str) -> list[str]:
+    """"<title> <what>: found X, expected Y" for every count that differs from ``expected``.
 
-
-def dataset_counts(name: str, root: str | os.PathLike) -> dict[str, int]:
-    """What ``root`` holds, e.g. {"train ids": 395, "train visible images": 22258, …}.
-
-    Keys per dataset: sysu — train ids, train visible/infrared images, test ids, query
-    images; regdb — "trial t train|test ids" and "trial t train|test visible|thermal
-    images" for t = 1..10; llcm — train ids, train visible/infrared images, test ids, test
-    visible/infrared images; folder — visible images, infrared images, cameras.
+    A count key "trial t <what>" is compared with the expected key "<what>" (RegDB's
+    per-trial counts).
     """
-    return _inspect(name, root).counts
-
-
-def compare_counts(name: str, counts: Mapping[str, int], expected: Mapping[str, int] | None = None) -> list[str]:
-    """"<dataset> <what>: found X, expected Y" for every count that differs from ``expected``.
-
-    expected: defaults to PUBLISHED_COUNTS[name]. A count key "trial t <what>" is compared
-    with the expected key "<what>" (RegDB's per-trial counts).
-    """
-    expected = PUBLISHED_COUNTS.get(name, {}) if expected is None else expected
-    dataset = get_dataset(name).title if name in PUBLISHED_COUNTS else name
     lines = []
     for key, found in counts.items():
         generic = key.split(" ", 2)[2] if key.startswith("trial ") else key
         if generic in expected and found != expected[generic]:
-            lines.append(f"{dataset} {key}: found {found}, expected {expected[generic]}")
+            lines.append(f"{title} {key}: found {found}, expected {expected[generic]}")
     return lines
 
 
@@ -332,37 +314,18 @@ class CheckReport:
     problems: list[str]
 
 
-def check_report(
-    name: str,
-    root: str | os.PathLike,
-    expected: Mapping[str, int] | None = None,
+def inspection_report(
+    found: _Inspection,
+    expected: Mapping[str, int],
+    title: str,
     verify_images: bool = True,
     workers: int = 8,
-    ids_from_folders: bool | None = None,
 ) -> CheckReport:
-    """Everything :func:`check_dataset` finds, with the counts, notes and warnings.
-
-    ids_from_folders: for ``folder`` — True reads person-id folders, False does not, None
-    (default) decides with :func:`looks_labelled`.
-    """
-    expected = PUBLISHED_COUNTS.get(name, {}) if expected is None else expected
-    found = _inspect(name, root, expected.get(PER_ID_KEY), ids_from_folders)
-    problems = compare_counts(name, found.counts, expected) + found.problems
+    """Everything a check finds in one inspection (``inspect_<layout>(root)``): its counts,
+    notes and warnings, and as problems the differences from ``expected`` (named with
+    ``title``), the inspection's problems and, with ``verify_images``, every image that does
+    not decode (``workers`` threads)."""
+    problems = count_differences(found.counts, expected, title) + found.problems
     if verify_images:
         problems += unreadable_images(found.images, workers)
     return CheckReport(found.counts, found.notes, found.warnings, problems)
-
-
-def check_dataset(
-    name: str,
-    root: str | os.PathLike,
-    expected: Mapping[str, int] | None = None,
-    verify_images: bool = True,
-    workers: int = 8,
-) -> list[str]:
-    """Every difference between ``root`` and the published layout; ``[]`` when all good.
-
-    name: sysu | regdb | llcm | folder. expected: counts to hold the data to (default
-    PUBLISHED_COUNTS[name]). verify_images: decode every image (slow on full data sets).
-    """
-    return check_report(name, root, expected, verify_images, workers).problems

@@ -35,8 +35,8 @@ import os
 from dataclasses import dataclass, field
 
 from bmil.data.images import is_image_name
-from bmil.data.records import MODALITIES, MODALITY_NAMES, OTHER_MODALITY, Record
 from bmil.errors import DatasetError
+from bmil.records import MODALITIES, MODALITY_NAMES, OTHER_MODALITY, Record
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import functional as TF
 
-from bmil.data.records import Record
 from bmil.data.resized_cache import ResizedCache
 from bmil.data.transforms import TrainView
 from bmil.errors import DatasetError
+from bmil.records import Record
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 

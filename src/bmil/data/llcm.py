@@ -30,10 +30,10 @@ import re
 from collections.abc import Iterator
 
 from bmil.data.images import list_image_names
-from bmil.data.records import INFRARED, VISIBLE, Record
 from bmil.data.regdb import read_labelled_list
 from bmil.data.sysu import read_id_file
 from bmil.errors import DatasetError
+from bmil.records import INFRARED, VISIBLE, Record
 
 DATASET = "LLCM"
 TEST_FOLDER = {VISIBLE: "test_vis", INFRARED: "test_nir"}

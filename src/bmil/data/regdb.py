@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 
-from bmil.data.records import INFRARED, MODALITY_INDEX, VISIBLE, Record
 from bmil.errors import DatasetError
+from bmil.records import INFRARED, MODALITY_INDEX, VISIBLE, Record
 
 DATASET = "RegDB"
 TRIALS = range(1, 11)

@@ -25,8 +25,8 @@ import os
 import random
 
 from bmil.data.images import list_image_names
-from bmil.data.records import INFRARED, VISIBLE, Record
 from bmil.errors import DatasetError
+from bmil.records import INFRARED, VISIBLE, Record
 
 DATASET = "SYSU-MM01"
 VISIBLE_CAMERAS = (1, 2, 4, 5)

@@ -20,8 +20,8 @@ from bmil.cluster import (
     visible_subsets,
 )
 from bmil.config import ClusterConfig
-from bmil.data.records import INFRARED, VISIBLE
 from bmil.engine.memory_check import join_memory_check, require_clustering_memory
+from bmil.records import INFRARED, VISIBLE
 
 log = logging.getLogger(__name__)
 

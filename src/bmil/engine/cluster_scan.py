@@ -22,9 +22,9 @@ import torch
 
 from bmil.cluster import cluster_counts, dbscan_labels, label_quality, num_clusters, relabel
 from bmil.config import ClusterConfig, Config
-from bmil.data.records import MODALITIES, MODALITY_NAMES, record_arrays
 from bmil.engine.association import cluster_distance
 from bmil.errors import ConfigError
+from bmil.records import MODALITIES, MODALITY_NAMES, record_arrays
 
 
 def parse_eps(text: str) -> list[float]:
@@ -141,7 +141,7 @@ def cluster_scan(
     (its architecture and input size come from the checkpoint; feature as in training:
     ``cluster.flip``),
     then :func:`scan_eps` with ``cfg.cluster``. ARI/NMI only when every image has an id."""
-    from bmil.engine.datasets import has_labels, train_records
+    from bmil.engine.data_setup import has_labels, train_records
     from bmil.engine.inference import CLUSTERING_RESIZE, feature_extractor, load_model
 
     model, trained = load_model(checkpoint, device)

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from bmil.config import Config
-from bmil.data.registry import get_dataset
+from bmil.datasets import get_dataset
 from bmil.engine.checkpoint import load_checkpoint
-from bmil.engine.datasets import can_score, run_protocol
+from bmil.engine.data_setup import can_score, run_protocol
 from bmil.engine.extract import resolve_device
 from bmil.engine.inference import feature_extractor, load_model
 from bmil.errors import CheckpointError

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from bmil.data.records import INFRARED, MODALITY_NAMES, VISIBLE
 from bmil.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from bmil.engine.extract import combine_views
 from bmil.errors import BmilError
+from bmil.records import INFRARED, MODALITY_NAMES, VISIBLE
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from bmil.data.images import ImageDataset
-from bmil.data.records import Record, record_arrays
 from bmil.data.transforms import test_transform
+from bmil.records import Record, record_arrays
 
 log = logging.getLogger(__name__)
 

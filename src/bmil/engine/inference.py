@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from bmil.config import Config, ModelConfig, config_from_dict
-from bmil.data.records import Record
 from bmil.engine.checkpoint import load_checkpoint
 from bmil.engine.extract import extract_features
 from bmil.errors import CheckpointError, ConfigError
 from bmil.model import model_from_config, model_signature
+from bmil.records import Record
 
 
 def signature_difference(found: dict | None, expected: dict) -> dict:
@@ -101,12 +101,12 @@ def feature_extractor(
     them: input ``data.height`` × ``data.width`` (or ``size`` = (height, width), e.g. the
     checkpoint's own), resized with ``resize`` (default ``eval.resize``, the scoring resize;
     pass ``"bicubic"`` for the features clustering sees), ``train.extract_batch`` images a
-    batch, :func:`~bmil.engine.datasets.extraction_workers` loader workers (as many as /dev/shm holds), ``train.amp``;
+    batch, :func:`~bmil.engine.data_setup.extraction_workers` loader workers (as many as /dev/shm holds), ``train.amp``;
     flip-averaged (``flip``); ``feature`` ``"test"`` (unit rows, for scoring) or
     ``"clustering"`` (the flip average not normalised again) as
     :func:`bmil.engine.extract.extract_features` computes them (it reads and fills
     ``cache`` when given)."""
-    from bmil.engine.datasets import extraction_workers
+    from bmil.engine.data_setup import extraction_workers
 
     height, width = size if size is not None else (cfg.data.height, cfg.data.width)
     workers = extraction_workers(cfg, device, height, width)  # as many as /dev/shm holds
@@ -127,7 +127,7 @@ def train_set_features(
     """The features clustering sees [N, D] (bicubic resize; flip-averaged when ``cluster.flip``,
     not normalised again: ``feature="clustering"``) of ``cfg``'s training images, and their
     records (person ids -1 where the dataset has none)."""
-    from bmil.engine.datasets import train_records
+    from bmil.engine.data_setup import train_records
 
     records = train_records(cfg)
     feats = feature_extractor(model, cfg, device, flip=cfg.cluster.flip, progress=progress, desc="train features",

@@ -22,12 +22,12 @@ from torch.utils.data import DataLoader
 
 from bmil.cluster import cluster_counts, num_clusters
 from bmil.config import Config
-from bmil.data.records import MODALITIES, MODALITY_NAMES, VISIBLE
 from bmil.engine.association import Association
-from bmil.engine.datasets import one_cluster_hint
+from bmil.engine.data_setup import one_cluster_hint
 from bmil.engine.forward import Batches, ModalityFeatures
 from bmil.losses import global_loss, intra_loss
 from bmil.memory import PrototypeMemory, positive_mask
+from bmil.records import MODALITIES, MODALITY_NAMES, VISIBLE
 
 log = logging.getLogger(__name__)
 

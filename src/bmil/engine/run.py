@@ -20,11 +20,10 @@ from torch.utils.data import DataLoader
 
 from bmil.config import Config, TrainConfig, config_to_dict, cores_per_process
 from bmil.data import PseudoIdentitySampler, TrainDataset, infrared_views, visible_views
-from bmil.data.records import INFRARED, MODALITIES, VISIBLE, Record, record_arrays
 from bmil.data.resized_cache import resized_caches
 from bmil.engine import distributed
 from bmil.engine.checkpoint import load_checkpoint
-from bmil.engine.datasets import (
+from bmil.engine.data_setup import (
     has_labels,
     loader_workers,
     log_dataset_counts,
@@ -38,6 +37,7 @@ from bmil.engine.inference import signature_difference
 from bmil.engine.memory_check import require_training_memory
 from bmil.errors import BmilError, CheckpointError, ConfigError
 from bmil.model import model_from_config, model_signature
+from bmil.records import INFRARED, MODALITIES, VISIBLE, Record, record_arrays
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ class Run:
         return 2 * len(MODALITIES) if self.stage == 2 and self.cfg.train.global_association else len(MODALITIES)
 
     def workers(self, modality: int) -> int:
-        """Worker processes of one training loader (:func:`~bmil.engine.datasets.loader_workers`
+        """Worker processes of one training loader (:func:`~bmil.engine.data_setup.loader_workers`
         for the loaders alive now, lowered to what /dev/shm holds); logged when it changes."""
         loaders = self.loaders_alive
         workers = loader_workers(self.cfg, self.device, loaders)

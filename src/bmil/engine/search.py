@@ -26,9 +26,9 @@ from torch import nn
 
 from bmil.config import Config
 from bmil.data.images import is_image_name
-from bmil.data.records import MODALITY_NAMES, OTHER_MODALITY, Record
 from bmil.engine.inference import feature_extractor
 from bmil.errors import ConfigError, DatasetError
+from bmil.records import MODALITY_NAMES, OTHER_MODALITY, Record
 
 log = logging.getLogger(__name__)
 

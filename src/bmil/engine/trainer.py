@@ -14,11 +14,10 @@ import torch
 from tqdm import tqdm
 
 from bmil.config import Config, save_config
-from bmil.data.records import INFRARED, VISIBLE, Record
 from bmil.engine import distributed
 from bmil.engine.association import Association, associate, draw_subsets, features_read
 from bmil.engine.checkpoint import save_checkpoint
-from bmil.engine.datasets import loader_workers, run_protocol
+from bmil.engine.data_setup import loader_workers, run_protocol
 from bmil.engine.epoch_stats import association_stats
 from bmil.engine.inference import CLUSTERING_RESIZE, feature_extractor
 from bmil.engine.objectives import Objective, build_objectives, group_loss, step_plan
@@ -31,6 +30,7 @@ from bmil.engine.run import (  # noqa: F401  (seed_worker, check_signature, Trai
     seed_worker,
 )
 from bmil.engine.run_log import RunLogger, write_run_info
+from bmil.records import INFRARED, VISIBLE, Record
 
 log = logging.getLogger(__name__)
 

@@ -1,35 +1,34 @@
 """Test protocols of SYSU-MM01, RegDB, LLCM and a labelled user folder: query / gallery
 sets, trials, mean scores.
 
-A runner reads the test records of every trial it needs, calls ``extract`` ONCE on their
-union (deduplicated by path) and scores each trial on rows of that one feature matrix, so
-any model (or a cache of features) plugs in as ``extract(records) -> [N, d] array``.
+A runner takes the test records of every trial as arguments (the dataset readers of
+``bmil.data`` make them; ``bmil.datasets`` composes reader and runner for each
+``data.dataset``), calls ``extract`` ONCE on their union (deduplicated by path) and scores
+each trial on rows of that one feature matrix, so any model (or a cache of features) plugs
+in as ``extract(records) -> [N, d] array``.
 
 Distance: cosine distance ``1 - q·g`` between L2-normalised features (the features are
 re-normalised here, so the ranking equals that of the Euclidean distance on unit vectors).
 
-``bmil.data`` is imported only inside the functions that need it: importing the package loads
-torchvision (its transforms), and this module must stay usable on plain numpy features.
+Nothing here reads a dataset or imports ``bmil.data``: this module stays usable on plain
+numpy features and records (``bmil.records``) from anywhere.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from bmil.evaluation.metrics import evaluate
-
-if TYPE_CHECKING:
-    from bmil.data.records import Record
+from bmil.records import INFRARED, MODALITIES, MODALITY_INDEX, MODALITY_NAMES, VISIBLE, Record, record_arrays
 
 logger = logging.getLogger(__name__)
 
-Extract = Callable[[list["Record"]], np.ndarray]
+Extract = Callable[[list[Record]], np.ndarray]
 
 DEFAULT_FEATURE = "BN-neck, flip-averaged, L2-normalised"
 DISTANCE = "cosine distance 1 - q.g on L2-normalised features"
@@ -80,37 +79,29 @@ class ProtocolResult:
 
 def evaluate_sysu(
     extract: Extract,
-    root: str,
-    mode: str = "all",
-    trials: int = 10,
-    shots: int = 1,
     *,
+    query: Sequence[Record],
+    galleries: Sequence[Sequence[Record]],
+    mode: str = "all",
+    shots: int = 1,
     feature: str = DEFAULT_FEATURE,
-    query_reader: Callable[..., list[Record]] | None = None,
-    gallery_reader: Callable[..., list[Record]] | None = None,
 ) -> ProtocolResult:
-    """SYSU-MM01 test: infrared queries (cameras 3, 6) against visible gallery trials.
+    """SYSU-MM01 test: the infrared ``query`` records (cameras 3, 6) against each visible
+    gallery of ``galleries`` (one record list per trial), one ``extract`` call in all.
 
-    mode: "all" (gallery cameras 1, 2, 4, 5) or "indoor" (cameras 1, 2); trials: galleries
-    0 … trials-1 as drawn by ``bmil.data.sysu_gallery``; shots: gallery images per (person,
-    camera), 1 = single-shot. Scored with the ``"sysu"`` rule (camera-3 queries ignore the
-    camera-2 gallery; Rank-k over distinct identities). The readers default to
-    ``bmil.data.sysu_query`` / ``bmil.data.sysu_gallery``; pass others to test or adapt.
+    With the dataset's readers (``bmil.data``): ``query=sysu_query(root)``,
+    ``galleries=[sysu_gallery(root, mode=mode, trial=t, shots=shots) for t in range(10)]``.
+    mode ("all": gallery cameras 1, 2, 4, 5; "indoor": 1, 2) and shots (gallery images per
+    person and camera, 1 = single-shot) say how the galleries were drawn; they name the
+    result. Scored with the ``"sysu"`` rule (camera-3 queries ignore the camera-2 gallery;
+    Rank-k over distinct identities).
     """
     if mode not in SYSU_SETTINGS:
         raise ValueError(f"SYSU-MM01 mode must be one of {sorted(SYSU_SETTINGS)}, got {mode!r}.")
-    _check_positive("trials", trials)
+    _check_positive("trials (len(galleries))", len(galleries))
     _check_positive("shots", shots)
-    if query_reader is None or gallery_reader is None:
-        from bmil import data
-
-        query_reader = query_reader or data.sysu_query
-        gallery_reader = gallery_reader or data.sysu_gallery
-
-    queries = query_reader(root)
-    galleries = [gallery_reader(root, mode=mode, trial=t, shots=shots) for t in range(trials)]
-    features = _FeatureTable(extract, [queries, *galleries])
-    per_trial = [_score_trial(features, queries, gallery, "sysu", trial=t) for t, gallery in enumerate(galleries)]
+    features = _FeatureTable(extract, [query, *galleries])
+    per_trial = [_score_trial(features, query, gallery, "sysu", trial=t) for t, gallery in enumerate(galleries)]
     return _result(
         dataset="SYSU-MM01",
         setting=SYSU_SETTINGS[mode],
@@ -123,25 +114,20 @@ def evaluate_sysu(
 
 def evaluate_regdb(
     extract: Extract,
-    root: str,
+    *,
+    visible: Sequence[Record],
+    thermal: Sequence[Record],
     trial: int,
     direction: str = "both",
-    *,
     feature: str = DEFAULT_FEATURE,
-    test_reader: Callable[..., tuple[list[Record], list[Record]]] | None = None,
 ) -> list[ProtocolResult]:
     """RegDB test of one split ``trial`` (1 … 10): every test image, plain CMC.
 
+    visible, thermal: the split's test records, ``regdb_test(root, trial)`` (``bmil.data``).
     direction: "v2t" (visible queries, thermal gallery), "t2v" (the reverse) or "both"
-    (v2t then t2v, one ``extract`` call for both). The reader defaults to
-    ``bmil.data.regdb_test(root, trial) -> (visible, thermal)``.
+    (v2t then t2v, one ``extract`` call for both).
     """
     directions = _directions(direction, REGDB_DIRECTIONS, "RegDB")
-    if test_reader is None:
-        from bmil import data
-
-        test_reader = data.regdb_test
-    visible, thermal = test_reader(root, trial)
     sets = {"visible": visible, "thermal": thermal}
     return _every_image_directions(
         extract, sets, [REGDB_DIRECTIONS[name] for name in directions], "RegDB", f"split {trial}", feature, trial
@@ -178,41 +164,35 @@ def _every_image_directions(
 
 def evaluate_llcm(
     extract: Extract,
-    root: str,
-    direction: str = "both",
-    trials: int = 10,
     *,
+    queries: Mapping[int, Sequence[Record]],
+    galleries: Mapping[int, Sequence[Sequence[Record]]],
+    direction: str = "both",
     feature: str = DEFAULT_FEATURE,
-    query_reader: Callable[..., list[Record]] | None = None,
-    gallery_reader: Callable[..., list[Record]] | None = None,
 ) -> list[ProtocolResult]:
-    """LLCM test: "v2i" (visible queries, infrared galleries), "i2v" or "both".
+    """LLCM test: "v2i" (visible queries, infrared galleries), "i2v" or "both" (v2i then i2v).
 
-    Galleries 0 … trials-1 come from ``bmil.data.llcm_gallery(root, modality, trial)``,
-    queries from ``bmil.data.llcm_query(root, modality)``. Scored with the ``"llcm"`` rule of
-    the LLCM authors' release (gallery images of the query's identity and camera removed —
-    LLCM cameras record both modalities — and Rank-k over distinct identities).
+    queries: modality (``VISIBLE`` / ``INFRARED``) → that modality's query records,
+    ``llcm_query(root, modality)``; galleries: modality → one gallery per trial,
+    ``[llcm_gallery(root, modality, trial=t) for t in range(10)]`` (``bmil.data``). Only the
+    modalities the directions use are needed. Scored with the ``"llcm"`` rule of the LLCM
+    authors' release (gallery images of the query's identity and camera removed — LLCM
+    cameras record both modalities — and Rank-k over distinct identities).
     """
-    from bmil.data.records import MODALITY_INDEX
-
     directions = _directions(direction, LLCM_DIRECTIONS, "LLCM")
-    _check_positive("trials", trials)
-    if query_reader is None or gallery_reader is None:
-        from bmil import data
-
-        query_reader = query_reader or data.llcm_query
-        gallery_reader = gallery_reader or data.llcm_gallery
-
     plans = {}
     for name in directions:
         query_mod, gallery_mod = (MODALITY_INDEX[m] for m in LLCM_DIRECTIONS[name])
-        galleries = [gallery_reader(root, gallery_mod, trial=t) for t in range(trials)]
-        plans[name] = (query_reader(root, query_mod), galleries)
-    features = _FeatureTable(extract, [s for queries, galleries in plans.values() for s in (queries, *galleries)])
+        for given, mod, what in ((queries, query_mod, "queries"), (galleries, gallery_mod, "galleries")):
+            if mod not in given:
+                raise ValueError(f"LLCM direction {name} needs {MODALITY_NAMES[mod]} {what}, got none.")
+        _check_positive(f"trials (len(galleries[{MODALITY_NAMES[gallery_mod]}]))", len(galleries[gallery_mod]))
+        plans[name] = (queries[query_mod], galleries[gallery_mod])
+    features = _FeatureTable(extract, [s for query, trials in plans.values() for s in (query, *trials)])
     results = []
-    for name, (queries, galleries) in plans.items():
+    for name, (query, trials) in plans.items():
         q_name, g_name = LLCM_DIRECTIONS[name]
-        per_trial = [_score_trial(features, queries, gallery, "llcm", trial=t) for t, gallery in enumerate(galleries)]
+        per_trial = [_score_trial(features, query, gallery, "llcm", trial=t) for t, gallery in enumerate(trials)]
         results.append(
             _result(
                 dataset="LLCM",
@@ -228,28 +208,22 @@ def evaluate_llcm(
 
 def evaluate_folder(
     extract: Extract,
-    root: str,
+    records: Sequence[Record],
     direction: str = "both",
     *,
     feature: str = DEFAULT_FEATURE,
-    test_reader: Callable[..., list[Record]] | None = None,
 ) -> list[ProtocolResult]:
-    """A labelled user folder (``ROOT/{visible,infrared}/<camera>/<person id>/``): every
-    test image of one modality as a query against every test image of the other as the
-    gallery, plain CMC / mAP / mINP (the ``"regdb"`` rule: nothing removed), one trial.
+    """A labelled user folder: every test record of one modality as a query against every
+    test record of the other as the gallery, plain CMC / mAP / mINP (the ``"regdb"`` rule:
+    nothing removed), one trial.
 
+    records: the labelled test records of both modalities, ``folder_test(root)``
+    (``bmil.data``: ``ROOT/{visible,infrared}/<camera>/<person id>/``, the test split of
+    ``ROOT/test.txt`` / ``ROOT/train.txt``, every labelled image without them).
     direction: "i2v" (infrared queries, visible gallery), "v2i" or "both" (i2v then v2i,
-    one ``extract`` call). The reader defaults to ``bmil.data.folder_test(root)`` (the
-    test split of ``ROOT/test.txt`` / ``ROOT/train.txt``, every labelled image without them).
+    one ``extract`` call).
     """
-    from bmil.data.records import MODALITIES, MODALITY_NAMES
-
     directions = _directions(direction, FOLDER_DIRECTIONS, "folder")
-    if test_reader is None:
-        from bmil import data
-
-        test_reader = data.folder_test
-    records = test_reader(root)
     sets = {MODALITY_NAMES[m]: [r for r in records if r.modality == m] for m in MODALITIES}
     return _every_image_directions(
         extract, sets, [FOLDER_DIRECTIONS[name] for name in directions], "folder", "every labelled test image",
@@ -270,8 +244,6 @@ def evaluate_cross_modality(
     cosine distance. Returns ``rank1/5/10/20``, ``mAP``, ``mINP`` (fractions),
     ``num_valid_queries``, ``num_query``, ``num_gallery``.
     """
-    from bmil.data.records import INFRARED, VISIBLE
-
     feats = _unit_rows(np.asarray(features, dtype=np.float32))
     pids = np.asarray(pids).reshape(-1)
     modality = np.asarray(modality).reshape(-1)
@@ -327,8 +299,6 @@ def _score_trial(
     protocol: str,
     trial: int,
 ) -> dict:
-    from bmil.data.records import record_arrays
-
     q_pids, q_camids, _ = record_arrays(queries)
     g_pids, g_camids, _ = record_arrays(gallery)
     distmat = _cosine_distance(features.of(queries), features.of(gallery))

@@ -11,11 +11,11 @@ import torch
 import torchvision
 from torch import nn
 
-from bmil.data.records import INFRARED, VISIBLE
 from bmil.errors import ConfigError
 from bmil.model.non_local import NON_LOCAL_WIDTHS, NonLocalBlock
 from bmil.model.pooling import GeneralizedMeanPooling
 from bmil.model.pretrained import load_imagenet_weights
+from bmil.records import INFRARED, VISIBLE
 
 if TYPE_CHECKING:
     from bmil.config import ModelConfig

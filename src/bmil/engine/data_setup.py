@@ -1,5 +1,5 @@
 """From a configuration to records and an evaluation, through the dataset registry
-(``bmil.data.registry``): nothing here names a dataset."""
+(``bmil.datasets``): nothing here names a dataset."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from bmil.config import Config, cores_per_process, default_workers
-from bmil.data.records import MODALITIES, MODALITY_NAMES, Record, record_arrays
-from bmil.data.registry import get_dataset
+from bmil.datasets import compare_counts, dataset_counts, get_dataset
 from bmil.errors import DatasetError
+from bmil.records import MODALITIES, MODALITY_NAMES, Record, record_arrays
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,6 @@ def log_dataset_counts(cfg: Config) -> list[str]:
     (WARNING, one line each, e.g. "SYSU-MM01 train ids: found 8, expected 395"); returns the
     differences. Only file lists are read, no image is decoded; datasets without published
     counts (synthetic, folder) are skipped."""
-    from bmil.data.check import compare_counts, dataset_counts
-
     name = cfg.data.dataset
     entry = get_dataset(name)
     if not entry.published_counts or not entry.checkable:
