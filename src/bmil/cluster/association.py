@@ -19,9 +19,9 @@ from bmil.cluster import (
     subset_labels,
     visible_subsets,
 )
+from bmil.cluster.memory_check import join_memory_check, require_clustering_memory
 from bmil.config import ClusterConfig
 from bmil.data.records import INFRARED, VISIBLE
-from bmil.engine.memory_check import join_memory_check, require_clustering_memory
 
 log = logging.getLogger(__name__)
 
