@@ -26,7 +26,7 @@ import torch
 from bmil.cluster import dbscan_labels, jaccard_distance, label_quality
 from bmil.config import load_config, save_config
 from bmil.data.records import record_arrays
-from bmil.engine.inference import load_model, train_set_features
+from bmil.inference import load_model, train_set_features
 from bmil.model import build_model
 
 MODES = ("plain", "modality-aware", "camera+modality-aware")

@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+from bmil.commands import search
+from bmil.commands.export import require_onnx
 from bmil.config import config_to_dict
 from bmil.data.transforms import test_transform
-from bmil.engine import search
-from bmil.engine.export import require_onnx
-from bmil.engine.inference import load_model
 from bmil.errors import BmilError, CheckpointError, ConfigError, DatasetError
+from bmil.inference import load_model
 from bmil.model import build_model
 from helpers import flip_averaged_features, run_cli, save_model_checkpoint
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from bmil.cluster import cluster_counts, label_quality, num_clusters
+from bmil.cluster.association import Association
 from bmil.data.records import MODALITIES, MODALITY_NAMES, VISIBLE
-from bmil.engine.association import Association
 
 
 def association_stats(assoc: Association, modality: np.ndarray, pids: np.ndarray | None) -> dict[str, float]:

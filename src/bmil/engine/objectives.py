@@ -21,9 +21,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from bmil.cluster import cluster_counts, num_clusters
+from bmil.cluster.association import Association
 from bmil.config import Config
 from bmil.data.records import MODALITIES, MODALITY_NAMES, VISIBLE
-from bmil.engine.association import Association
 from bmil.engine.datasets import one_cluster_hint
 from bmil.engine.forward import Batches, ModalityFeatures
 from bmil.losses import global_loss, intra_loss
