@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 PRESETS = "sysu, regdb, llcm, folder, folder-small, demo, ablation/m1 … ablation/m6"
 
+
 def preset_path(name: str) -> Path:
     """A YAML path, or the packaged preset called ``name``."""
     path = Path(name)
