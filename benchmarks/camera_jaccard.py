@@ -25,7 +25,7 @@ import torch
 
 from bmil.cluster import dbscan_labels, jaccard_distance, label_quality
 from bmil.config import load_config, save_config
-from bmil.engine.inference import load_model, train_set_features
+from bmil.inference import load_model, train_set_features
 from bmil.model import build_model
 from bmil.records import record_arrays
 

@@ -3,7 +3,7 @@
 34,167 × 2048 clustered random unit features from benchmarks/jaccard.py (about N/80
 identities, visible:infrared about 2:1 — SYSU-MM01 has 22,258:11,909 — with an offset
 between the modalities),
-then what a stage-2 epoch runs (``bmil.engine.association`` ``intra_labels`` and ``global_labels``, default cluster
+then what a stage-2 epoch runs (``bmil.cluster.association`` ``intra_labels`` and ``global_labels``, default cluster
 settings: k1 30, k2 6, eps 0.6, min_samples 4): visible Jaccard + DBSCAN on a random 50 %
 subset, infrared Jaccard + DBSCAN, global modality-aware Jaccard + DBSCAN + modality split.
 With ``--device cuda`` the features are a CUDA tensor, so the kNN runs on the GPU (the
@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bmil.cluster import random_subset  # noqa: E402
+from bmil.cluster.association import cluster_once, global_labels  # noqa: E402
 from bmil.config import ClusterConfig  # noqa: E402
-from bmil.engine.association import cluster_once, global_labels  # noqa: E402
-from bmil.engine.extract import resolve_device  # noqa: E402
+from bmil.inference import resolve_device  # noqa: E402
 from bmil.records import INFRARED, VISIBLE  # noqa: E402
 from jaccard import make_features  # noqa: E402  (the Jaccard benchmark's feature generator)
 

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from bmil.cli import preset_path
+from bmil.commands import demo as demo_mod
+from bmil.commands import preset_path
 from bmil.config import load_config
 from bmil.data import images as images_mod
-from bmil.engine import demo as demo_mod
 from bmil.engine import run as run_mod
 from bmil.engine import trainer as trainer_mod
 from bmil.evaluation import protocols as protocols_mod

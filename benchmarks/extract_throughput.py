@@ -1,7 +1,7 @@
 """Benchmark: feature-extraction throughput (images/s) of the training-epoch path.
 
 Writes random JPEG images (288×144 by default, half visible, half infrared) to a temporary
-folder and runs ``bmil.engine.extract.extract_features`` on them exactly as a training epoch
+folder and runs ``bmil.inference.extract_features`` on them exactly as a training epoch
 does: decode, resize, normalise, DataLoader, channels_last, flip-averaged forward, bf16
 autocast on CUDA when ``--amp``. The first batch is a warm-up and is not timed. Prints a
 Markdown table.
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bmil.engine.extract import extract_features, resolve_device
+from bmil.inference import extract_features, resolve_device
 from bmil.model import build_model
 from bmil.records import Record
 

@@ -506,8 +506,8 @@ class GpuCheck:
         def eval_match():
             if not trained:
                 return None, "no checkpoint (training failed)", ""
+            from bmil.commands.evaluate import evaluate_checkpoint
             from bmil.config import load_config
-            from bmil.engine.evaluate import evaluate_checkpoint
 
             ckpt = run_a / "checkpoints" / "last.pt"
             maps = {}
@@ -547,7 +547,7 @@ class GpuCheck:
         import torch.nn.functional as F
 
         from bmil.cluster import dbscan_labels, jaccard_distance, knn
-        from bmil.engine.memory_check import available_memory
+        from bmil.cluster.memory_check import available_memory
 
         self._need_device()
         r, s, z, dev = self.report, "cluster", self.sizes, self.device
@@ -604,7 +604,7 @@ class GpuCheck:
         def cached_counts_free():
             if not self.cuda:
                 return None, "CUDA only", ""
-            from bmil.engine.memory_check import gpu_available_memory
+            from bmil.cluster.memory_check import gpu_available_memory
 
             torch.cuda.synchronize(dev)
             block = torch.empty(1 << 28, dtype=torch.uint8, device=dev)  # 256 MiB
@@ -656,7 +656,7 @@ class GpuCheck:
         r.check(s, "with the real loader", with_loader)
 
         def extraction():
-            from bmil.engine.extract import extract_features
+            from bmil.inference import extract_features
             from bmil.model import build_model
 
             net = build_model(depth=z.depth, non_local=True, pretrained="none", width=z.model_width)

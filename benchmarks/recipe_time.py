@@ -51,10 +51,10 @@ from bmil.data.images import TrainDataset
 from bmil.data.resized_cache import ResizedCache
 from bmil.data.sampler import PseudoIdentitySampler
 from bmil.data.transforms import infrared_views, visible_views
-from bmil.engine.extract import extract_features, resolve_device
 from bmil.engine.forward import forward_batches
 from bmil.engine.run import adam
 from bmil.evaluation import evaluate
+from bmil.inference import extract_features, resolve_device
 from bmil.losses import global_loss, intra_loss
 from bmil.memory import PrototypeMemory, positive_mask
 from bmil.model import build_model

@@ -24,8 +24,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bmil.engine.extract import resolve_device
 from bmil.engine.run import adam
+from bmil.inference import resolve_device
 from bmil.losses import global_loss, intra_loss
 from bmil.memory import PrototypeMemory, positive_mask
 from bmil.model import build_model

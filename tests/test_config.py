@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from bmil.cli import preset_path
+from bmil.commands import preset_path
 from bmil.config import Config, choices, config_from_dict, config_to_dict, load_config, parse_override
 from bmil.errors import ConfigError
 from helpers import REPO

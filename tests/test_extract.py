@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+from bmil.commands.export import FlipAveragedFeature
 from bmil.data import sysu_train
 from bmil.data.transforms import test_transform
-from bmil.engine.export import FlipAveragedFeature
-from bmil.engine.extract import combine_views, extract_features
+from bmil.inference import combine_views, extract_features
 from bmil.memory import PrototypeMemory
 from bmil.model import build_model
 from bmil.records import INFRARED, VISIBLE
@@ -100,7 +100,7 @@ def test_training_clusters_clustering_features_and_scores_test_features(syntheti
                                                                        monkeypatch):
     """One extraction path: the trainer's clustering extraction and train_set_features ask for
     the clustering feature, evaluation for the test feature."""
-    from bmil.engine import inference
+    from bmil import inference
     from bmil.engine.trainer import Trainer
 
     seen = []

@@ -53,7 +53,7 @@ def test_quiet_is_accepted_before_and_after_the_command():
 
 
 def test_train_summary_is_a_table_like_evals():
-    from bmil.cli import train_table
+    from bmil.commands.train import train_table
 
     scores = {"rank1": 0.5, "rank5": 0.75, "rank10": 0.875, "rank20": 1.0, "mAP": 0.4321, "mINP": 0.25}
     summary = {"stage1": {"epoch": 4, "metrics": {"infrared→visible": scores}, "selected_by": "x",

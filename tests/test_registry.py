@@ -16,8 +16,8 @@ from bmil.config import Config, apply_overrides, config_to_dict, default_workers
 from bmil.datasets import DATASETS, PUBLISHED_COUNTS, dataset_names, eval_direction, get_dataset
 from bmil.engine.checkpoint import save_checkpoint
 from bmil.engine.data_setup import loader_workers
-from bmil.engine.inference import load_model
 from bmil.errors import CheckpointError, ConfigError, DatasetError
+from bmil.inference import load_model
 from bmil.model import build_model, model_signature
 
 PACKAGE = Path(bmil.__file__).parent
@@ -109,7 +109,7 @@ def test_workers_unset_follow_the_device(monkeypatch):
 
 
 def test_folder_preset_leaves_workers_to_the_device():
-    from bmil.cli import preset_path
+    from bmil.commands import preset_path
 
     assert load_config(preset_path("folder")).data.workers is None
     assert load_config(preset_path("sysu")).data.workers == 8

@@ -146,7 +146,7 @@ class ClusterConfig:
     """Jaccard distance + DBSCAN pseudo labels (docs/method.md, stages 1 and 2).
 
     ``memory_check``: before each clustering, stop with a clear message when the estimated
-    kNN + Jaccard memory exceeds the available memory (``bmil.engine.memory_check``).
+    kNN + Jaccard memory exceeds the available memory (``bmil.cluster.memory_check``).
     ``flip``: cluster flip-averaged features (the release's extractor always flips).
     ``global_visible``: which visible images stage 2's global clustering sees: ``left_out``
     (the release: the random visible subset intra clustering left out this epoch, plus all

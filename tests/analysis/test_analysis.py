@@ -187,8 +187,8 @@ def test_tsne_legend_names_the_identities_and_distances_have_axis_labels(tmp_pat
 
 def test_analyze_with_a_config_keeps_the_checkpoints_input_size(synthetic_root, tmp_path, make_config, capsys,
                                                                  monkeypatch):
+    from bmil import inference
     from bmil.config import save_config
-    from bmil.engine import inference
 
     cfg = make_config(synthetic_root, tmp_path)
     torch.manual_seed(0)

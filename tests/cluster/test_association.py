@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from bmil.cluster import dbscan_labels, jaccard_distance, visible_subsets
+from bmil.cluster import association, dbscan_labels, jaccard_distance, visible_subsets
+from bmil.cluster.association import associate, draw_subsets, features_read, global_input
 from bmil.config import ClusterConfig
-from bmil.engine import association
-from bmil.engine.association import associate, draw_subsets, features_read, global_input
 from bmil.records import INFRARED, VISIBLE
 from helpers import clustered_features
 

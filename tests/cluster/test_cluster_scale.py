@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from bmil.cluster import dbscan_labels, estimate_jaccard_memory, jaccard_distance
+from bmil.cluster import association, dbscan_labels, estimate_jaccard_memory, jaccard_distance
+from bmil.commands import cluster_scan
 from bmil.config import ClusterConfig, config_from_dict
-from bmil.engine import association, cluster_scan
 from bmil.errors import ConfigError
 
 

@@ -1,4 +1,4 @@
-"""engine/memory_check.py: the memory available to clustering, and the check that stops a
+"""cluster/memory_check.py: the memory available to clustering, and the check that stops a
 clustering (or a training run, at start-up) that cannot fit with one sentence before any
 distance is computed."""
 
@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from bmil.cluster import estimate_jaccard_memory
+from bmil.cluster import association, estimate_jaccard_memory, memory_check
 from bmil.config import ClusterConfig, Config, apply_overrides, save_config
-from bmil.engine import association, memory_check
 from bmil.errors import BmilError
 from bmil.records import INFRARED, VISIBLE
 from helpers import clustered_features, run_cli

@@ -1,4 +1,4 @@
-"""engine/cluster_scan.py and ``bmil cluster-scan``: the --eps grammar, the scan against
+"""commands/cluster_scan.py and ``bmil cluster-scan``: the --eps grammar, the scan against
 clustering each eps from scratch, the command's table and JSON file, its help."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from bmil import cli
+from bmil.cluster import association
+from bmil.commands.cluster_scan import parse_eps, scan_eps, scan_table
 from bmil.config import ClusterConfig, config_to_dict, save_config
-from bmil.engine import association
 from bmil.engine.checkpoint import save_checkpoint
-from bmil.engine.cluster_scan import parse_eps, scan_eps, scan_table
 from bmil.errors import ConfigError
 from bmil.model import build_model, model_signature
 from bmil.records import INFRARED, VISIBLE

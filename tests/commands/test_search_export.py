@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+from bmil.commands import extract, search
+from bmil.commands.export import require_onnx
 from bmil.config import config_to_dict
 from bmil.data.transforms import test_transform
-from bmil.engine import search
-from bmil.engine.export import require_onnx
-from bmil.engine.inference import load_model
 from bmil.errors import BmilError, CheckpointError, ConfigError, DatasetError
+from bmil.inference import load_model
 from bmil.model import build_model
 from helpers import flip_averaged_features, run_cli, save_model_checkpoint
 
@@ -89,18 +89,18 @@ def test_extract_cli_writes_a_plain_npz(checkpoint, synthetic_root, tmp_path, ca
 
 
 def test_features_round_trip_and_foreign_files(tmp_path):
-    feats = search.FeatureSet(
+    feats = extract.FeatureSet(
         np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32), ["a.jpg", "b.jpg", "c.png", "d.png"],
         np.array([0, 0, 1, 1]), None,
     )
-    loaded = search.load_features(search.save_features(feats, tmp_path / "f.npz"))
+    loaded = extract.load_features(extract.save_features(feats, tmp_path / "f.npz"))
     np.testing.assert_array_equal(loaded.features, feats.features)
     assert loaded.paths == feats.paths and loaded.pids is None
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
     (tmp_path / "text.npz").write_text("hello")
     for name in ("other.npz", "text.npz", "absent.npz"):
         with pytest.raises(DatasetError):
-            search.load_features(tmp_path / name)
+            extract.load_features(tmp_path / name)
 
 
 def test_rank_gallery_matches_a_brute_force_sort():
@@ -170,7 +170,7 @@ def test_cli_errors_are_one_sentence(checkpoint, tmp_path, capsys):
         assert code == 2, argv
         assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     with pytest.raises(ConfigError, match="'visible' or 'infrared'"):
-        search.parse_modality("thermal")
+        extract.parse_modality("thermal")
 
 
 # ---------------------------------------------------------------- ONNX
@@ -269,23 +269,23 @@ def test_integer_ids_of_older_files_read_as_strings(tmp_path):
     np.savez(tmp_path / "old.npz", bmil_features=np.array(1), features=np.eye(3, dtype=np.float32),
              paths=np.array(["a.jpg", "b.jpg", "c.jpg"]), modality=np.zeros(3, np.int64),
              pids=np.array([7, -1, 12], np.int64))
-    loaded = search.load_features(tmp_path / "old.npz")
+    loaded = extract.load_features(tmp_path / "old.npz")
     assert loaded.pids.tolist() == ["7", "", "12"]
     assert search.match_flags(loaded, np.array([2, 1, 0]), "7") == [False, None, True]
 
 
 def test_extract_splits_a_mixed_root_by_modality_folder(named_folder):
-    visible = search.images_by_modality(named_folder, 0)
+    visible = extract.images_by_modality(named_folder, 0)
     assert list(visible) == [0]
     assert len(visible[0]) == 6 and all("/visible/" in p for p in visible[0])
-    both = search.images_by_modality(named_folder, None)
+    both = extract.images_by_modality(named_folder, None)
     assert sorted(both) == [0, 1] and all("/infrared/" in p for p in both[1])
     # a folder named for its modality needs no --modality, and refuses the other one
-    assert list(search.images_by_modality(named_folder / "infrared", None)) == [1]
+    assert list(extract.images_by_modality(named_folder / "infrared", None)) == [1]
     with pytest.raises(ConfigError, match="named infrared"):
-        search.images_by_modality(named_folder / "infrared", 0)
+        extract.images_by_modality(named_folder / "infrared", 0)
     with pytest.raises(ConfigError, match="--modality"):
-        search.images_by_modality(named_folder / "visible" / "cam1", None)
+        extract.images_by_modality(named_folder / "visible" / "cam1", None)
 
 
 def test_rank_list_captions_carry_rank_and_ids(synthetic_root, tmp_path):

@@ -286,7 +286,7 @@ def test_bmil_eval_takes_the_network_and_input_size_from_the_checkpoint(labelled
 
 
 def test_train_on_a_labelled_folder_evaluates_and_keeps_the_best_model(tmp_path):
-    from bmil.cli import preset_path
+    from bmil.commands import preset_path
     from bmil.engine.trainer import Trainer
 
     layout = {(m, cam, f"p{i}"): [f"{k}.png" for k in range(3)]

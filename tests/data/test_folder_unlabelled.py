@@ -51,7 +51,7 @@ def user_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def folder_run(user_folder, tmp_path_factory):
     """configs/folder.yaml on the generated folders, shrunk to a CPU-sized model and run."""
-    from bmil.cli import preset_path
+    from bmil.commands import preset_path
 
     out = tmp_path_factory.mktemp("folder_run")
     cfg = load_config(preset_path("folder"), [

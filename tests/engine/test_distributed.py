@@ -88,9 +88,9 @@ def _augmentation_draws(trainer) -> dict:
 def _train_worker(rank: int, port: int, root: str, out: str, dump: str) -> None:
     import bmil.engine.run as run_module
     from bmil.data import PseudoIdentitySampler
-    from bmil.engine.extract import extract_features
     from bmil.engine.trainer import Trainer
     from bmil.errors import CheckpointError
+    from bmil.inference import extract_features
     from conftest import tiny_config  # tests/ is on the path pytest hands to spawned processes
 
     _join(rank, port)

@@ -12,9 +12,9 @@ from torch.utils.data import DataLoader
 
 from bmil import cli
 from bmil.cluster import split_by_modality
+from bmil.cluster.association import Association
 from bmil.config import save_config
 from bmil.data.images import ImageDataset
-from bmil.engine.association import Association
 from bmil.engine.checkpoint import save_checkpoint
 from bmil.engine.run import Run
 from bmil.engine.run_log import read_metrics

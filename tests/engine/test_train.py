@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from bmil.cluster.association import Association
 from bmil.engine import trainer as trainer_mod
-from bmil.engine.association import Association
 from bmil.engine.objectives import group_loss
 from bmil.engine.run_log import read_metrics
 from bmil.engine.trainer import Trainer
@@ -149,7 +149,7 @@ def test_init_from_checks_the_architecture(finished_run, synthetic_root, tmp_pat
 
 
 def test_demo_summary_has_the_published_keys(synthetic_root, tmp_path, make_config):
-    from bmil.engine.demo import demo_table, run_demo
+    from bmil.commands.demo import demo_table, run_demo
 
     cfg = make_config(synthetic_root, tmp_path, "train.stage1_epochs=1", "train.stage2_epochs=1", "train.eval_every=5")
     summary = run_demo(cfg, progress=False)
@@ -175,8 +175,7 @@ def test_demo_summary_has_the_published_keys(synthetic_root, tmp_path, make_conf
 
     from bmil.cluster import dbscan_labels, jaccard_distance, visible_subsets
     from bmil.engine.data_setup import train_records
-    from bmil.engine.extract import extract_features
-    from bmil.engine.inference import load_model
+    from bmil.inference import extract_features, load_model
     from bmil.records import INFRARED, VISIBLE, record_arrays
 
     assert cfg.cluster.flip and summary["clustering_training_features"] == summary["clustering"]
@@ -386,8 +385,8 @@ def test_bn_split_must_divide_the_batch(make_config, synthetic_root, tmp_path):
 def test_scoring_resizes_with_lanczos_and_clustering_with_bicubic(synthetic_root, tmp_path, make_config, monkeypatch):
     """The release scores query/gallery images resized with PIL Lanczos (TestData) and clusters
     features of bicubic-resized images (get_test_loader): eval.resize and the clustering path."""
-    from bmil.engine import extract as extract_mod
-    from bmil.engine import inference
+    from bmil import inference
+    from bmil import inference as extract_mod
 
     seen = []
     real = extract_mod.extract_features
@@ -412,7 +411,7 @@ def test_extraction_memory_format_changes_speed_not_features(synthetic_root):
     """train.channels_last only picks the memory format (docs/benchmarks.md: slower for the demo's
     ResNet-18 at 64×32 on a CPU): the features agree with the contiguous pass."""
     from bmil.data import sysu_train
-    from bmil.engine.extract import extract_features
+    from bmil.inference import extract_features
     from bmil.model import build_model
 
     torch.manual_seed(0)
@@ -433,8 +432,8 @@ def test_extraction_cache_gives_the_same_features_without_reading_the_files_agai
     from pathlib import Path
 
     from bmil.data import sysu_train
-    from bmil.engine.extract import extract_features
     from bmil.errors import DatasetError
+    from bmil.inference import extract_features
     from bmil.model import build_model
 
     torch.manual_seed(0)
@@ -625,8 +624,7 @@ def test_training_survives_extreme_modality_ratios(visible, infrared, synthetic_
 def test_epoch_whose_global_clusters_each_hold_one_modality(synthetic_root, tmp_path, make_config, monkeypatch,
                                                             caplog, no_evaluation):
     """Every global cluster split into its per-modality parts: the run goes on, says so."""
-    from bmil.cluster import split_by_modality
-    from bmil.engine import association
+    from bmil.cluster import association, split_by_modality
 
     real = association.global_labels
 

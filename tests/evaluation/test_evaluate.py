@@ -1,5 +1,5 @@
 """bmil.evaluation.evaluate: hand-worked cases per protocol and a slow reference loop; the
-RegDB trial check of engine/evaluate.py (a model trained on one trial is not scored on another)."""
+RegDB trial check of commands/evaluate.py (a model trained on one trial is not scored on another)."""
 
 from __future__ import annotations
 
@@ -281,7 +281,7 @@ def test_regdb_model_refuses_another_trial(tmp_path, capsys):
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "trained on RegDB trial 1 but data.trial=2" in err and "eval.allow_trial_mismatch=true" in err
 
-    from bmil.engine.evaluate import check_regdb_trial
+    from bmil.commands.evaluate import check_regdb_trial
 
     state = torch.load(path, weights_only=False)
     allowed = load_config(None, ["data.dataset=regdb", "data.trial=2", "eval.allow_trial_mismatch=true"])

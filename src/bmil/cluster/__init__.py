@@ -1,7 +1,13 @@
 """Clustering on features: exact kNN, the (modality-aware) k-reciprocal Jaccard distance,
 DBSCAN pseudo labels, label helpers and pseudo-label quality.
 
-Imports neither torch.nn models nor the engine, so it works on any feature array.
+Two sub-modules are imported on their own (``from bmil.cluster.association import ...``):
+:mod:`bmil.cluster.association`, one training epoch's pseudo labels (the visible subset
+split, intra and global clustering, the k1 rule of :func:`clustering_k1`), and
+:mod:`bmil.cluster.memory_check`, which refuses a clustering step that would not fit in memory.
+
+Imports neither torch.nn models nor the engine nor the commands, so it works on any feature
+array.
 """
 
 from bmil.cluster.dbscan import dbscan_labels

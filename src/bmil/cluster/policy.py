@@ -12,7 +12,7 @@ def clustering_k1(k1: int, n: int, modality: np.ndarray | None = None) -> int:
     modality-aware distance) also at 2·(m - 1), m being the smaller modality's count: the
     rank list takes k1 / 2 neighbours from each modality and, in the sample's own modality,
     the first of them is the sample itself. This is the rule training uses
-    (``bmil.engine.association.cluster_distance``); ``bmil analyze`` uses it too. The result
+    (``bmil.cluster.association.cluster_distance``); ``bmil analyze`` uses it too. The result
     is below 2 when a modality has fewer than two samples, too few for the modality-aware
     distance: callers then skip the step.
     """

@@ -1,1 +1,2 @@
-"""Training and inference machinery: feature extraction, the epoch loop, checkpoints, logs."""
+"""The training loop: run set-up and resume, objectives, the step's forward, checkpoints,
+distributed helpers, logging."""

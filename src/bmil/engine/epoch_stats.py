@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from bmil.cluster import cluster_counts, label_quality, num_clusters
-from bmil.engine.association import Association
+from bmil.cluster.association import Association
 from bmil.records import MODALITIES, MODALITY_NAMES, VISIBLE
 
 

@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from bmil.cluster import cluster_counts, num_clusters
+from bmil.cluster.association import Association
 from bmil.config import Config
-from bmil.engine.association import Association
 from bmil.engine.data_setup import one_cluster_hint
 from bmil.engine.forward import Batches, ModalityFeatures
 from bmil.losses import global_loss, intra_loss

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from bmil.cluster.memory_check import require_training_memory
 from bmil.config import Config, TrainConfig, config_to_dict, cores_per_process
 from bmil.data import PseudoIdentitySampler, TrainDataset, infrared_views, visible_views
 from bmil.data.resized_cache import resized_caches
@@ -31,11 +32,9 @@ from bmil.engine.data_setup import (
     shm_workers,
     train_records,
 )
-from bmil.engine.extract import FEATURE_DESCRIPTION, resolve_device
 from bmil.engine.forward import Batches, ModalityFeatures, forward_batches
-from bmil.engine.inference import signature_difference
-from bmil.engine.memory_check import require_training_memory
 from bmil.errors import BmilError, CheckpointError, ConfigError
+from bmil.inference import FEATURE_DESCRIPTION, resolve_device, signature_difference
 from bmil.model import model_from_config, model_signature
 from bmil.records import INFRARED, MODALITIES, VISIBLE, Record, record_arrays
 

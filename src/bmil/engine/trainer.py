@@ -13,13 +13,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from bmil.cluster.association import Association, associate, draw_subsets, features_read
 from bmil.config import Config, save_config
 from bmil.engine import distributed
-from bmil.engine.association import Association, associate, draw_subsets, features_read
 from bmil.engine.checkpoint import save_checkpoint
 from bmil.engine.data_setup import loader_workers, run_protocol
 from bmil.engine.epoch_stats import association_stats
-from bmil.engine.inference import CLUSTERING_RESIZE, feature_extractor
 from bmil.engine.objectives import Objective, build_objectives, group_loss, step_plan
 from bmil.engine.run import (  # noqa: F401  (seed_worker, check_signature, TrainingError: public here too)
     StageBest,
@@ -30,6 +29,7 @@ from bmil.engine.run import (  # noqa: F401  (seed_worker, check_signature, Trai
     seed_worker,
 )
 from bmil.engine.run_log import RunLogger, write_run_info
+from bmil.inference import CLUSTERING_RESIZE, feature_extractor
 from bmil.records import INFRARED, VISIBLE, Record
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class Trainer:
         feature: str = "clustering",
     ) -> np.ndarray:
         """Features [N, D] of ``records`` with the current model, resized and combined
-        (``feature``, :func:`~bmil.engine.extract.combine_views`) as clustering sees them
+        (``feature``, :func:`~bmil.inference.combine_views`) as clustering sees them
         unless ``resize`` / ``feature`` say otherwise. When distributed, each rank extracts
         its shard and all ranks get all features, in order."""
         shard = records[distributed.shard_range(len(records), self.dist)] if self.dist.enabled else records

@@ -1,9 +1,10 @@
-"""The main job on the embedded synthetic dataset: stage 1, stage 2, and the two effects
+"""``bmil demo``: the main job on the embedded synthetic dataset: stage 1, stage 2, and the two effects
 the paper claims (cross-modality mAP rises in stage 2; the modality-aware Jaccard distance
 gives better global clusters than the plain one)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from dataclasses import replace
@@ -13,8 +14,9 @@ from typing import Any
 import numpy as np
 
 from bmil.cluster import label_quality
-from bmil.config import Config
-from bmil.engine.association import cluster_once, global_input
+from bmil.cluster.association import cluster_once, global_input
+from bmil.commands import preset_path
+from bmil.config import Config, load_config
 from bmil.engine.checkpoint import load_checkpoint
 from bmil.engine.trainer import Trainer
 
@@ -56,7 +58,7 @@ def stage1_clustering(trainer: Trainer, checkpoint: str | Path) -> dict[str, dic
     """:func:`clustering_ari` with ``checkpoint``'s weights (the model stage 2 starts from) on
     the images stage 2's first global clustering sees (``"global"``: the comparison the
     paper's effect is about) and on all training images (``"all"``); both on its flip-averaged
-    clustering features (:func:`~bmil.engine.extract.combine_views`). ``"training"``: the
+    clustering features (:func:`~bmil.inference.combine_views`). ``"training"``: the
     ``"global"`` comparison on the features training clusters (the same ones unless
     ``cluster.flip`` is off)."""
     trainer.model.load_state_dict(load_checkpoint(checkpoint)["model"])
@@ -136,3 +138,16 @@ def _pairs(clustering: dict[str, float], distance: str) -> str:
 def _scores(headline: dict[str, float]) -> str:
     """'Rank-1 / mAP' in % of one evaluation."""
     return f"{100 * headline['rank1']:.1f} / {100 * headline['mAP']:.1f}"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train on the synthetic data (``configs/demo.yaml`` with the command line's overrides,
+    ``--out`` the run folder) and print the result table."""
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"output={args.out}")
+    cfg = load_config(preset_path("demo"), overrides)
+    summary = run_demo(cfg, progress=not args.quiet)
+    print(demo_table(summary))
+    print(f"\nsummary written to {Path(cfg.output) / 'summary.json'}")
+    return 0

@@ -19,8 +19,8 @@ from bmil.cluster import (
     subset_labels,
     visible_subsets,
 )
+from bmil.cluster.memory_check import join_memory_check, require_clustering_memory
 from bmil.config import ClusterConfig
-from bmil.engine.memory_check import join_memory_check, require_clustering_memory
 from bmil.records import INFRARED, VISIBLE
 
 log = logging.getLogger(__name__)

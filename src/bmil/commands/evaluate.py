@@ -1,19 +1,20 @@
-"""Evaluate a saved checkpoint with the configured dataset's protocol."""
+"""``bmil eval``: evaluate a saved checkpoint with the configured dataset's protocol."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 
 import torch
 
+from bmil.commands import config_from_args
 from bmil.config import Config
 from bmil.datasets import get_dataset
 from bmil.engine.checkpoint import load_checkpoint
 from bmil.engine.data_setup import can_score, run_protocol
-from bmil.engine.extract import resolve_device
-from bmil.engine.inference import feature_extractor, load_model
 from bmil.errors import CheckpointError
+from bmil.inference import feature_extractor, load_model, resolve_device
 from bmil.model import model_signature
 
 log = logging.getLogger(__name__)
@@ -70,3 +71,18 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, *, progress: bool =
     path.parent.mkdir(parents=True, exist_ok=True)
     save_results(results, path)
     return results, path
+
+
+def run(args: argparse.Namespace) -> int:
+    """Score ``--checkpoint`` and print the results table (or why there is no score)."""
+    from bmil.evaluation import results_table
+
+    cfg = config_from_args(args)
+    results, path = evaluate_checkpoint(cfg, args.checkpoint, progress=not args.quiet)
+    if not results:
+        print("no evaluation: this dataset has no person ids, so no score can be computed "
+              "(a folder laid out as <camera>/<person id>/ is scored with data.ids_from_folders=true)")
+        return 0
+    print(results_table(results))
+    print(f"\nresults written to {path}")
+    return 0

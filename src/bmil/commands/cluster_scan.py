@@ -12,7 +12,9 @@ one eps gives one answer.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,8 +23,9 @@ import numpy as np
 import torch
 
 from bmil.cluster import cluster_counts, dbscan_labels, label_quality, num_clusters, relabel
+from bmil.cluster.association import cluster_distance
+from bmil.commands import config_from_args
 from bmil.config import ClusterConfig, Config
-from bmil.engine.association import cluster_distance
 from bmil.errors import ConfigError
 from bmil.records import MODALITIES, MODALITY_NAMES, record_arrays
 
@@ -142,7 +145,7 @@ def cluster_scan(
     ``cluster.flip``),
     then :func:`scan_eps` with ``cfg.cluster``. ARI/NMI only when every image has an id."""
     from bmil.engine.data_setup import has_labels, train_records
-    from bmil.engine.inference import CLUSTERING_RESIZE, feature_extractor, load_model
+    from bmil.inference import CLUSTERING_RESIZE, feature_extractor, load_model
 
     model, trained = load_model(checkpoint, device)
     records = train_records(cfg)
@@ -154,3 +157,21 @@ def cluster_scan(
     if torch.device(device).type == "cuda":  # the kNN of every distance then runs on the GPU, as in training
         features = torch.from_numpy(features).to(device)
     return scan_eps(features, modality, eps_values, cfg.cluster, pids if has_labels(records) else None)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the scan of ``--eps`` as a table (and write its rows to ``--out`` as JSON)."""
+    from bmil.inference import resolve_device
+
+    eps_values = parse_eps(args.eps)
+    cfg = config_from_args(args)
+    rows = cluster_scan(cfg, args.checkpoint, eps_values, resolve_device(args.device), progress=not args.quiet)
+    print(f"{cfg.data.dataset} training set, k1={cfg.cluster.k1}, k2={cfg.cluster.k2}, "
+          f"min_samples={cfg.cluster.min_samples}, {'modality-aware' if cfg.cluster.modality_aware else 'plain'} "
+          "global distance; visible images clustered whole (no subset)")
+    print(scan_table(rows))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"rows written to {args.out}")
+    return 0

@@ -1,5 +1,5 @@
-"""Cross-modality search on a user's images: extract a folder into a features file, rank
-a gallery file for one query image (the rank-list figure: :mod:`bmil.analysis.rank_list`).
+"""``bmil extract``: features of every image under a folder, written to a features file
+that ``bmil search`` ranks (:mod:`bmil.commands.search`).
 
 The features file is a plain NumPy ``.npz`` (``numpy.load`` reads it without bmil):
 ``features`` float32 [N, D] (L2-normalised), ``paths`` str [N], ``modality`` int64 [N]
@@ -15,6 +15,7 @@ folder it lies under.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from dataclasses import dataclass
@@ -26,9 +27,9 @@ from torch import nn
 
 from bmil.config import Config
 from bmil.data.images import is_image_name
-from bmil.engine.inference import feature_extractor
 from bmil.errors import ConfigError, DatasetError
-from bmil.records import MODALITY_NAMES, OTHER_MODALITY, Record
+from bmil.inference import feature_extractor, load_model, resolve_device
+from bmil.records import MODALITY_NAMES, Record
 
 log = logging.getLogger(__name__)
 
@@ -186,54 +187,19 @@ def _id_strings(pids: np.ndarray) -> np.ndarray:
     return pids.astype(str)
 
 
-def rank_gallery(query: np.ndarray, gallery: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``top`` gallery rows most similar to ``query`` [D] by cosine similarity.
-
-    gallery: [N, D]. Returns (indices [k] int64, similarities [k] float32), k = min(top, N),
-    most similar first; equal similarities by lower index.
-    """
-    q = query / max(float(np.linalg.norm(query)), 1e-12)
-    g = gallery / np.maximum(np.linalg.norm(gallery, axis=1, keepdims=True), 1e-12)
-    sims = (g @ q).astype(np.float32)
-    order = np.lexsort((np.arange(len(sims)), -sims))[:top]
-    return order.astype(np.int64), sims[order]
-
-
-def embed_image(
-    model: nn.Module, cfg: Config, path: str | Path, modality: int, device: torch.device | str = "cpu"
-) -> np.ndarray:
-    """The test feature [D] of one image (DatasetError when it cannot be read)."""
-    if Path(path).is_dir():
-        raise DatasetError(f"query {path} is a folder, not an image file: give one image with --query")
-    if not Path(path).is_file():
-        raise DatasetError(f"query image {path} not found")
-    record = Record(str(path), -1, -1, modality)
-    return feature_extractor(model, cfg, device, progress=False)([record])[0]
-
-
-def query_modality(gallery: FeatureSet, name: str | None, source: str | Path) -> int:
-    """The query's modality: ``name`` when given, else the other modality than the
-    gallery's (cross-modality search); ConfigError for a mixed gallery without ``name``."""
-    if name is not None:
-        return parse_modality(name)
-    present = np.unique(gallery.modality)
-    if present.size != 1:
-        raise ConfigError(f"gallery {source} mixes modalities: give the query's with --query-modality")
-    return OTHER_MODALITY[int(present[0])]
-
-
-def cross_modality_rows(gallery: FeatureSet, modality: int) -> np.ndarray:
-    """Row indices of ``gallery`` to rank for a query of ``modality``: those of the other
-    modality when the gallery holds both (a cross-modality search), else every row."""
-    if np.unique(gallery.modality).size > 1:
-        return np.flatnonzero(gallery.modality != modality)
-    return np.arange(len(gallery.paths))
-
-
-def match_flags(gallery: FeatureSet, order: np.ndarray, query_id: str | None) -> list[bool | None] | None:
-    """Per ranked match: True same id as ``query_id``, False another id, None unknown id;
-    None when the query's or the gallery's ids are not known at all."""
-    if query_id is None or gallery.pids is None:
-        return None
-    pids = gallery.pids[order]
-    return [None if pid == UNKNOWN_ID else bool(pid == str(query_id)) for pid in pids]
+def run(args: argparse.Namespace) -> int:
+    """Extract ``--images`` with ``--checkpoint``'s model into ``--out`` and say what was written."""
+    modality = None if args.modality in (None, "both") else parse_modality(args.modality)
+    device = resolve_device(args.device)
+    model, cfg = load_model(args.checkpoint, device)
+    if cfg.train.channels_last:  # the layout extraction gives the images
+        model = model.to(memory_format=torch.channels_last)
+    feats = extract_folder(
+        model, cfg, args.images, modality, ids_from_folders=args.ids_from_folders, device=device,
+        progress=not args.quiet,
+    )
+    path = save_features(feats, args.out)
+    counts = ", ".join(f"{int((feats.modality == m).sum())} {name}" for m, name in MODALITY_NAMES.items()
+                       if (feats.modality == m).any())
+    print(f"{counts} images, {feats.features.shape[1]}-d features written to {path}")
+    return 0

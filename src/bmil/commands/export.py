@@ -1,4 +1,4 @@
-"""ONNX export: one model per modality, each computing bmil's test feature.
+"""``bmil export``: ONNX export, one model per modality, each computing bmil's test feature.
 
 Each file maps ``images`` float32 [B, 3, H, W] (normalised as ``test_transform`` does) to
 ``features`` float32 [B, D]: the BN-neck outputs of the image and of its horizontally
@@ -10,6 +10,7 @@ the output is are also written into each file's metadata (:func:`onnx_metadata`,
 
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib.util
 import logging
@@ -20,8 +21,8 @@ import torch
 from torch import nn
 
 from bmil.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from bmil.engine.extract import combine_views
 from bmil.errors import BmilError
+from bmil.inference import combine_views, load_model
 from bmil.records import INFRARED, MODALITY_NAMES, VISIBLE
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ OPSET = 18
 class FlipAveragedFeature(nn.Module):
     """``model`` fixed to one modality, returning the test feature: n(n(f) + n(f')) of the
     BN-neck outputs f and f' of the image and its mirror (n = L2-normalise; n(f) without
-    flip), as :func:`bmil.engine.extract.combine_views` computes it."""
+    flip), as :func:`bmil.inference.combine_views` computes it."""
 
     def __init__(self, model: nn.Module, modality: int, flip: bool = True) -> None:
         super().__init__()
@@ -143,3 +144,23 @@ def onnx_max_difference(path: str | Path, model: nn.Module, modality: int, image
     with torch.no_grad():
         expected = FlipAveragedFeature(_cpu_eval_copy(model), modality)(images).numpy()
     return float(np.abs(got - expected).max())
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export ``--checkpoint`` (one file per modality) and print each file with, unless
+    ``--no-check``, its largest difference from PyTorch."""
+    require_onnx()
+    if not args.verbose:  # the exporter's own INFO lines (onnxscript prints dozens) only when asked
+        for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    model, cfg = load_model(args.checkpoint, "cpu")
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    paths = export_onnx(model, out, cfg.data.height, cfg.data.width, stem=Path(args.checkpoint).stem,
+                        resize=cfg.eval.resize)
+    images = torch.randn(2, 3, cfg.data.height, cfg.data.width, generator=torch.Generator().manual_seed(0))
+    for modality, path in paths.items():
+        line = f"wrote {path}"
+        if not args.no_check:
+            line += f" (largest difference from PyTorch: {onnx_max_difference(path, model, modality, images):.2e})"
+        print(line)
+    return 0

@@ -162,7 +162,7 @@ def join_memory_check(n: int, cfg: ClusterConfig, available: int | None = None) 
 def largest_clustering(cfg: Config, num_visible: int, num_infrared: int) -> int:
     """Size N of the largest clustering a training run will do: intra clustering of the
     infrared images or of the visible subset (:func:`~bmil.cluster.visible_subsets`), and,
-    when stage 2 clusters globally, its input (:func:`~bmil.engine.association.global_input`:
+    when stage 2 clusters globally, its input (:func:`~bmil.cluster.association.global_input`:
     the visible subset intra clustering leaves out, or every visible image, plus every
     infrared one)."""
     c = cfg.cluster
