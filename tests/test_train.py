@@ -74,14 +74,14 @@ def test_optimiser_steps_lower_both_losses_on_a_fixed_batch(synthetic_root, tmp_
     trainer = Trainer(make_config(synthetic_root, tmp_path, "train.lr=1e-3", "cluster.global_visible=all",
                                   "loss.global_gradient=simultaneous"), progress=False)
     rng = trainer_mod.seed_everything(0, 0)
-    features = trainer.extract(trainer.records, flip=False)
+    features = trainer.extract(trainer.run.records, flip=False)
     assoc = trainer.associate(features, 2, rng)
     objectives = trainer.objectives(0, features, assoc)
     assert [(o.name, o.group) for o in objectives] == [
         ("intra/visible", "intra"), ("intra/infrared", "intra"), ("global", "global")]
     batches = {(o.name, m): next(iter(dl)) for o in objectives for m, dl in o.loaders.items()}
     intra, glob = objectives[:2], objectives[2:]
-    trainer.model.train()
+    trainer.run.model.train()
     history = []
     for step in range(6):
         losses = [group_loss(group, batches, trainer.run.forward) for group in (intra, glob)]
@@ -142,7 +142,7 @@ def test_init_from_checks_the_architecture(finished_run, synthetic_root, tmp_pat
     ok = make_config(synthetic_root, tmp_path / "a", "train.stage1_epochs=0", f"train.init_from={best}")
     trainer = Trainer(ok, progress=False)
     expected = torch.load(best, weights_only=False)["model"]
-    assert all(torch.equal(v, expected[k]) for k, v in trainer.model.state_dict().items())
+    assert all(torch.equal(v, expected[k]) for k, v in trainer.run.model.state_dict().items())
     bad = make_config(synthetic_root, tmp_path / "b", "model.depth=34", f"train.init_from={best}")
     with pytest.raises(CheckpointError, match="model.depth"):
         Trainer(bad, progress=False)
@@ -260,7 +260,7 @@ def test_stage_two_starts_from_the_selected_stage_one_model(synthetic_root, tmp_
 
     def train_epoch(self, epoch, features, assoc):
         if epoch == self.cfg.train.stage1_epochs:  # before the first stage-2 step
-            seen.update({k: v.clone() for k, v in self.model.state_dict().items()})
+            seen.update({k: v.clone() for k, v in self.run.model.state_dict().items()})
         return real_train_epoch(self, epoch, features, assoc)
 
     monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
@@ -310,7 +310,7 @@ def test_bn_split_feeds_batchnorm_what_one_gpu_of_the_release_sees(synthetic_roo
             return self.inner(x, mods)
 
     trainer.run.train_model = Recording()
-    trainer.model.train()
+    trainer.run.model.train()
     out = trainer.run.forward(batches, labels)
     assert len(seen) == 2
     for j, (x, mods) in enumerate(seen):
@@ -321,7 +321,7 @@ def test_bn_split_feeds_batchnorm_what_one_gpu_of_the_release_sees(synthetic_roo
     assert torch.equal(out[0][1], torch.from_numpy(np.r_[labels[0], labels[0]]))
     assert torch.equal(out[1][1], torch.from_numpy(labels[1]))
     # Reassembly: with BatchNorm on running statistics, split and unsplit passes give the same features.
-    trainer.model.eval()
+    trainer.run.model.eval()
     split = trainer.run.forward(batches, labels)
     trainer.cfg.train.bn_split = 1
     whole = trainer.run.forward(batches, labels)
@@ -398,7 +398,7 @@ def test_scoring_resizes_with_lanczos_and_clustering_with_bicubic(synthetic_root
 
     monkeypatch.setattr(inference, "extract_features", recording)
     trainer = Trainer(make_config(synthetic_root, tmp_path), progress=False)
-    trainer.extract(trainer.records[:8], flip=True)
+    trainer.extract(trainer.run.records[:8], flip=True)
     assert seen == ["bicubic"]
     trainer.evaluate(trials=1)
     assert seen[1:] and set(seen[1:]) == {"lanczos"}
@@ -485,8 +485,8 @@ def test_each_epoch_extracts_only_what_its_association_reads(synthetic_root, tmp
     monkeypatch.setattr(images_mod, "load_image", lambda path: decoded.update([path]) or real_load(path))
     monkeypatch.setattr(trainer, "extract", recording)
     trainer.fit()
-    paths = np.array([r.path for r in trainer.records])
-    visible, infrared = np.flatnonzero(trainer.modality == VISIBLE), np.flatnonzero(trainer.modality == INFRARED)
+    paths = np.array([r.path for r in trainer.run.records])
+    visible, infrared = np.flatnonzero(trainer.run.modality == VISIBLE), np.flatnonzero(trainer.run.modality == INFRARED)
     for epoch in (0, 1):
         first, _ = visible_subsets(len(visible), cfg.cluster.subset_ratio,
                                    trainer_mod.seed_everything(cfg.train.seed, epoch))
@@ -525,7 +525,7 @@ def _recording_run(cfg) -> tuple[dict[str, torch.Tensor], list[Association]]:
 
     trainer.associate = record
     trainer.fit()
-    return trainer.model.state_dict(), seen
+    return trainer.run.model.state_dict(), seen
 
 
 def _same_labels(a: list[Association], b: list[Association]) -> bool:
@@ -610,7 +610,7 @@ def test_training_survives_extreme_modality_ratios(visible, infrared, synthetic_
     cfg = make_config(synthetic_root, tmp_path, *SHORT, "train.stage1_epochs=0", "train.iterations=2")
     with caplog.at_level(logging.WARNING):
         trainer = Trainer(cfg, progress=False)
-        assert (len(trainer.index[VISIBLE]), len(trainer.index[INFRARED])) == (visible, infrared)
+        assert (len(trainer.run.index[VISIBLE]), len(trainer.run.index[INFRARED])) == (visible, infrared)
         trainer.fit()
     (record,) = read_metrics(tmp_path / "metrics.jsonl")
     assert record["stage"] == 2
@@ -652,7 +652,7 @@ def test_visible_batches_draw_train_visible_num_ids_identities(synthetic_root, t
     t = trainer.cfg.train
     assert (t.num_ids, t.num_instances) == (4, 4)
     for m, ids in ((VISIBLE, 2), (INFRARED, 4)):
-        labels = np.arange(len(trainer.index[m])) % 6
+        labels = np.arange(len(trainer.run.index[m])) % 6
         loader = trainer.run.loader(m, labels, seed=0)
         views, index = next(iter(loader))
         assert loader.batch_size == ids * 4 and views.shape[:2] == (ids * 4, 2 if m == VISIBLE else 1)
