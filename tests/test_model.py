@@ -277,7 +277,7 @@ def test_build_model_and_signature() -> None:
 
 
 def test_half_width_checkpoint_refused_by_release_width_config(tmp_path) -> None:
-    from bmil.engine.trainer import check_signature
+    from bmil.engine.run import check_signature
 
     torch.manual_seed(0)
     half = build_model(depth=18, non_local=True, non_local_width="half")
@@ -333,7 +333,7 @@ def test_width_64_is_torchvision_resnet_unchanged() -> None:
 
 
 def test_width_errors_and_checkpoint_refusal(tmp_path) -> None:
-    from bmil.engine.trainer import check_signature
+    from bmil.engine.run import check_signature
 
     with pytest.raises(ConfigError, match="model.width"):
         build_model(depth=18, width=4)
@@ -352,7 +352,7 @@ def test_width_errors_and_checkpoint_refusal(tmp_path) -> None:
 
 
 def test_last_stride_from_config_and_checkpoint_refusal(tmp_path) -> None:
-    from bmil.engine.trainer import check_signature
+    from bmil.engine.run import check_signature
 
     cfg = bmil_config.load_config(None, ["model.last_stride=2", "model.pretrained=none", "model.depth=18"])
     model = model_from_config(cfg.model).eval()

@@ -17,9 +17,9 @@ from bmil.data.images import ImageDataset
 from bmil.data.records import Record
 from bmil.engine.association import Association
 from bmil.engine.checkpoint import save_checkpoint
-from bmil.engine.run import Run
+from bmil.engine.run import Run, TrainingError
 from bmil.engine.run_log import read_metrics
-from bmil.engine.trainer import Trainer, TrainingError
+from bmil.engine.trainer import Trainer
 from bmil.errors import DatasetError
 from bmil.model import build_model, model_signature
 
@@ -77,7 +77,8 @@ def test_only_single_modality_global_clusters_warn_and_go_on(trainer, caplog):
 
 def test_one_giant_cluster_skips_the_losses_that_need_two(trainer, caplog):
     giant = {m: np.zeros(len(idx), dtype=np.int64) for m, idx in trainer.run.index.items()}
-    losses, text = _run(trainer, _association(trainer, giant, np.zeros(len(trainer.run.records), dtype=np.int64)), caplog)
+    whole = np.zeros(len(trainer.run.records), dtype=np.int64)
+    losses, text = _run(trainer, _association(trainer, giant, whole), caplog)
     assert losses == {}
     assert "only one visible cluster" in text and "only one global cluster" in text
 

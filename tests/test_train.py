@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bmil.data.records import INFRARED, VISIBLE
-from bmil.engine import trainer as trainer_mod
+from bmil.engine import run as run_mod
 from bmil.engine.association import Association
 from bmil.engine.objectives import group_loss
 from bmil.engine.run_log import read_metrics
@@ -73,7 +73,7 @@ def test_optimiser_steps_lower_both_losses_on_a_fixed_batch(synthetic_root, tmp_
     # fixed loss (the release's order takes the infrared term's against prototypes the visible batch moved).
     trainer = Trainer(make_config(synthetic_root, tmp_path, "train.lr=1e-3", "cluster.global_visible=all",
                                   "loss.global_gradient=simultaneous"), progress=False)
-    rng = trainer_mod.seed_everything(0, 0)
+    rng = run_mod.seed_everything(0, 0)
     features = trainer.extract(trainer.run.records, flip=False)
     assoc = trainer.associate(features, 2, rng)
     objectives = trainer.objectives(0, features, assoc)
@@ -187,7 +187,7 @@ def test_demo_summary_has_the_published_keys(synthetic_root, tmp_path, make_conf
                                 workers=0, amp=False, progress=False, desc="check", feature="clustering")
     visible = np.flatnonzero(modality == VISIBLE)
     _, left_out = visible_subsets(len(visible), cfg.cluster.subset_ratio,
-                                  trainer_mod.seed_everything(cfg.train.seed, cfg.train.stage1_epochs))
+                                  run_mod.seed_everything(cfg.train.seed, cfg.train.stage1_epochs))
     seen = np.sort(np.r_[visible[left_out], np.flatnonzero(modality == INFRARED)])
     assert summary["clustering"]["images"] == len(seen) < len(records)
     c = cfg.cluster
@@ -486,10 +486,11 @@ def test_each_epoch_extracts_only_what_its_association_reads(synthetic_root, tmp
     monkeypatch.setattr(trainer, "extract", recording)
     trainer.fit()
     paths = np.array([r.path for r in trainer.run.records])
-    visible, infrared = np.flatnonzero(trainer.run.modality == VISIBLE), np.flatnonzero(trainer.run.modality == INFRARED)
+    modality = trainer.run.modality
+    visible, infrared = np.flatnonzero(modality == VISIBLE), np.flatnonzero(modality == INFRARED)
     for epoch in (0, 1):
         first, _ = visible_subsets(len(visible), cfg.cluster.subset_ratio,
-                                   trainer_mod.seed_everything(cfg.train.seed, epoch))
+                                   run_mod.seed_everything(cfg.train.seed, epoch))
         assert sorted(extracted[epoch]) == sorted(paths[np.r_[visible[first], infrared]])
     assert sorted(extracted[2]) == sorted(paths)
     assert max(decoded[p] for p in paths) <= 2
@@ -574,10 +575,10 @@ def test_loader_workers_follow_the_epoch_seed_not_the_parent_state():
             return torch.tensor([np.random.randint(1 << 30), random.randint(0, 1 << 30), torch.randint(1 << 30, ())])
 
     def draws(seed: int, parent_numpy: int) -> torch.Tensor:
-        trainer_mod.seed_everything(seed, 0)
+        run_mod.seed_everything(seed, 0)
         np.random.seed(parent_numpy)
         loader = torch.utils.data.DataLoader(Draws(), batch_size=1, num_workers=2,
-                                             worker_init_fn=trainer_mod.seed_worker)
+                                             worker_init_fn=run_mod.seed_worker)
         return torch.cat(list(loader))
 
     a = draws(7, parent_numpy=123)
@@ -603,8 +604,6 @@ def _subsample(records, visible: int, infrared: int):
 @pytest.mark.parametrize(("visible", "infrared"), [(96, 9), (5, 48)], ids=["10to1", "1to10"])
 def test_training_survives_extreme_modality_ratios(visible, infrared, synthetic_root, tmp_path, make_config,
                                                    monkeypatch, caplog, no_evaluation):
-    from bmil.engine import run as run_mod
-
     real = run_mod.train_records
     monkeypatch.setattr(run_mod, "train_records", lambda cfg: _subsample(real(cfg), visible, infrared))
     cfg = make_config(synthetic_root, tmp_path, *SHORT, "train.stage1_epochs=0", "train.iterations=2")
