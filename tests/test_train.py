@@ -15,8 +15,8 @@ import torch
 from bmil.data.records import INFRARED, VISIBLE
 from bmil.engine import run as run_mod
 from bmil.engine.association import Association
-from bmil.engine.objectives import group_loss
 from bmil.engine.run_log import read_metrics
+from bmil.engine.step import iteration_steps
 from bmil.engine.trainer import Trainer
 from bmil.errors import CheckpointError
 from helpers import SHORT, finite_losses
@@ -80,13 +80,14 @@ def test_optimiser_steps_lower_both_losses_on_a_fixed_batch(synthetic_root, tmp_
     assert [(o.name, o.group) for o in objectives] == [
         ("intra/visible", "intra"), ("intra/infrared", "intra"), ("global", "global")]
     batches = {(o.name, m): next(iter(dl)) for o in objectives for m, dl in o.loaders.items()}
-    intra, glob = objectives[:2], objectives[2:]
+    glob = objectives[2:]
+    (step,) = iteration_steps(objectives, separate_global_step=False)  # both groups in one step
     trainer.run.model.train()
     history = []
-    for step in range(6):
-        losses = [group_loss(group, batches, trainer.run.forward) for group in (intra, glob)]
-        history.append(tuple(float(v.detach()) for v in losses))
-        trainer.run.step(losses[0] + losses[1], 0, step)
+    for i in range(6):
+        losses = step.loss(batches, trainer.run.forward)
+        history.append((float(losses["intra"].detach()), float(losses["global"].detach())))
+        trainer.run.step(losses["intra"] + losses["global"], 0, i)
     assert history[-1][0] < 0.8 * history[0][0]
     assert history[-1][1] < 0.8 * history[0][1]
     # Every row of the global memory update moves a prototype of its own global cluster and modality.

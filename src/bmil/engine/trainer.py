@@ -1,7 +1,8 @@
 """The BMIL epoch loop. Stage 1 and stage 2 are the same loop (README, "For developers"): cluster → build
 the stage's objectives from the association → step through them; then evaluate, keep the
 selected model and write the run folder. Set-up and resume live in :mod:`bmil.engine.run`,
-the objectives in :mod:`bmil.engine.objectives`, the batch forward in :mod:`bmil.engine.forward`."""
+the objectives in :mod:`bmil.engine.objectives`, an iteration's optimiser steps in
+:mod:`bmil.engine.step`, the batch forward in :mod:`bmil.engine.forward`."""
 
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ from bmil.engine.checkpoint import save_checkpoint
 from bmil.engine.datasets import loader_workers, run_protocol
 from bmil.engine.epoch_stats import association_stats
 from bmil.engine.inference import CLUSTERING_RESIZE, feature_extractor
-from bmil.engine.objectives import Objective, build_objectives, group_loss, step_plan
+from bmil.engine.objectives import Objective, build_objectives
 from bmil.engine.run import StageBest, build_run, seed_everything
 from bmil.engine.run_log import RunLogger, write_run_info
+from bmil.engine.step import batch_iterators, iteration_steps, next_batches
 
 log = logging.getLogger(__name__)
 
@@ -128,25 +130,22 @@ class Trainer:
             log.warning("epoch %d has no cluster at all: no training step this epoch", epoch)
             return {}
         self.run.model.train()
-        plan = step_plan(objectives, self.cfg.train.separate_global_step)
+        steps = iteration_steps(objectives, self.cfg.train.separate_global_step)
         sums: dict[str, torch.Tensor] = {}  # on the device: read on the host only for the progress bar
-        iterators = {(o.name, m): iter(dl) for o in objectives for m, dl in o.loaders.items()}
+        iterators = batch_iterators(objectives)
         bar = tqdm(range(self.cfg.train.iterations), desc=f"epoch {epoch}", disable=not self.progress, leave=False)
-        for step in bar:
+        for i in bar:
             # Every batch of the iteration is drawn first; with separate steps the global
             # forward then sees the weights the intra step just produced (the release).
-            batches = {key: next(it) for key, it in iterators.items()}
-            for groups in plan:
-                losses = [group_loss(group, batches, self.run.forward) for group in groups]
-                for group, loss in zip(groups, losses, strict=True):
-                    key = f"loss/{group[0].group}"
-                    sums[key] = sums.get(key, 0.0) + loss.detach().double()  # as a Python float sum
-                self.run.step(sum(losses), epoch, step)
-                for group in groups:
-                    for objective in group:
-                        objective.update()
+            batches = next_batches(iterators)
+            for step in steps:
+                losses = step.loss(batches, self.run.forward)
+                for group, loss in losses.items():
+                    sums[f"loss/{group}"] = sums.get(f"loss/{group}", 0.0) + loss.detach().double()  # a float sum
+                self.run.step(sum(losses.values()), epoch, i)
+                step.update()
             if self.progress:
-                bar.set_postfix({k.split("/")[1]: f"{float(v) / (step + 1):.3f}" for k, v in sums.items()})
+                bar.set_postfix({k.split("/")[1]: f"{float(v) / (i + 1):.3f}" for k, v in sums.items()})
         self.memory_state = {
             "intra": {o.modality: o.memory.state_dict() for o in objectives if o.group == "intra"},
             "global": next((o.memory.state_dict() for o in objectives if o.group == "global"), None),
