@@ -141,7 +141,8 @@ class Trainer:
             for step in steps:
                 losses = step.loss(batches, self.run.forward)
                 for group, loss in losses.items():
-                    sums[f"loss/{group}"] = sums.get(f"loss/{group}", 0.0) + loss.detach().double()  # a float sum
+                    key = f"loss/{group}"
+                    sums[key] = sums.get(key, 0.0) + loss.detach().double()  # as a Python float sum
                 self.run.step(sum(losses.values()), epoch, i)
                 step.update()
             if self.progress:
