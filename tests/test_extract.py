@@ -117,5 +117,5 @@ def test_training_clusters_clustering_features_and_scores_test_features(syntheti
     trainer.evaluate(trials=1)
     assert set(seen[1:]) == {"test"}
     seen.clear()
-    feats, _ = inference.train_set_features(trainer.model, trainer.cfg, "cpu", progress=False)
+    feats, _ = inference.train_set_features(trainer.run.model, trainer.cfg, "cpu", progress=False)
     assert seen == ["clustering"] and np.all(np.linalg.norm(feats, axis=1) <= 1 + 1e-6)

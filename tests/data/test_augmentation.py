@@ -200,14 +200,14 @@ def test_trainer_uses_the_stage_two_infrared_view_in_stage_two(synthetic_root, t
                       progress=False)
 
     def infrared_steps():
-        (view,) = trainer.datasets[INFRARED].transforms_by_modality[INFRARED]
+        (view,) = trainer.run.datasets[INFRARED].transforms_by_modality[INFRARED]
         return [type(t).__name__ for t in view.transforms]
 
     assert "ColorJitter" in infrared_steps()
     trainer.run.set_stage_views(2)
     assert "ColorJitter" not in infrared_steps()
     assert "ChannelAdaptiveGray" in infrared_steps()
-    visible = trainer.datasets[VISIBLE].transforms_by_modality[VISIBLE]
+    visible = trainer.run.datasets[VISIBLE].transforms_by_modality[VISIBLE]
     assert len(visible) == 2 and isinstance(visible[1].transforms[-1], ChannelExchange)
 
 

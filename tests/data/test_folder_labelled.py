@@ -301,7 +301,7 @@ def test_train_on_a_labelled_folder_evaluates_and_keeps_the_best_model(tmp_path)
         "train.extract_batch=64",
     ])
     trainer = Trainer(cfg, progress=False)
-    assert len(trainer.records) == 2 * 4 * 3  # p0…p3 only
+    assert len(trainer.run.records) == 2 * 4 * 3  # p0…p3 only
     trainer.fit()
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all("eval/infrared→visible/mAP" in r and "eval/visible→infrared/mAP" in r for r in lines)

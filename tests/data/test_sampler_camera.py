@@ -166,10 +166,10 @@ def test_trainer_loader_passes_each_images_camera(synthetic_root, tmp_path, make
     from bmil.engine.trainer import Trainer
 
     trainer = Trainer(make_config(synthetic_root, tmp_path), progress=False)
-    count = len(trainer.index[INFRARED])
+    count = len(trainer.run.index[INFRARED])
     labels = np.arange(count) % 3  # three pseudo identities over the infrared images
     sampler = trainer.run.loader(INFRARED, labels, seed=0).sampler
-    cameras = trainer.camids[trainer.index[INFRARED]]
+    cameras = trainer.run.camids[trainer.run.index[INFRARED]]
     assert sampler.member_cameras is not None
     for members, member_cameras in zip(sampler.members, sampler.member_cameras, strict=True):
         assert np.array_equal(member_cameras, cameras[members])

@@ -80,7 +80,7 @@ def _augmentation_draws(trainer) -> dict:
 
     draws = {"first": first_batches(5), "again": first_batches(5), "next_epoch": first_batches(6)}
     run.datasets[VISIBLE] = saved
-    seed_everything(trainer.cfg.train.seed, 3, trainer.dist.rank)
+    seed_everything(trainer.cfg.train.seed, 3, trainer.run.dist.rank)
     draws["in_process"] = torch.rand(4)
     return draws
 
@@ -103,7 +103,7 @@ def _train_worker(rank: int, port: int, root: str, out: str, dump: str) -> None:
                  "model.sync_bn=true"]
     cfg = tiny_config(Path(root), Path(out), *overrides)
     trainer = Trainer(cfg, progress=False)
-    assert trainer.dist.world_size == WORLD and trainer.dist.rank == rank
+    assert trainer.run.dist.world_size == WORLD and trainer.run.dist.rank == rank
     seen = {}
     original = trainer.run.loader
     start_stage2 = trainer._start_stage2
@@ -113,7 +113,7 @@ def _train_worker(rank: int, port: int, root: str, out: str, dump: str) -> None:
         if "batch" not in seen:
             seen["batch"] = loader.batch_size
             seen["mine"] = loader.sampler.indices()[: loader.batch_size].tolist()
-            cameras = trainer.camids[trainer.index[modality]]  # train.sampler=camera, the default
+            cameras = trainer.run.camids[trainer.run.index[modality]]  # train.sampler=camera, the default
             full = PseudoIdentitySampler(labels, cfg.train.num_ids, cfg.train.num_instances, 1, seed=seed,
                                          cameras=cameras)
             seen["full"] = full.indices().tolist()
@@ -121,22 +121,22 @@ def _train_worker(rank: int, port: int, root: str, out: str, dump: str) -> None:
 
     def recording_start():
         start_stage2()
-        seen["stage2_start"] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        seen["stage2_start"] = {k: v.clone() for k, v in trainer.run.model.state_dict().items()}
 
     trainer.run.loader = recording_loader
     trainer._start_stage2 = recording_start
     trainer.fit()
-    sharded = trainer.extract(trainer.records[:10], flip=False)
-    whole = extract_features(trainer.model, trainer.records[:10], height=cfg.data.height, width=cfg.data.width,
+    sharded = trainer.extract(trainer.run.records[:10], flip=False)
+    whole = extract_features(trainer.run.model, trainer.run.records[:10], height=cfg.data.height, width=cfg.data.width,
                              batch_size=64, flip=False, amp=False, progress=False)
     draws = _augmentation_draws(trainer)
     # --resume from checkpoints/last.pt, which rank 1 cannot read either (the run is complete:
     # the set-up is what is checked, no epoch follows).
     resumed = Trainer(cfg, resume=True, progress=False)
     torch.save({
-        "model": trainer.model.state_dict(), "memories": trainer.memory_state, "seen": seen,
+        "model": trainer.run.model.state_dict(), "memories": trainer.memory_state, "seen": seen,
         "sharded": sharded, "whole": whole, "draws": draws, "start_epoch": resumed.start_epoch,
-        "resumed_model": resumed.model.state_dict(), "best": {k: vars(v) for k, v in resumed.run.best.items()},
+        "resumed_model": resumed.run.model.state_dict(), "best": {k: vars(v) for k, v in resumed.run.best.items()},
     }, Path(dump) / f"rank{rank}.pt")
     dist.destroy_process_group()
 

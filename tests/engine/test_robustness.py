@@ -16,9 +16,9 @@ from bmil.cluster.association import Association
 from bmil.config import save_config
 from bmil.data.images import ImageDataset
 from bmil.engine.checkpoint import save_checkpoint
-from bmil.engine.run import Run
+from bmil.engine.run import Run, TrainingError
 from bmil.engine.run_log import read_metrics
-from bmil.engine.trainer import Trainer, TrainingError
+from bmil.engine.trainer import Trainer
 from bmil.errors import DatasetError
 from bmil.model import build_model, model_signature
 from bmil.records import Record
@@ -33,19 +33,19 @@ def trainer(synthetic_root, tmp_path, make_config):
 
 def _features(trainer: Trainer) -> np.ndarray:
     rng = np.random.default_rng(0)
-    feats = rng.standard_normal((len(trainer.records), trainer.signature["feat_dim"])).astype(np.float32)
+    feats = rng.standard_normal((len(trainer.run.records), trainer.run.signature["feat_dim"])).astype(np.float32)
     return feats / np.linalg.norm(feats, axis=1, keepdims=True)
 
 
 def _association(trainer: Trainer, intra: dict[int, np.ndarray], glob: np.ndarray | None) -> Association:
     if glob is None:
         return Association(intra=intra)
-    return Association(intra=intra, global_labels=glob, sub=split_by_modality(glob, trainer.modality))
+    return Association(intra=intra, global_labels=glob, sub=split_by_modality(glob, trainer.run.modality))
 
 
 def _two_per_modality(trainer: Trainer) -> dict[int, np.ndarray]:
     """Two clusters in each modality: the first and the second half of its images."""
-    return {m: (np.arange(len(idx)) >= len(idx) // 2).astype(np.int64) for m, idx in trainer.index.items()}
+    return {m: (np.arange(len(idx)) >= len(idx) // 2).astype(np.int64) for m, idx in trainer.run.index.items()}
 
 
 def _run(trainer, assoc, caplog) -> tuple[dict[str, float], str]:
@@ -56,8 +56,8 @@ def _run(trainer, assoc, caplog) -> tuple[dict[str, float], str]:
 
 
 def test_no_cluster_at_all_skips_the_epoch_with_a_warning(trainer, caplog):
-    none = {m: np.full(len(idx), -1) for m, idx in trainer.index.items()}
-    losses, text = _run(trainer, _association(trainer, none, np.full(len(trainer.records), -1)), caplog)
+    none = {m: np.full(len(idx), -1) for m, idx in trainer.run.index.items()}
+    losses, text = _run(trainer, _association(trainer, none, np.full(len(trainer.run.records), -1)), caplog)
     assert losses == {}
     assert "no visible cluster" in text and "no infrared cluster" in text and "no global cluster" in text
 
@@ -66,8 +66,8 @@ def test_only_single_modality_global_clusters_warn_and_go_on(trainer, caplog):
     # Global cluster = the image's modality-specific half: no cluster holds both modalities.
     # Each image still has one positive (its own sub-cluster) and negatives, so the global
     # loss is well defined; the epoch warns that it only contrasts same-modality prototypes.
-    glob = np.empty(len(trainer.records), dtype=np.int64)
-    for m, idx in trainer.index.items():
+    glob = np.empty(len(trainer.run.records), dtype=np.int64)
+    for m, idx in trainer.run.index.items():
         glob[idx] = 2 * m + (np.arange(len(idx)) >= len(idx) // 2)
     losses, text = _run(trainer, _association(trainer, _two_per_modality(trainer), glob), caplog)
     assert set(losses) == {"loss/intra", "loss/global"}
@@ -76,8 +76,9 @@ def test_only_single_modality_global_clusters_warn_and_go_on(trainer, caplog):
 
 
 def test_one_giant_cluster_skips_the_losses_that_need_two(trainer, caplog):
-    giant = {m: np.zeros(len(idx), dtype=np.int64) for m, idx in trainer.index.items()}
-    losses, text = _run(trainer, _association(trainer, giant, np.zeros(len(trainer.records), dtype=np.int64)), caplog)
+    giant = {m: np.zeros(len(idx), dtype=np.int64) for m, idx in trainer.run.index.items()}
+    whole = np.zeros(len(trainer.run.records), dtype=np.int64)
+    losses, text = _run(trainer, _association(trainer, giant, whole), caplog)
     assert losses == {}
     assert "only one visible cluster" in text and "only one global cluster" in text
 
@@ -85,11 +86,11 @@ def test_one_giant_cluster_skips_the_losses_that_need_two(trainer, caplog):
 def test_one_modality_without_clusters_trains_the_other(trainer, caplog):
     labels = _two_per_modality(trainer)
     labels[1] = np.full_like(labels[1], -1)
-    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    before = {k: v.clone() for k, v in trainer.run.model.state_dict().items()}
     losses, text = _run(trainer, _association(trainer, labels, None), caplog)
     assert set(losses) == {"loss/intra"} and np.isfinite(losses["loss/intra"])
     assert "no infrared cluster" in text
-    changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])]
+    changed = [k for k, v in trainer.run.model.state_dict().items() if not torch.equal(v, before[k])]
     assert any(k.startswith("visible_stem") for k in changed)
     assert not any(k.startswith("infrared_stem.") and "running" not in k for k in changed)
 
@@ -121,17 +122,17 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_resumes(synthetic_root, t
     lowered = make_config(synthetic_root, tmp_path / "run", *small, "train.lr=1e-4")
     resumed = Trainer(lowered, resume=True, progress=False)
     assert resumed.start_epoch == 1
-    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+    assert resumed.run.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
     resumed.fit()
     assert torch.load(last, weights_only=False)["epoch"] == 1
     assert [r["epoch"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [0, 1]
 
 
 def test_non_finite_loss_in_the_first_epoch_says_nothing_was_saved(trainer):
-    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    before = {k: v.clone() for k, v in trainer.run.model.state_dict().items()}
     with pytest.raises(TrainingError, match=r"epoch 0 step 3; no epoch has finished yet"):
         trainer.run.step(torch.tensor(float("inf")), 0, 3)
-    assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())  # no step taken
+    assert all(torch.equal(v, before[k]) for k, v in trainer.run.model.state_dict().items())  # no step taken
 
 
 # ------------------------------------------------------------------ bad input through the CLI

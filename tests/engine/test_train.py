@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from bmil.cluster.association import Association
-from bmil.engine import trainer as trainer_mod
-from bmil.engine.objectives import group_loss
+from bmil.engine import run as run_mod
 from bmil.engine.run_log import read_metrics
+from bmil.engine.step import iteration_steps
 from bmil.engine.trainer import Trainer
 from bmil.errors import CheckpointError
 from bmil.records import INFRARED, VISIBLE
@@ -73,20 +73,21 @@ def test_optimiser_steps_lower_both_losses_on_a_fixed_batch(synthetic_root, tmp_
     # fixed loss (the release's order takes the infrared term's against prototypes the visible batch moved).
     trainer = Trainer(make_config(synthetic_root, tmp_path, "train.lr=1e-3", "cluster.global_visible=all",
                                   "loss.global_gradient=simultaneous"), progress=False)
-    rng = trainer_mod.seed_everything(0, 0)
-    features = trainer.extract(trainer.records, flip=False)
+    rng = run_mod.seed_everything(0, 0)
+    features = trainer.extract(trainer.run.records, flip=False)
     assoc = trainer.associate(features, 2, rng)
     objectives = trainer.objectives(0, features, assoc)
     assert [(o.name, o.group) for o in objectives] == [
         ("intra/visible", "intra"), ("intra/infrared", "intra"), ("global", "global")]
     batches = {(o.name, m): next(iter(dl)) for o in objectives for m, dl in o.loaders.items()}
-    intra, glob = objectives[:2], objectives[2:]
-    trainer.model.train()
+    glob = objectives[2:]
+    (step,) = iteration_steps(objectives, separate_global_step=False)  # both groups in one step
+    trainer.run.model.train()
     history = []
-    for step in range(6):
-        losses = [group_loss(group, batches, trainer.run.forward) for group in (intra, glob)]
-        history.append(tuple(float(v.detach()) for v in losses))
-        trainer.run.step(losses[0] + losses[1], 0, step)
+    for i in range(6):
+        losses = step.loss(batches, trainer.run.forward)
+        history.append((float(losses["intra"].detach()), float(losses["global"].detach())))
+        trainer.run.step(losses["intra"] + losses["global"], 0, i)
     assert history[-1][0] < 0.8 * history[0][0]
     assert history[-1][1] < 0.8 * history[0][1]
     # Every row of the global memory update moves a prototype of its own global cluster and modality.
@@ -142,7 +143,7 @@ def test_init_from_checks_the_architecture(finished_run, synthetic_root, tmp_pat
     ok = make_config(synthetic_root, tmp_path / "a", "train.stage1_epochs=0", f"train.init_from={best}")
     trainer = Trainer(ok, progress=False)
     expected = torch.load(best, weights_only=False)["model"]
-    assert all(torch.equal(v, expected[k]) for k, v in trainer.model.state_dict().items())
+    assert all(torch.equal(v, expected[k]) for k, v in trainer.run.model.state_dict().items())
     bad = make_config(synthetic_root, tmp_path / "b", "model.depth=34", f"train.init_from={best}")
     with pytest.raises(CheckpointError, match="model.depth"):
         Trainer(bad, progress=False)
@@ -186,7 +187,7 @@ def test_demo_summary_has_the_published_keys(synthetic_root, tmp_path, make_conf
                                 workers=0, amp=False, progress=False, desc="check", feature="clustering")
     visible = np.flatnonzero(modality == VISIBLE)
     _, left_out = visible_subsets(len(visible), cfg.cluster.subset_ratio,
-                                  trainer_mod.seed_everything(cfg.train.seed, cfg.train.stage1_epochs))
+                                  run_mod.seed_everything(cfg.train.seed, cfg.train.stage1_epochs))
     seen = np.sort(np.r_[visible[left_out], np.flatnonzero(modality == INFRARED)])
     assert summary["clustering"]["images"] == len(seen) < len(records)
     c = cfg.cluster
@@ -259,7 +260,7 @@ def test_stage_two_starts_from_the_selected_stage_one_model(synthetic_root, tmp_
 
     def train_epoch(self, epoch, features, assoc):
         if epoch == self.cfg.train.stage1_epochs:  # before the first stage-2 step
-            seen.update({k: v.clone() for k, v in self.model.state_dict().items()})
+            seen.update({k: v.clone() for k, v in self.run.model.state_dict().items()})
         return real_train_epoch(self, epoch, features, assoc)
 
     monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
@@ -309,7 +310,7 @@ def test_bn_split_feeds_batchnorm_what_one_gpu_of_the_release_sees(synthetic_roo
             return self.inner(x, mods)
 
     trainer.run.train_model = Recording()
-    trainer.model.train()
+    trainer.run.model.train()
     out = trainer.run.forward(batches, labels)
     assert len(seen) == 2
     for j, (x, mods) in enumerate(seen):
@@ -320,7 +321,7 @@ def test_bn_split_feeds_batchnorm_what_one_gpu_of_the_release_sees(synthetic_roo
     assert torch.equal(out[0][1], torch.from_numpy(np.r_[labels[0], labels[0]]))
     assert torch.equal(out[1][1], torch.from_numpy(labels[1]))
     # Reassembly: with BatchNorm on running statistics, split and unsplit passes give the same features.
-    trainer.model.eval()
+    trainer.run.model.eval()
     split = trainer.run.forward(batches, labels)
     trainer.cfg.train.bn_split = 1
     whole = trainer.run.forward(batches, labels)
@@ -397,7 +398,7 @@ def test_scoring_resizes_with_lanczos_and_clustering_with_bicubic(synthetic_root
 
     monkeypatch.setattr(inference, "extract_features", recording)
     trainer = Trainer(make_config(synthetic_root, tmp_path), progress=False)
-    trainer.extract(trainer.records[:8], flip=True)
+    trainer.extract(trainer.run.records[:8], flip=True)
     assert seen == ["bicubic"]
     trainer.evaluate(trials=1)
     assert seen[1:] and set(seen[1:]) == {"lanczos"}
@@ -484,11 +485,12 @@ def test_each_epoch_extracts_only_what_its_association_reads(synthetic_root, tmp
     monkeypatch.setattr(images_mod, "load_image", lambda path: decoded.update([path]) or real_load(path))
     monkeypatch.setattr(trainer, "extract", recording)
     trainer.fit()
-    paths = np.array([r.path for r in trainer.records])
-    visible, infrared = np.flatnonzero(trainer.modality == VISIBLE), np.flatnonzero(trainer.modality == INFRARED)
+    paths = np.array([r.path for r in trainer.run.records])
+    modality = trainer.run.modality
+    visible, infrared = np.flatnonzero(modality == VISIBLE), np.flatnonzero(modality == INFRARED)
     for epoch in (0, 1):
         first, _ = visible_subsets(len(visible), cfg.cluster.subset_ratio,
-                                   trainer_mod.seed_everything(cfg.train.seed, epoch))
+                                   run_mod.seed_everything(cfg.train.seed, epoch))
         assert sorted(extracted[epoch]) == sorted(paths[np.r_[visible[first], infrared]])
     assert sorted(extracted[2]) == sorted(paths)
     assert max(decoded[p] for p in paths) <= 2
@@ -524,7 +526,7 @@ def _recording_run(cfg) -> tuple[dict[str, torch.Tensor], list[Association]]:
 
     trainer.associate = record
     trainer.fit()
-    return trainer.model.state_dict(), seen
+    return trainer.run.model.state_dict(), seen
 
 
 def _same_labels(a: list[Association], b: list[Association]) -> bool:
@@ -573,10 +575,10 @@ def test_loader_workers_follow_the_epoch_seed_not_the_parent_state():
             return torch.tensor([np.random.randint(1 << 30), random.randint(0, 1 << 30), torch.randint(1 << 30, ())])
 
     def draws(seed: int, parent_numpy: int) -> torch.Tensor:
-        trainer_mod.seed_everything(seed, 0)
+        run_mod.seed_everything(seed, 0)
         np.random.seed(parent_numpy)
         loader = torch.utils.data.DataLoader(Draws(), batch_size=1, num_workers=2,
-                                             worker_init_fn=trainer_mod.seed_worker)
+                                             worker_init_fn=run_mod.seed_worker)
         return torch.cat(list(loader))
 
     a = draws(7, parent_numpy=123)
@@ -602,14 +604,12 @@ def _subsample(records, visible: int, infrared: int):
 @pytest.mark.parametrize(("visible", "infrared"), [(96, 9), (5, 48)], ids=["10to1", "1to10"])
 def test_training_survives_extreme_modality_ratios(visible, infrared, synthetic_root, tmp_path, make_config,
                                                    monkeypatch, caplog, no_evaluation):
-    from bmil.engine import run as run_mod
-
     real = run_mod.train_records
     monkeypatch.setattr(run_mod, "train_records", lambda cfg: _subsample(real(cfg), visible, infrared))
     cfg = make_config(synthetic_root, tmp_path, *SHORT, "train.stage1_epochs=0", "train.iterations=2")
     with caplog.at_level(logging.WARNING):
         trainer = Trainer(cfg, progress=False)
-        assert (len(trainer.index[VISIBLE]), len(trainer.index[INFRARED])) == (visible, infrared)
+        assert (len(trainer.run.index[VISIBLE]), len(trainer.run.index[INFRARED])) == (visible, infrared)
         trainer.fit()
     (record,) = read_metrics(tmp_path / "metrics.jsonl")
     assert record["stage"] == 2
@@ -650,7 +650,7 @@ def test_visible_batches_draw_train_visible_num_ids_identities(synthetic_root, t
     t = trainer.cfg.train
     assert (t.num_ids, t.num_instances) == (4, 4)
     for m, ids in ((VISIBLE, 2), (INFRARED, 4)):
-        labels = np.arange(len(trainer.index[m])) % 6
+        labels = np.arange(len(trainer.run.index[m])) % 6
         loader = trainer.run.loader(m, labels, seed=0)
         views, index = next(iter(loader))
         assert loader.batch_size == ids * 4 and views.shape[:2] == (ids * 4, 2 if m == VISIBLE else 1)

@@ -70,6 +70,54 @@ def test_mixed_batch_equals_separate_modalities() -> None:
     assert (all_visible_int - all_infrared).abs().max() > 1e-2
 
 
+def _stem_by_hand(stem: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """conv1 (7×7, stride 2, pad 3) → eval BatchNorm → ReLU → 3×3 max-pool (stride 2, pad 1),
+    from the stem's parameters and running statistics."""
+    y = torch.nn.functional.conv2d(x, stem.conv1.weight, stride=2, padding=3)
+    bn = stem.bn1
+    y = torch.nn.functional.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False,
+                                       eps=bn.eps)
+    return torch.nn.functional.max_pool2d(torch.relu(y), kernel_size=3, stride=2, padding=1)
+
+
+def _route_by_hand(model: TwoStreamResNet, stem: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One stem by hand, then the shared trunk (layer1–4, GeM, BN neck)."""
+    y = _stem_by_hand(stem, x)
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        y = getattr(model, name)(y)
+    return model.neck(model.pool(y))
+
+
+def test_each_image_goes_through_the_stem_of_its_own_modality() -> None:
+    """Modality 0 is the visible stem + shared trunk and modality 1 the infrared stem + trunk,
+    each computed by hand from the stem's weights, also for rows of both in one batch; the
+    stems are given different weights so that a swapped switch gives other features."""
+    torch.manual_seed(0)
+    model = TwoStreamResNet(depth=18, non_local=False)
+    with torch.no_grad():
+        infrared = model.infrared_stem
+        infrared.conv1.weight.copy_(torch.randn_like(infrared.conv1.weight) * 0.05)
+        infrared.bn1.weight.uniform_(0.5, 1.5)
+        infrared.bn1.bias.normal_(0.0, 0.2)
+        infrared.bn1.running_mean.normal_(0.0, 0.3)
+        infrared.bn1.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    images = _images(5, seed=3)
+    modality = torch.tensor([0, 1, 1, 0, 1])
+    with torch.no_grad():
+        visible_route = _route_by_hand(model, model.visible_stem, images)
+        infrared_route = _route_by_hand(model, model.infrared_stem, images)
+        # The two routes differ on every image: each comparison below can tell them apart.
+        assert ((visible_route - infrared_route).abs().amax(dim=1) > 1e-2).all()
+        for given, expected in ((0, visible_route), (1, infrared_route),
+                                (torch.zeros(5, dtype=torch.long), visible_route),
+                                (torch.ones(5, dtype=torch.long), infrared_route)):
+            torch.testing.assert_close(model(images, given), expected, atol=1e-5, rtol=1e-4)
+        mixed = model(images, modality)
+        by_row = torch.where(modality[:, None] == 0, visible_route, infrared_route)
+        torch.testing.assert_close(mixed, by_row, atol=1e-5, rtol=1e-4)
+
+
 def test_stems_are_separate_parameters_with_equal_start() -> None:
     torch.manual_seed(0)
     model = TwoStreamResNet(depth=18, non_local=False)
@@ -277,7 +325,7 @@ def test_build_model_and_signature() -> None:
 
 
 def test_half_width_checkpoint_refused_by_release_width_config(tmp_path) -> None:
-    from bmil.engine.trainer import check_signature
+    from bmil.engine.run import check_signature
 
     torch.manual_seed(0)
     half = build_model(depth=18, non_local=True, non_local_width="half")
@@ -333,7 +381,7 @@ def test_width_64_is_torchvision_resnet_unchanged() -> None:
 
 
 def test_width_errors_and_checkpoint_refusal(tmp_path) -> None:
-    from bmil.engine.trainer import check_signature
+    from bmil.engine.run import check_signature
 
     with pytest.raises(ConfigError, match="model.width"):
         build_model(depth=18, width=4)
@@ -352,7 +400,7 @@ def test_width_errors_and_checkpoint_refusal(tmp_path) -> None:
 
 
 def test_last_stride_from_config_and_checkpoint_refusal(tmp_path) -> None:
-    from bmil.engine.trainer import check_signature
+    from bmil.engine.run import check_signature
 
     cfg = bmil_config.load_config(None, ["model.last_stride=2", "model.pretrained=none", "model.depth=18"])
     model = model_from_config(cfg.model).eval()

@@ -29,7 +29,7 @@ def clustering_ari(trainer: Trainer, features: np.ndarray, index: np.ndarray | N
     and recall of the visible-infrared pairs the clusters join (see
     :func:`bmil.cluster.label_quality`), and ``images``, how many were clustered."""
     index = np.arange(len(features)) if index is None else index
-    modality, pids = trainer.modality[index], trainer.pids[index]
+    modality, pids = trainer.run.modality[index], trainer.run.pids[index]
     out = {"images": float(len(index))}
     for name, aware in (("ari_plain", False), ("ari_modality_aware", True)):
         cfg = replace(trainer.cfg.cluster, modality_aware=aware)
@@ -51,7 +51,7 @@ def first_global_input(trainer: Trainer) -> np.ndarray:
     epoch's split leaves out of intra clustering, and every infrared image), drawn as the
     trainer draws them at that epoch."""
     _, subsets = trainer.epoch_split(trainer.cfg.train.stage1_epochs)
-    return global_input(trainer.modality, trainer.cfg.cluster, subsets[1] if subsets is not None else None)
+    return global_input(trainer.run.modality, trainer.cfg.cluster, subsets[1] if subsets is not None else None)
 
 
 def stage1_clustering(trainer: Trainer, checkpoint: str | Path) -> dict[str, dict[str, float]]:
@@ -61,14 +61,14 @@ def stage1_clustering(trainer: Trainer, checkpoint: str | Path) -> dict[str, dic
     clustering features (:func:`~bmil.inference.combine_views`). ``"training"``: the
     ``"global"`` comparison on the features training clusters (the same ones unless
     ``cluster.flip`` is off)."""
-    trainer.model.load_state_dict(load_checkpoint(checkpoint)["model"])
-    flipped = trainer.extract(trainer.records, flip=True, desc="stage-1 features")
+    trainer.run.model.load_state_dict(load_checkpoint(checkpoint)["model"])
+    flipped = trainer.extract(trainer.run.records, flip=True, desc="stage-1 features")
     index = first_global_input(trainer)
     out = {"global": clustering_ari(trainer, flipped, index), "all": clustering_ari(trainer, flipped)}
     if trainer.cfg.cluster.flip:
         out["training"] = out["global"]
     else:
-        unflipped = trainer.extract(trainer.records, flip=False, desc="stage-1 features")
+        unflipped = trainer.extract(trainer.run.records, flip=False, desc="stage-1 features")
         out["training"] = clustering_ari(trainer, unflipped, index)
     return out
 

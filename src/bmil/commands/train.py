@@ -35,8 +35,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = trainer.fit()
     finally:
-        shutdown(trainer.dist)  # leave the process group (torchrun) before the process ends
-    if not trainer.dist.is_main:  # one summary per job, not one per process
+        shutdown(trainer.run.dist)  # leave the process group (torchrun) before the process ends
+    if not trainer.run.dist.is_main:  # one summary per job, not one per process
         return 0
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,8 @@ its batches carries, the loss of a step's forward output and the memory update t
 after the step. Objectives of one ``group`` share a forward pass and an optimiser step, and
 their losses are summed and logged as ``loss/<group>``: the two intra objectives form the
 group ``intra`` (BatchNorm sees both modalities' batches together), the global objective
-the group ``global``.
+the group ``global``. How the groups make an iteration's optimiser steps is
+:mod:`bmil.engine.step`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from bmil.cluster import cluster_counts, num_clusters
 from bmil.cluster.association import Association
 from bmil.config import Config
 from bmil.engine.data_setup import one_cluster_hint
-from bmil.engine.forward import Batches, ModalityFeatures
+from bmil.engine.forward import ModalityFeatures
 from bmil.losses import global_loss, intra_loss
 from bmil.memory import PrototypeMemory, positive_mask
 from bmil.records import MODALITIES, MODALITY_NAMES, VISIBLE
@@ -196,27 +197,3 @@ def build_objectives(features: np.ndarray, assoc: Association, modality: np.ndar
     objectives = intra_objectives(features, assoc, index, cfg, loader, seed, device, gather)
     glob = global_objective(features, assoc, modality, cfg, loader, seed, device, gather)
     return objectives + ([glob] if glob is not None else [])
-
-
-def group_loss(group: list[Objective], batches: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]],
-               forward: Callable[[Batches, dict[int, np.ndarray]], dict[int, ModalityFeatures]]) -> torch.Tensor:
-    """The summed loss of ``group``'s objectives on one ``forward`` of their batches together
-    (``batches``: (objective name, modality) → a loader's batch; e.g. ``Run.forward``)."""
-    inputs = {m: batches[(o.name, m)] for o in group for m in o.loaders}
-    labels = {m: o.labels[m] for o in group for m in o.loaders}
-    outputs = forward(inputs, labels)
-    return sum(o.loss(outputs) for o in group)
-
-
-def step_plan(objectives: list[Objective], separate_global_step: bool) -> list[list[list[Objective]]]:
-    """The optimiser steps of one iteration: each step a list of groups (one forward each),
-    each group a list of objectives (one loss summed). With ``separate_global_step`` (the
-    release) every group takes its own step, in order (the global forward sees the weights
-    the intra step produced); otherwise all groups' losses are summed into one step."""
-    groups: dict[str, list[Objective]] = {}
-    for objective in objectives:
-        groups.setdefault(objective.group, []).append(objective)
-    if separate_global_step:
-        return [[group] for group in groups.values()]
-    return [list(groups.values())]
-
