@@ -579,3 +579,24 @@ def test_one_search_for_both_modalities_equals_one_search_per_modality(monkeypat
             separate = jaccard_distance(feats, 20, 6, modality=modality, block_size=64)
         assert np.array_equal(fused.indptr, separate.indptr) and np.array_equal(fused.indices, separate.indices)
         np.testing.assert_array_equal(fused.data, separate.data)
+
+
+@pytest.mark.parametrize(("per_row", "cut"), [(100, True), (50, False)])
+def test_wide_join_blocks_use_dense_bins_when_bins_per_triple_are_few(monkeypatch, per_row, cut):
+    # Every row's partners reach the last row (width about N), so a block of bins is a few
+    # rows only: it is cut to them when its bins are at most _BINS_PER_TRIPLE per triple
+    # (10 rows · 1000 bins = 10,000 against 16 · 10 · per_row triples), else it keeps all
+    # its rows (and sums by sorting).
+    import bmil.cluster.jaccard.join as join_module
+
+    n = 1000
+    monkeypatch.setattr(join_module, "_TRIPLES_PER_BLOCK", 1 << 30)
+    monkeypatch.setattr(join_module, "_BINS_PER_BLOCK", 10_000)
+    monkeypatch.setattr(join_module, "_BINS_PER_TRIPLE", 16)
+    triples = np.arange(n + 1, dtype=np.int64) * per_row
+    blocks = list(join_module._join_blocks(triples, np.full(n, n - 1, np.int64)))
+    assert [r0 for r0, _, _ in blocks] == [0] + [r1 for _, r1, _ in blocks[:-1]] and blocks[-1][1] == n
+    if cut:
+        assert blocks[0] == (0, 10, 1000) and all((r1 - r0) * w <= 10_000 for r0, r1, w in blocks)
+    else:
+        assert blocks == [(0, n, n)]

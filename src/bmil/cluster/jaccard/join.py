@@ -26,7 +26,10 @@ log = logging.getLogger(__name__)
 # Work per row block of the join: (row, shared column, partner) triples and dense
 # accumulator bins [rows in block, N]; both bound the block's temporary memory.
 _TRIPLES_PER_BLOCK = 1 << 21
-_BINS_PER_BLOCK = 1 << 17
+_BINS_PER_BLOCK = 1 << 18
+# A block of widely spread partners still sums in dense bins when it has at most this many
+# bins per triple: zeroing and scanning a bin costs far less than sorting a triple's key.
+_BINS_PER_TRIPLE = 16
 # The full result is summed densely (_dense_min_overlap_distance) when V's triples, both
 # directions, are at least N²/_DENSE_SHARE: the dense join computes every pair twice but
 # skips the banded join's mirror and sort, and stores 8 bytes a pair against the banded
@@ -438,8 +441,9 @@ def _join_blocks(triples: np.ndarray, reach: np.ndarray):
     """Row blocks (r0, r1, width) for the join: at most _TRIPLES_PER_BLOCK triples, where
     width spans the block's partners r0..max(reach[r0:r1]). A block is cut further to
     (r1 - r0)·width <= _BINS_PER_BLOCK dense accumulator bins when that keeps at least a
-    quarter of its rows; otherwise (partners spread wide: a few rows a block would make
-    the per-block overhead dominate) it keeps all its rows and sums by sorting its keys.
+    quarter of its rows or needs at most _BINS_PER_TRIPLE bins per triple of the cut block;
+    otherwise (partners spread so wide that a block of a few rows would spend its time on
+    bins, or on per-block overhead) it keeps all its rows and sums by sorting its keys.
 
     triples: int64 [N+1], cumulative triple counts by row; reach: int64 [N], last partner.
     """
@@ -451,7 +455,9 @@ def _join_blocks(triples: np.ndarray, reach: np.ndarray):
         widths = np.maximum.accumulate(reach[r0:hi]) - r0 + 1
         bins = np.arange(1, hi - r0 + 1) * widths
         r1 = r0 + max(1, int(np.searchsorted(bins, _BINS_PER_BLOCK, side="right")))
-        if 4 * (r1 - r0) < hi - r0:
+        cut_bins = int(bins[r1 - r0 - 1])
+        cheap = cut_bins <= min(_BINS_PER_BLOCK, _BINS_PER_TRIPLE * int(triples[r1] - triples[r0]))
+        if 4 * (r1 - r0) < hi - r0 and not cheap:
             r1 = hi
         yield r0, r1, int(widths[r1 - r0 - 1])
         r0 = r1
