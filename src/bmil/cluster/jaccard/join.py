@@ -295,7 +295,11 @@ def _passing_pairs(
     """(rows, cols, distance) of the pairs of one row block (r0, r1, width) of the join with
     distance <= max_distance (see :func:`_thresholded_distance`)."""
     r0, r1, width = block
-    rows, cols, x = join.block(r0, r1, width)
+    # x + min(m_i, m_j) >= s_min needs x >= s_min − m_i: pairs short of that (loosened by a
+    # second slack for the rounding of the rearranged sum; positive, so s > 0 as without it)
+    # are dropped in the accumulator, most of the pairs sharing a triple
+    least = np.maximum(s_min - 2 * _BOUND_SLACK - suffix_mass[r0:r1], np.finfo(np.float64).tiny)
+    rows, cols, x = join.block(r0, r1, width, least)
     maybe = x + np.minimum(suffix_mass[rows], suffix_mass[cols]) >= s_min - _BOUND_SLACK
     rows, cols, x = rows[maybe], cols[maybe], x[maybe]
     s = x + tails.overlap(r0, r1, rows, cols)
@@ -503,20 +507,28 @@ class _ColumnJoin:
         key += self.col_rows[pos]
         return key, overlap
 
-    def block(self, r0: int, r1: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def block(
+        self, r0: int, r1: int, width: int, least: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(rows, cols, s) of the pairs i in [r0, r1), j > i, meeting in a triple: int64,
         int64, float64 (s > 0, summed over this join's triples).
 
         width: partners lie in r0 .. r0 + width - 1 (accumulator bins [r1 - r0, width]).
+        least: None, or float64 [r1 − r0], positive: only the pairs with s >= least[i − r0]
+            (checked on the accumulator, before any pair is extracted).
         """
         pair, overlap = self.keyed_overlaps(r0, r1, np.arange(r1 - r0, dtype=np.int64) * width - r0)
         if (r1 - r0) * width <= _BINS_PER_BLOCK:
             s = np.bincount(pair, weights=overlap, minlength=(r1 - r0) * width)
             del pair, overlap
-            keys = np.flatnonzero(s)
+            found = s > 0 if least is None else s.reshape(r1 - r0, width) >= least[:, None]
+            keys = np.flatnonzero(found)
             s = s[keys]
         else:
             keys, s = _sum_by_key(pair, overlap, (r1 - r0) * width)
+            if least is not None:
+                kept = s >= least[keys // width]
+                keys, s = keys[kept], s[kept]
         rows = keys // width
         cols = keys - rows * width + r0
         return rows + r0, cols, s
