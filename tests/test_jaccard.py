@@ -600,3 +600,22 @@ def test_wide_join_blocks_use_dense_bins_when_bins_per_triple_are_few(monkeypatc
         assert blocks[0] == (0, 10, 1000) and all((r1 - r0) * w <= 10_000 for r0, r1, w in blocks)
     else:
         assert blocks == [(0, n, n)]
+
+
+def test_suffix_lookup_by_table_equals_lookup_by_search(monkeypatch):
+    # The thresholded join's exact suffix overlaps look entries up in a dense table of the
+    # block's rows, or by binary search past _LOOKUP_PER_BLOCK: the same values either way.
+    import bmil.cluster.jaccard.join as join_module
+
+    x, modality = weak_blobs(300, 5)
+    monkeypatch.setattr(join_module, "_TRIPLES_PER_BLOCK", 3000)  # many blocks
+    looked_up = []
+    overlap = join_module._SuffixRows.overlap
+    monkeypatch.setattr(join_module._SuffixRows, "overlap", lambda self, r0, r1, rows, cols: looked_up.append(
+        len(rows)) or overlap(self, r0, r1, rows, cols))
+    by_table = jaccard_distance(x, 10, 4, modality=modality, max_distance=0.6)
+    monkeypatch.setattr(join_module, "_LOOKUP_PER_BLOCK", 0)
+    by_search = jaccard_distance(x, 10, 4, modality=modality, max_distance=0.6)
+    assert by_table.nnz > 600 and sum(looked_up) > 300  # both runs looked pairs' suffixes up
+    assert np.array_equal(by_table.indptr, by_search.indptr) and np.array_equal(by_table.indices, by_search.indices)
+    np.testing.assert_array_equal(by_table.data, by_search.data)

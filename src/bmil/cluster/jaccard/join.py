@@ -44,6 +44,9 @@ _JOIN_WORKERS = 4  # at most this many row blocks of a join in flight at once
 # per passing pair), and a slack for float rounding in the pruning bound.
 _SUFFIX_SHARE = 0.85
 _BOUND_SLACK = 1e-6
+# The exact suffix–suffix overlaps of a row block look their entries up in a dense float32
+# table [rows, N] of at most this many entries (4 MiB), otherwise by binary search.
+_LOOKUP_PER_BLOCK = 1 << 20
 
 
 def _workers() -> int:
@@ -338,7 +341,8 @@ class _SuffixRows:
         """float64 [P]: Σ_k min over the shared suffix columns of each pair (rows[p], cols[p]),
         rows in [r0, r1). The block's suffix entries, keyed (row − r0)·N + column, are
         ascending (columns are sorted within each row); each partner's suffix entry is
-        looked up among them by its key."""
+        looked up among them by its key (in a dense table of the block's rows when it has at
+        most _LOOKUP_PER_BLOCK entries)."""
         out = np.zeros(len(rows))
         e0, e1 = self.indptr[r0], self.indptr[r1]
         if len(rows) == 0 or e0 == e1:
@@ -351,9 +355,14 @@ class _SuffixRows:
         start = np.cumsum(count) - count
         pos = np.repeat(self.indptr[cols] - start, count) + np.arange(total, dtype=np.int64)
         wanted = np.repeat((rows - r0) * n, count) + self.cols[pos]
-        slot = np.minimum(np.searchsorted(block_keys, wanted), len(block_keys) - 1)
-        mine = self.data[e0 + slot]
-        mine[block_keys[slot] != wanted] = 0.0
+        if (r1 - r0) * n <= _LOOKUP_PER_BLOCK:  # a dense table [rows, N]: one read per lookup
+            table = np.zeros((r1 - r0) * n, np.float32)
+            table[block_keys] = self.data[e0:e1]
+            mine = table[wanted]
+        else:
+            slot = np.minimum(np.searchsorted(block_keys, wanted), len(block_keys) - 1)
+            mine = self.data[e0 + slot]
+            mine[block_keys[slot] != wanted] = 0.0
         pair = np.repeat(np.arange(len(rows)), count)
         return np.bincount(pair, weights=np.minimum(mine, self.data[pos]), minlength=len(rows))
 
