@@ -619,3 +619,18 @@ def test_suffix_lookup_by_table_equals_lookup_by_search(monkeypatch):
     assert by_table.nnz > 600 and sum(looked_up) > 300  # both runs looked pairs' suffixes up
     assert np.array_equal(by_table.indptr, by_search.indptr) and np.array_equal(by_table.indices, by_search.indices)
     np.testing.assert_array_equal(by_table.data, by_search.data)
+
+
+def test_expansion_membership_by_table_equals_membership_by_search(monkeypatch):
+    # The expansion reads R(i, k1) membership from a table of the block's rows, or past
+    # _MEMBERSHIP_TABLE bools searches sorted keys: the same E(i), so the same distance.
+    import bmil.cluster.jaccard.encoding as encoding_module
+
+    x, modality = weak_blobs(300, 6)
+    for mod in (None, modality):
+        by_table = jaccard_distance(x, 10, 4, modality=mod)
+        with monkeypatch.context() as m:
+            m.setattr(encoding_module, "_MEMBERSHIP_TABLE", 0)
+            by_search = jaccard_distance(x, 10, 4, modality=mod)
+        assert np.array_equal(by_table.indptr, by_search.indptr) and np.array_equal(by_table.indices, by_search.indices)
+        np.testing.assert_array_equal(by_table.data, by_search.data)

@@ -23,6 +23,9 @@ LQE_MODES = ("release", "paper")
 _GATHER_PER_BLOCK = 1 << 22
 # Membership queries of the expansion per row block: small, so the search stays in cache.
 _MEMBERSHIP_PER_BLOCK = 1 << 17
+# Up to this many bools a block, membership is read from a table [rows, N + 1] of R(i, k1)
+# (a read a query instead of a binary search); beyond, searched.
+_MEMBERSHIP_TABLE = 1 << 24
 # Bytes of the gathered rows per chunk of the dot products: small chunks stay in cache.
 _BYTES_PER_DOT_CHUNK = 1 << 24
 
@@ -332,8 +335,13 @@ def _expansion_keys(
     cand = rank[r0:r1, :full_len]  # [B, mf]; only the reciprocal ones can be accepted
     half_keys = rank[cand, :half_len] + offsets[:, :, None]  # [B, mf, mh]: rank[c, :kh+1]
     half_ok = recip_half[cand]  # [B, mf, mh]: which of them are in R(c, kh)
-    pos = np.minimum(np.searchsorted(own_keys, half_keys.ravel()), own_keys.size - 1)
-    inside = (own_keys[pos] == half_keys.ravel()).reshape(half_keys.shape) & half_ok
+    if (r1 - r0) * (n + 1) <= _MEMBERSHIP_TABLE:  # a table [B, N + 1] of R(i, k1): one read per query
+        table = np.zeros((r1 - r0, n + 1), bool)  # row b: R(r0 + b, k1) (and the sentinel, never read)
+        table[np.arange(r1 - r0)[:, None], own] = True
+        inside = table.ravel()[half_keys - r0 * stride] & half_ok  # half_keys - r0·stride = b·(N + 1) + j
+    else:
+        pos = np.minimum(np.searchsorted(own_keys, half_keys.ravel()), own_keys.size - 1)
+        inside = (own_keys[pos] == half_keys.ravel()).reshape(half_keys.shape) & half_ok
     # |R(c, kh) ∩ R(i, k1)| > 2/3·|R(c, kh)|, in integers
     accept = recip_full[r0:r1] & (3 * inside.sum(axis=2) > 2 * half_ok.sum(axis=2))
     return np.unique(np.concatenate([
