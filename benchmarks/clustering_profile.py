@@ -40,11 +40,12 @@ def main() -> None:
 
     knn_module = importlib.import_module("bmil.cluster.knn")
     jaccard_module = importlib.import_module("bmil.cluster.jaccard")
+    encoding_module = importlib.import_module("bmil.cluster.jaccard.encoding")
     times: dict = {}
     time_ivf_stages(knn_module, times)
-    _timed(jaccard_module, "knn_per_group", lambda a, kw: "knn", times)
+    _timed(encoding_module, "knn_per_group", lambda a, kw: "knn", times)
     peaks: dict = {}
-    search = jaccard_module.knn_per_group
+    search = encoding_module.knn_per_group
 
     def knn_then_mark(*a, **kw):  # after each kNN call: note the peak so far, reset it
         try:
@@ -53,7 +54,7 @@ def main() -> None:
             peaks["knn"] = max(peaks.get("knn", 0), _rss_kib("VmHWM") - base)
             reset_peak_rss()
 
-    jaccard_module.knn_per_group = knn_then_mark
+    encoding_module.knn_per_group = knn_then_mark
     sizes: dict = {}
     thresholded = jaccard_module._thresholded_distance
 

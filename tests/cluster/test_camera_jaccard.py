@@ -1,5 +1,5 @@
 """Camera-and-modality-aware Jaccard (``jaccard_distance(camera=...)``) against a slow dense
-reference written from the rule in the docstring of ``bmil.cluster.jaccard._camera_balanced``."""
+reference written from the rule in the docstring of ``bmil.cluster.jaccard.encoding._camera_balanced``."""
 
 from __future__ import annotations
 

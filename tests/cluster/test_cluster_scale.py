@@ -90,7 +90,7 @@ def test_knn_choice_in_the_configuration():
 
 
 def test_nprobe_in_the_configuration_reaches_the_search(monkeypatch):
-    import bmil.cluster.jaccard as jaccard_module
+    import bmil.cluster.jaccard.encoding as encoding_module
 
     cfg = config_from_dict({"cluster": {"knn": "approximate", "nprobe": 3, "k1": 10, "k2": 4}}).cluster
     assert config_from_dict({}).cluster.nprobe is None  # the index's default
@@ -98,8 +98,8 @@ def test_nprobe_in_the_configuration_reaches_the_search(monkeypatch):
         config_from_dict({"cluster": {"nprobe": 0}})
     x, modality, _ = identity_features(400, 64, 0.9)
     asked = []
-    real = jaccard_module.knn_per_group
-    monkeypatch.setattr(jaccard_module, "knn_per_group", lambda *a, **kw: asked.append(kw) or real(*a, **kw))
+    real = encoding_module.knn_per_group
+    monkeypatch.setattr(encoding_module, "knn_per_group", lambda *a, **kw: asked.append(kw) or real(*a, **kw))
     association.cluster_distance(x, cfg, modality)
     assert asked and all(kw["nprobe"] == 3 and kw["method"] == "approximate" for kw in asked)
 
@@ -175,10 +175,11 @@ def test_memory_estimate_holds_on_weak_and_well_separated_features(noise, t):
 _JOIN_PEAK = _PRELUDE + textwrap.dedent(
     """
     import bmil.cluster.jaccard as jm
+    import bmil.cluster.jaccard.join as join_module
 
     # a small join budget, so that V's entries (what the estimate is per) make the peak
-    jm._TRIPLES_PER_BLOCK = 1 << 16
-    jm._BINS_PER_BLOCK = 1 << 16
+    join_module._TRIPLES_PER_BLOCK = 1 << 16
+    join_module._BINS_PER_BLOCK = 1 << 16
     small, m_small, _ = identity_features(400, {d}, {noise}, seed=1)
     jm.jaccard_distance(small, 30, 6, modality=m_small, max_distance=0.6)
     x, modality, _ = identity_features({n}, {d}, {noise})

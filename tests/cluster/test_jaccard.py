@@ -381,15 +381,15 @@ def test_thresholding_prunes_on_weak_features():
 
 
 def test_thresholded_join_in_many_blocks_across_threads_equals_one_block(monkeypatch):
-    import bmil.cluster.jaccard as jaccard_module
+    import bmil.cluster.jaccard.join as join_module
 
     x, modality = weak_blobs(300, 3)
     whole = jaccard_distance(x, 10, 4, modality=modality, max_distance=0.6)
     blocks = []
-    original = jaccard_module._join_blocks
-    monkeypatch.setattr(jaccard_module, "_join_blocks", lambda *a: blocks.extend(original(*a)) or iter(blocks))
-    monkeypatch.setattr(jaccard_module, "_TRIPLES_PER_BLOCK", 500)
-    monkeypatch.setattr(jaccard_module, "_BINS_PER_BLOCK", 2000)
+    original = join_module._join_blocks
+    monkeypatch.setattr(join_module, "_join_blocks", lambda *a: blocks.extend(original(*a)) or iter(blocks))
+    monkeypatch.setattr(join_module, "_TRIPLES_PER_BLOCK", 500)
+    monkeypatch.setattr(join_module, "_BINS_PER_BLOCK", 2000)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # four blocks in flight
     split = jaccard_distance(x, 10, 4, modality=modality, max_distance=0.6)
     assert len(blocks) > 20
@@ -400,16 +400,16 @@ def test_thresholded_join_in_many_blocks_across_threads_equals_one_block(monkeyp
 @pytest.mark.parametrize("max_distance", [0.6, 1.0])
 def test_join_summing_by_sorted_keys_equals_dense_bins(monkeypatch, max_distance):
     # With a one-bin budget every block of more than one row sums its pairs by sorting.
-    import bmil.cluster.jaccard as jaccard_module
+    import bmil.cluster.jaccard.join as join_module
 
     x, modality = weak_blobs(300, 7)
-    monkeypatch.setattr(jaccard_module, "_DENSE_SHARE", 0)  # the banded join at t = 1 too
+    monkeypatch.setattr(join_module, "_DENSE_SHARE", 0)  # the banded join at t = 1 too
     dense = jaccard_distance(x, 10, 4, modality=modality, max_distance=max_distance)
     blocks = []
-    original = jaccard_module._join_blocks
-    monkeypatch.setattr(jaccard_module, "_join_blocks", lambda *a: blocks.extend(original(*a)) or iter(blocks))
-    monkeypatch.setattr(jaccard_module, "_BINS_PER_BLOCK", 1)
-    monkeypatch.setattr(jaccard_module, "_TRIPLES_PER_BLOCK", 3000)
+    original = join_module._join_blocks
+    monkeypatch.setattr(join_module, "_join_blocks", lambda *a: blocks.extend(original(*a)) or iter(blocks))
+    monkeypatch.setattr(join_module, "_BINS_PER_BLOCK", 1)
+    monkeypatch.setattr(join_module, "_TRIPLES_PER_BLOCK", 3000)
     by_sort = jaccard_distance(x, 10, 4, modality=modality, max_distance=max_distance)
     assert sum(r1 - r0 > 1 for r0, r1, _ in blocks) > 5
     assert np.array_equal(by_sort.indptr, dense.indptr) and np.array_equal(by_sort.indices, dense.indices)
@@ -421,15 +421,15 @@ def test_join_with_64_bit_entry_indices_equals_32_bit(monkeypatch, max_distance,
     # Past 2^30 entries of V the join's per-entry rows, positions and counts are int64;
     # small data use int32. Both must give the same result, bit for bit (the banded join
     # with and without the threshold, and the dense join).
-    import bmil.cluster.jaccard as jaccard_module
+    import bmil.cluster.jaccard.join as join_module
 
-    monkeypatch.setattr(jaccard_module, "_DENSE_SHARE", dense_share)
+    monkeypatch.setattr(join_module, "_DENSE_SHARE", dense_share)
     x, modality = weak_blobs(300, 11)
     chosen = []
-    original = jaccard_module._entry_index_dtype
-    monkeypatch.setattr(jaccard_module, "_entry_index_dtype", lambda v: chosen.append(original(v)) or chosen[-1])
+    original = join_module._entry_index_dtype
+    monkeypatch.setattr(join_module, "_entry_index_dtype", lambda v: chosen.append(original(v)) or chosen[-1])
     narrow = jaccard_distance(x, 10, 4, modality=modality, max_distance=max_distance)
-    monkeypatch.setattr(jaccard_module, "_entry_index_dtype", lambda v: np.int64)
+    monkeypatch.setattr(join_module, "_entry_index_dtype", lambda v: np.int64)
     wide = jaccard_distance(x, 10, 4, modality=modality, max_distance=max_distance)
     assert chosen == [np.int32]
     assert np.array_equal(wide.indptr, narrow.indptr) and np.array_equal(wide.indices, narrow.indices)
@@ -438,9 +438,9 @@ def test_join_with_64_bit_entry_indices_equals_32_bit(monkeypatch, max_distance,
 
 def _full_join(monkeypatch, which: str) -> None:
     """Make jaccard_distance's full result take the dense or the banded join."""
-    import bmil.cluster.jaccard as jaccard_module
+    import bmil.cluster.jaccard.join as join_module
 
-    monkeypatch.setattr(jaccard_module, "_DENSE_SHARE", {"dense": 1 << 40, "banded": 0}[which])
+    monkeypatch.setattr(join_module, "_DENSE_SHARE", {"dense": 1 << 40, "banded": 0}[which])
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -461,18 +461,18 @@ def test_dense_and_banded_full_joins_agree_bit_for_bit(monkeypatch, make, seed):
 
 
 def test_dense_join_in_many_blocks_across_threads_equals_one_block(monkeypatch):
-    import bmil.cluster.jaccard as jaccard_module
+    import bmil.cluster.jaccard.join as join_module
 
     x, modality = weak_blobs(300, 4)
     _full_join(monkeypatch, "dense")
-    monkeypatch.setattr(jaccard_module, "_DENSE_BINS_PER_BLOCK", 1 << 30)
-    monkeypatch.setattr(jaccard_module, "_TRIPLES_PER_BLOCK", 1 << 30)
+    monkeypatch.setattr(join_module, "_DENSE_BINS_PER_BLOCK", 1 << 30)
+    monkeypatch.setattr(join_module, "_TRIPLES_PER_BLOCK", 1 << 30)
     whole = jaccard_distance(x, 10, 4, modality=modality)
     blocks = []
-    original = jaccard_module._dense_blocks
-    monkeypatch.setattr(jaccard_module, "_dense_blocks", lambda *a: blocks.extend(original(*a)) or blocks)
-    monkeypatch.setattr(jaccard_module, "_DENSE_BINS_PER_BLOCK", 300 * 7)  # 7 rows a block at most
-    monkeypatch.setattr(jaccard_module, "_TRIPLES_PER_BLOCK", 3000)  # and fewer where rows have many triples
+    original = join_module._dense_blocks
+    monkeypatch.setattr(join_module, "_dense_blocks", lambda *a: blocks.extend(original(*a)) or blocks)
+    monkeypatch.setattr(join_module, "_DENSE_BINS_PER_BLOCK", 300 * 7)  # 7 rows a block at most
+    monkeypatch.setattr(join_module, "_TRIPLES_PER_BLOCK", 3000)  # and fewer where rows have many triples
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # four blocks in flight
     split = jaccard_distance(x, 10, 4, modality=modality)
     assert len(blocks) > 300 // 7 and min(r1 - r0 for r0, r1 in blocks) < 7
@@ -484,38 +484,38 @@ def test_dense_join_in_many_blocks_across_threads_equals_one_block(monkeypatch):
 def test_dense_join_is_chosen_when_triples_reach_a_share_of_all_pairs(monkeypatch):
     from scipy import sparse
 
-    import bmil.cluster.jaccard as jaccard_module
+    import bmil.cluster.jaccard.join as join_module
 
     def identity(n: int):
         return sparse.csr_array(sparse.eye(n, dtype=np.float32))
 
     # the default share, 50: the identity has n triples (each row meets itself)
-    assert jaccard_module._DENSE_SHARE == 50
-    assert jaccard_module._nearly_dense(identity(50))  # 50 · 50 >= 50²
-    assert not jaccard_module._nearly_dense(identity(51))  # 51 · 50 < 51²
-    monkeypatch.setattr(jaccard_module, "_DENSE_SHARE", 4)
+    assert join_module._DENSE_SHARE == 50
+    assert join_module._nearly_dense(identity(50))  # 50 · 50 >= 50²
+    assert not join_module._nearly_dense(identity(51))  # 51 · 50 < 51²
+    monkeypatch.setattr(join_module, "_DENSE_SHARE", 4)
     # identity: 8 triples < 64 / 4; one shared column: 64 >= 64 / 4
-    assert not jaccard_module._nearly_dense(identity(8))
+    assert not join_module._nearly_dense(identity(8))
     one_column = sparse.csr_array((np.ones(8, np.float32), np.zeros(8, np.int32), np.arange(9)), shape=(8, 8))
-    assert jaccard_module._nearly_dense(one_column)
+    assert join_module._nearly_dense(one_column)
 
     def spread(n: int, columns: int):  # row i's one entry in column i mod columns
         return sparse.csr_array((np.ones(n, np.float32), np.arange(n) % columns, np.arange(n + 1)), shape=(n, n))
 
     # 16 rows on 4 columns: 4 · 4² = 64 triples, exactly 256 / 4; on 8 columns 8 · 2² = 32
-    assert jaccard_module._nearly_dense(spread(16, 4))
-    assert not jaccard_module._nearly_dense(spread(16, 8))
+    assert join_module._nearly_dense(spread(16, 4))
+    assert not join_module._nearly_dense(spread(16, 8))
 
 
 @pytest.mark.parametrize("bound", [1000, 1 << 60])  # packed sort; stable argsort (would overflow)
 def test_sum_by_key_equals_bincount(bound):
-    import bmil.cluster.jaccard as jaccard_module
+    import bmil.cluster.jaccard.join as join_module
 
     rng = np.random.default_rng(8)
     keys = rng.integers(0, 1000, 5000) * (bound // 1000)
     weights = rng.random(5000)
     weights[rng.random(5000) < 0.1] = 0.0
-    got_keys, got = jaccard_module._sum_by_key(keys, weights, bound)
+    got_keys, got = join_module._sum_by_key(keys, weights, bound)
     expected = {}
     for key, w in zip(keys.tolist(), weights.tolist(), strict=True):
         expected[key] = expected.get(key, 0.0) + w  # the input's order, as bincount sums
@@ -538,7 +538,7 @@ def _partners_by_search(col_rows: np.ndarray, colptr: np.ndarray, ks: np.ndarray
 def test_later_rows_in_a_column_store_equal_a_binary_search(share):
     import scipy.sparse as sp
 
-    import bmil.cluster.jaccard as jaccard_module
+    import bmil.cluster.jaccard.join as join_module
 
     rng = np.random.default_rng(4)
     v = sp.random_array((200, 200), density=0.05, format="csr", random_state=rng)
@@ -553,7 +553,7 @@ def test_later_rows_in_a_column_store_equal_a_binary_search(share):
     store = kept.tocsc()
     store.sort_indices()
     expected = _partners_by_search(store.indices, store.indptr.astype(np.int64), ks, entry_rows)
-    found = jaccard_module._later_in_column(jaccard_module._csc_positions(v), ks, member, store.indptr)
+    found = join_module._later_in_column(join_module._csc_positions(v), ks, member, store.indptr)
     np.testing.assert_array_equal(found[0], expected[0])
     np.testing.assert_array_equal(found[1], expected[1])
     assert (found[1] > 0).sum() > 100  # most entries have later rows in their column
@@ -563,7 +563,7 @@ def test_one_search_for_both_modalities_equals_one_search_per_modality(monkeypat
     """The modality-aware rank lists come from one product per query block against all rows
     (knn_per_group); searching each modality on its own gives the same distance, bit for bit
     on these features (rounding could differ only where a product's shape changes it)."""
-    import bmil.cluster.jaccard as jaccard_module
+    import bmil.cluster.jaccard.encoding as encoding_module
     from bmil.cluster.knn import knn_unit_rows
 
     x, modality = blobs(300, 8, d=32)
@@ -575,7 +575,62 @@ def test_one_search_for_both_modalities_equals_one_search_per_modality(monkeypat
                                   metric=self.metric) for g, k in zip(groups, ks, strict=True)]
 
         with monkeypatch.context() as m:
-            m.setattr(jaccard_module._Search, "per_group", per_modality)
+            m.setattr(encoding_module._Search, "per_group", per_modality)
             separate = jaccard_distance(feats, 20, 6, modality=modality, block_size=64)
         assert np.array_equal(fused.indptr, separate.indptr) and np.array_equal(fused.indices, separate.indices)
         np.testing.assert_array_equal(fused.data, separate.data)
+
+
+@pytest.mark.parametrize(("per_row", "cut"), [(100, True), (50, False)])
+def test_wide_join_blocks_use_dense_bins_when_bins_per_triple_are_few(monkeypatch, per_row, cut):
+    # Every row's partners reach the last row (width about N), so a block of bins is a few
+    # rows only: it is cut to them when its bins are at most _BINS_PER_TRIPLE per triple
+    # (10 rows · 1000 bins = 10,000 against 16 · 10 · per_row triples), else it keeps all
+    # its rows (and sums by sorting).
+    import bmil.cluster.jaccard.join as join_module
+
+    n = 1000
+    monkeypatch.setattr(join_module, "_TRIPLES_PER_BLOCK", 1 << 30)
+    monkeypatch.setattr(join_module, "_BINS_PER_BLOCK", 10_000)
+    monkeypatch.setattr(join_module, "_BINS_PER_TRIPLE", 16)
+    triples = np.arange(n + 1, dtype=np.int64) * per_row
+    blocks = list(join_module._join_blocks(triples, np.full(n, n - 1, np.int64)))
+    assert [r0 for r0, _, _ in blocks] == [0] + [r1 for _, r1, _ in blocks[:-1]] and blocks[-1][1] == n
+    if cut:
+        assert blocks[0] == (0, 10, 1000) and all((r1 - r0) * w <= 10_000 for r0, r1, w in blocks)
+    else:
+        assert blocks == [(0, n, n)]
+
+
+def test_suffix_lookup_by_table_equals_lookup_by_search(monkeypatch):
+    # The thresholded join's exact suffix overlaps look entries up in a dense table of the
+    # block's rows, or by binary search past _LOOKUP_PER_BLOCK: the same values either way.
+    import bmil.cluster.jaccard.join as join_module
+
+    x, modality = weak_blobs(300, 5)
+    monkeypatch.setattr(join_module, "_TRIPLES_PER_BLOCK", 3000)  # many blocks
+    looked_up = []
+    overlap = join_module._SuffixRows.overlap
+    monkeypatch.setattr(join_module._SuffixRows, "overlap", lambda self, r0, r1, rows, cols: looked_up.append(
+        len(rows)) or overlap(self, r0, r1, rows, cols))
+    by_table = jaccard_distance(x, 10, 4, modality=modality, max_distance=0.6)
+    monkeypatch.setattr(join_module, "_LOOKUP_PER_BLOCK", 0)
+    by_search = jaccard_distance(x, 10, 4, modality=modality, max_distance=0.6)
+    assert by_table.nnz > 600 and sum(looked_up) > 300  # both runs looked pairs' suffixes up
+    assert np.array_equal(by_table.indptr, by_search.indptr) and np.array_equal(by_table.indices, by_search.indices)
+    np.testing.assert_array_equal(by_table.data, by_search.data)
+
+
+def test_expansion_membership_by_table_equals_membership_by_search(monkeypatch):
+    # The expansion reads R(i, k1) membership from a table of the block's rows, or past
+    # _MEMBERSHIP_TABLE bools searches sorted keys: the same E(i), so the same distance.
+    import bmil.cluster.jaccard.encoding as encoding_module
+
+    x, modality = weak_blobs(300, 6)
+    for mod in (None, modality):
+        by_table = jaccard_distance(x, 10, 4, modality=mod)
+        with monkeypatch.context() as m:
+            m.setattr(encoding_module, "_MEMBERSHIP_TABLE", 0)
+            by_search = jaccard_distance(x, 10, 4, modality=mod)
+        assert np.array_equal(by_table.indptr, by_search.indptr) and np.array_equal(by_table.indices, by_search.indices)
+        np.testing.assert_array_equal(by_table.data, by_search.data)
