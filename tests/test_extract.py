@@ -96,6 +96,7 @@ def test_memory_starts_from_the_normalised_mean_of_clustering_features():
         np.testing.assert_allclose(getattr(memory, name).numpy(), expected, atol=1e-6)
 
 
+@pytest.mark.e2e
 def test_training_clusters_clustering_features_and_scores_test_features(synthetic_root, tmp_path, make_config,
                                                                        monkeypatch):
     """One extraction path: the trainer's clustering extraction and train_set_features ask for

@@ -241,6 +241,7 @@ def test_unknown_names_still_list_the_registered_ones(registry):
         registry.get_dataset("market")
 
 
+@pytest.mark.e2e
 def test_bmil_eval_scores_a_registered_dataset(my_root, registry, tmp_path, capsys):
     """A user's script registers its dataset, then runs ``bmil eval`` through ``bmil.cli.main``."""
     import json

@@ -100,6 +100,7 @@ def test_read_curves(tmp_path):
         read_curves(tmp_path / "missing")
 
 
+@pytest.mark.e2e
 def test_analyze_run_cli(tmp_path, capsys):
     lines = [{"epoch": e, "ari/visible": 0.1 * e, "global/ari": 0.05 * e} for e in range(4)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
@@ -145,6 +146,7 @@ def test_analyze_features_writes_figures_and_numbers(tmp_path):
     assert sorted(written) == ["neighbours.json", "neighbours.png"]
 
 
+@pytest.mark.e2e
 def test_analyze_checkpoint_cli(synthetic_root, tmp_path, make_config, capsys):
     cfg = make_config(synthetic_root, tmp_path)
     torch.manual_seed(0)
@@ -185,6 +187,7 @@ def test_tsne_legend_names_the_identities_and_distances_have_axis_labels(tmp_pat
     assert "distance" in captured["labels"][0] and "density" in captured["labels"][1]
 
 
+@pytest.mark.e2e
 def test_analyze_with_a_config_keeps_the_checkpoints_input_size(synthetic_root, tmp_path, make_config, capsys,
                                                                  monkeypatch):
     from bmil import inference

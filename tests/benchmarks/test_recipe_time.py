@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -32,6 +34,7 @@ def test_recipe_counts_hand_worked():
     assert counts["eval_trials"] == 25 + 25 * 10
 
 
+@pytest.mark.e2e
 def test_smoke_run_writes_a_complete_table(tmp_path):
     out = tmp_path / "recipe.json"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": ""}

@@ -133,6 +133,7 @@ def test_modality_with_fewer_images_than_k1_and_with_one_image():
     assert np.all(labels == -1) and sub.sub_to_cluster.size == 0
 
 
+@pytest.mark.e2e
 def test_metrics_log_the_images_the_global_clustering_saw(synthetic_root, tmp_path, make_config):
     from bmil.data import sysu_train
     from bmil.engine.trainer import Trainer

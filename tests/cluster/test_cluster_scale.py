@@ -161,6 +161,7 @@ def _can_reset_peak() -> bool:
         return False
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not _can_reset_peak(), reason="needs Linux /proc/self/clear_refs to reset the peak RSS")
 @pytest.mark.parametrize(("noise", "t"), [(1.73, 0.6), (0.9, 0.6), (1.73, 1.0)])
 def test_memory_estimate_holds_on_weak_and_well_separated_features(noise, t):
@@ -197,6 +198,7 @@ _JOIN_PEAK = _PRELUDE + textwrap.dedent(
 )
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not _can_reset_peak(), reason="needs Linux /proc/self/clear_refs to reset the peak RSS")
 @pytest.mark.parametrize("noise", [1.73, 0.9])
 def test_join_estimate_holds_from_v_on(noise):

@@ -88,6 +88,7 @@ def test_largest_clustering_of_a_run():
     assert memory_check.largest_clustering(cfg, 7, 2) == 3 + 2  # subsets of int(0.5·7) = 3; one image in neither
 
 
+@pytest.mark.e2e
 def test_training_that_cannot_cluster_stops_before_the_first_epoch(synthetic_root, tmp_path, make_config,
                                                                    monkeypatch, capsys):
     """Checked for the largest clustering of the run (stage 2's global input) at start-up."""

@@ -57,6 +57,7 @@ def test_scan_equals_clustering_each_eps_from_scratch():
     assert "ARI" not in unlabelled
 
 
+@pytest.mark.e2e
 def test_cluster_scan_cli(synthetic_root, tmp_path, make_config, capsys):
     cfg = make_config(synthetic_root, tmp_path)
     save_config(cfg, tmp_path / "tiny.yaml")
@@ -82,6 +83,7 @@ def test_cluster_scan_cli(synthetic_root, tmp_path, make_config, capsys):
     assert code == 2 and "--eps" in err
 
 
+@pytest.mark.e2e
 def test_cluster_scan_help(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["cluster-scan", "--help"])

@@ -71,6 +71,7 @@ def test_load_model_errors(tmp_path, checkpoint):
 # ---------------------------------------------------------------- extract and the features file
 
 
+@pytest.mark.e2e
 def test_extract_cli_writes_a_plain_npz(checkpoint, synthetic_root, tmp_path, capsys):
     path, model, cfg = checkpoint
     code, out, _ = run_cli(
@@ -118,6 +119,7 @@ def test_rank_gallery_matches_a_brute_force_sort():
 # ---------------------------------------------------------------- search and the rank list
 
 
+@pytest.mark.e2e
 def test_search_cli_ranks_and_draws(checkpoint, synthetic_root, tmp_path, capsys):
     path, model, cfg = checkpoint
     run_cli(capsys, "extract", "--checkpoint", str(path), "--images", str(synthetic_root / "cam1"),
@@ -151,6 +153,7 @@ def test_search_cli_ranks_and_draws(checkpoint, synthetic_root, tmp_path, capsys
 # ---------------------------------------------------------------- user errors
 
 
+@pytest.mark.e2e
 def test_cli_errors_are_one_sentence(checkpoint, tmp_path, capsys):
     path, _, _ = checkpoint
     (tmp_path / "empty").mkdir()
@@ -176,6 +179,7 @@ def test_cli_errors_are_one_sentence(checkpoint, tmp_path, capsys):
 # ---------------------------------------------------------------- ONNX
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="needs the export extra")
 def test_onnx_export_equals_pytorch(checkpoint, tmp_path, capsys):
     path, model, cfg = checkpoint
@@ -212,6 +216,7 @@ def test_onnx_export_equals_pytorch(checkpoint, tmp_path, capsys):
     )
 
 
+@pytest.mark.e2e
 def test_export_without_onnx_is_a_clear_error(checkpoint, monkeypatch, tmp_path, capsys):
     path, _, _ = checkpoint
     real = importlib.util.find_spec
@@ -241,6 +246,7 @@ def named_folder(synthetic_root, tmp_path_factory):
     return root
 
 
+@pytest.mark.e2e
 def test_string_ids_end_to_end_through_extract_and_search(checkpoint, named_folder, tmp_path, capsys):
     path, model, cfg = checkpoint
     code, out, err = run_cli(capsys, "extract", "--checkpoint", str(path), "--images", str(named_folder),
@@ -303,6 +309,7 @@ def test_rank_list_captions_carry_rank_and_ids(synthetic_root, tmp_path):
         assert (named[second_line, x0:x0 + 64] < 128).any(), slot
 
 
+@pytest.mark.e2e
 def test_search_with_a_folder_as_query_says_so(checkpoint, named_folder, tmp_path, capsys):
     path, _, _ = checkpoint
     run_cli(capsys, "extract", "--checkpoint", str(path), "--images", str(named_folder / "visible"),

@@ -193,6 +193,7 @@ def test_train_dataset_switches_views_and_keeps_its_cache(tmp_path):
         dataset.set_transforms({VISIBLE: visible_views(H, W)})
 
 
+@pytest.mark.e2e
 def test_trainer_uses_the_stage_two_infrared_view_in_stage_two(synthetic_root, tmp_path, make_config):
     from bmil.engine.trainer import Trainer
 

@@ -202,6 +202,7 @@ def test_unknown_dataset_name(tmp_path):
     assert str(error.value) == "unknown dataset 'market': expected one of sysu, regdb, llcm, folder."
 
 
+@pytest.mark.e2e
 def test_check_data_names_the_published_counts(synthetic_root, capsys):
     """The synthetic tree has the SYSU-MM01 layout but far fewer ids and images."""
     code, out, _ = run_cli(capsys, "check-data", "--dataset", "sysu", str(synthetic_root))
@@ -212,6 +213,7 @@ def test_check_data_names_the_published_counts(synthetic_root, capsys):
     assert re.search(r"query images: found \d+, expected 3803", out)
 
 
+@pytest.mark.e2e
 def test_train_logs_the_counts_it_read_and_warns_on_differences(synthetic_root, tmp_path, make_config, caplog):
     from bmil.engine.trainer import Trainer
 
@@ -229,6 +231,7 @@ def test_train_logs_the_counts_it_read_and_warns_on_differences(synthetic_root, 
     assert not any("expected" in r.getMessage() for r in caplog.records)  # no published counts
 
 
+@pytest.mark.e2e
 def test_folder_without_the_camera_level_is_a_problem(tmp_path, capsys):
     """visible/<person>/<image>: the person folders would be read as 14 cameras."""
     root = tmp_path / "flat"

@@ -125,6 +125,7 @@ def test_cache_is_shared_with_loader_workers(tmp_path):
         assert torch.equal(cache.pixels[i], view.resize(Image.open(record.path).convert("RGB")))
 
 
+@pytest.mark.e2e
 def test_cache_travels_by_handle_to_spawned_workers():
     """Spawned workers receive the dataset through multiprocessing's ForkingPickler, for which
     torch passes shared tensors by handle: a write through the copy reaches the original."""

@@ -137,6 +137,7 @@ def test_bad_layouts_are_one_sentence_naming_the_path(tmp_path, caplog):
 # ---------------------------------------------------------------- check-data
 
 
+@pytest.mark.e2e
 def test_check_data_reports_ids_cameras_and_one_modality_ids(labelled, capsys):
     report = check_report("folder", labelled)
     assert report.counts == {
@@ -156,6 +157,7 @@ def test_check_data_reports_ids_cameras_and_one_modality_ids(labelled, capsys):
     assert "no train.txt / test.txt" in out
 
 
+@pytest.mark.e2e
 def test_check_data_lists_every_bad_input(labelled, capsys):
     write_image(labelled / "visible" / "0009" / "a.png", 3)  # no camera level
     (labelled / "infrared" / "ir" / "nobody").mkdir()  # empty id folder
@@ -233,6 +235,7 @@ def by_hand(model, paths, modality) -> np.ndarray:
     return flip_averaged_features(model, paths, modality, transform)
 
 
+@pytest.mark.e2e
 def test_bmil_eval_scores_both_directions_from_flip_averaged_features(labelled, tmp_path, capsys):
     cfg = load_config(None, ["data.dataset=folder", f"data.root={labelled}", *TINY])
     torch.manual_seed(0)
@@ -256,6 +259,7 @@ def test_bmil_eval_scores_both_directions_from_flip_averaged_features(labelled, 
         assert result["mean"]["rank1"] == pytest.approx(expected["rank1"], abs=1e-9)
 
 
+@pytest.mark.e2e
 def test_bmil_eval_takes_the_network_and_input_size_from_the_checkpoint(labelled, tmp_path, capsys, caplog):
     """A depth-18, 64×32 checkpoint scored with the folder preset as it is (depth 50, 288×144):
     the same scores as with a configuration that matches it, and a log line saying so."""
@@ -285,6 +289,7 @@ def test_bmil_eval_takes_the_network_and_input_size_from_the_checkpoint(labelled
     assert str(out / "eval_folder_best_stage2.json") in printed
 
 
+@pytest.mark.e2e
 def test_train_on_a_labelled_folder_evaluates_and_keeps_the_best_model(tmp_path):
     from bmil.commands import preset_path
     from bmil.engine.trainer import Trainer
@@ -313,6 +318,7 @@ def test_train_on_a_labelled_folder_evaluates_and_keeps_the_best_model(tmp_path)
     assert {"optimizer", "scheduler", "rng"} <= last.keys()  # what --resume reads
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("command", ["eval", "train"])
 def test_cli_user_errors_exit_nonzero_without_traceback(tmp_path, capsys, command):
     root = tmp_path / "bad"

@@ -82,6 +82,7 @@ class _ListHandler(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+@pytest.mark.e2e
 def test_folder_preset_trains_with_finite_losses_and_reports_no_metric(folder_run):
     cfg, out, summary, messages = folder_run
     records = read_metrics(out / "metrics.jsonl")
@@ -96,6 +97,7 @@ def test_folder_preset_trains_with_finite_losses_and_reports_no_metric(folder_ru
     assert not (out / "checkpoints" / "best_stage1.pt").exists()
 
 
+@pytest.mark.e2e
 def test_folder_eval_says_why_there_is_no_score(folder_run, capsys):
     cfg, out, _, _ = folder_run
     code = cli.main(["-q", "eval", "--config", "folder", "--checkpoint", str(out / "checkpoints" / "last.pt"),
@@ -107,6 +109,7 @@ def test_folder_eval_says_why_there_is_no_score(folder_run, capsys):
     assert "mAP" not in printed and "nan" not in printed.lower() and "100" not in printed
 
 
+@pytest.mark.e2e
 def test_extract_and_search_work_on_the_folder_data(folder_run, user_folder, tmp_path, capsys):
     _, out, _, _ = folder_run
     checkpoint = str(out / "checkpoints" / "last.pt")

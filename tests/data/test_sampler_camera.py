@@ -161,6 +161,7 @@ def test_cameras_must_match_labels():
         PseudoIdentitySampler(LABELS, NUM_IDS, K, cameras=CAMERAS[:-1])
 
 
+@pytest.mark.e2e
 def test_trainer_loader_passes_each_images_camera(synthetic_root, tmp_path, make_config):
     from bmil.data import INFRARED
     from bmil.engine.trainer import Trainer

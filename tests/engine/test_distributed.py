@@ -158,6 +158,7 @@ def _flatten(tree, prefix=""):
         yield prefix, tree
 
 
+@pytest.mark.e2e
 def test_ranks_end_with_identical_weights_and_memories(two_rank_run):
     _, (a, b) = two_rank_run
     assert a["model"].keys() == b["model"].keys()
@@ -168,6 +169,7 @@ def test_ranks_end_with_identical_weights_and_memories(two_rank_run):
     assert all(torch.equal(mem_a[k], mem_b[k]) for k in mem_a)
 
 
+@pytest.mark.e2e
 def test_each_rank_takes_its_half_of_every_batch(two_rank_run):
     _, (a, b) = two_rank_run
     # tiny config: 4 identities × 4 instances; 2 processes → 2 identities × 4 instances each.
@@ -176,6 +178,7 @@ def test_each_rank_takes_its_half_of_every_batch(two_rank_run):
     assert a["seen"]["mine"] + b["seen"]["mine"] == a["seen"]["full"]  # rank 0: first 2 ids, rank 1: last 2
 
 
+@pytest.mark.e2e
 def test_only_rank_zero_writes_and_run_json_describes_the_job(two_rank_run):
     out, _ = two_rank_run
     info = json.loads((out / "run.json").read_text())
@@ -187,6 +190,7 @@ def test_only_rank_zero_writes_and_run_json_describes_the_job(two_rank_run):
     assert (out / "checkpoints" / "last.pt").is_file()
 
 
+@pytest.mark.e2e
 def test_ranks_and_workers_draw_their_own_augmentations(two_rank_run):
     _, (a, b) = two_rank_run
     for draws in (a["draws"], b["draws"]):
@@ -197,6 +201,7 @@ def test_ranks_and_workers_draw_their_own_augmentations(two_rank_run):
     assert not torch.equal(a["draws"]["in_process"], b["draws"]["in_process"])  # also with no workers
 
 
+@pytest.mark.e2e
 def test_stage2_start_and_resume_use_rank_zero_checkpoints(two_rank_run):
     """Rank 1 cannot read any checkpoint: it starts stage 2 from rank 0's best_stage1.pt and
     resumes from rank 0's last.pt (it would fail reading them itself)."""
@@ -210,6 +215,7 @@ def test_stage2_start_and_resume_use_rank_zero_checkpoints(two_rank_run):
     assert a["best"] == b["best"] and a["best"][1]["epoch"] == 0  # restored on both ranks
 
 
+@pytest.mark.e2e
 def test_checkpoints_carry_the_memories(two_rank_run):
     out, (a, _) = two_rank_run
     saved = dict(_flatten(torch.load(out / "checkpoints" / "last.pt", weights_only=False)["memories"]))
@@ -218,6 +224,7 @@ def test_checkpoints_carry_the_memories(two_rank_run):
     assert all(torch.equal(saved[k], mine[k]) for k in saved)
 
 
+@pytest.mark.e2e
 def test_sharded_extraction_returns_all_features_in_order(two_rank_run):
     _, states = two_rank_run
     for state in states:
@@ -241,6 +248,7 @@ def _collectives_worker(rank: int, port: int, dump: str) -> None:
     distributed.shutdown(ctx)
 
 
+@pytest.mark.e2e
 def test_collectives_keep_rank_order(tmp_path):
     mp.spawn(_collectives_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     expected = torch.cat([
@@ -281,6 +289,7 @@ def test_single_process_helpers_are_identities():
     assert not ctx.enabled and ctx.is_main
 
 
+@pytest.mark.e2e
 def test_sync_bn_conversion_for_torchrun():
     """The helper the trainer calls under torchrun: every BatchNorm becomes SyncBatchNorm
     with the same state-dict keys; a CPU or single-process job keeps BatchNorm."""
@@ -330,6 +339,7 @@ def test_too_little_shared_memory_lowers_the_workers_with_one_sentence():
     assert shm_workers(4, 2, batch, free=None) == (4, None)  # unknown: unchanged
 
 
+@pytest.mark.e2e
 def test_rank_zero_clusters_on_the_node_cores_then_gives_them_back(monkeypatch):
     """torchrun sets OMP_NUM_THREADS=1; the clustering step (rank 0 alone) gets the node's
     cores less one per other process of the node, and the thread count is restored."""

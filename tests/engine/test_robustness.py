@@ -55,6 +55,7 @@ def _run(trainer, assoc, caplog) -> tuple[dict[str, float], str]:
     return losses, caplog.text
 
 
+@pytest.mark.e2e
 def test_no_cluster_at_all_skips_the_epoch_with_a_warning(trainer, caplog):
     none = {m: np.full(len(idx), -1) for m, idx in trainer.run.index.items()}
     losses, text = _run(trainer, _association(trainer, none, np.full(len(trainer.run.records), -1)), caplog)
@@ -62,6 +63,7 @@ def test_no_cluster_at_all_skips_the_epoch_with_a_warning(trainer, caplog):
     assert "no visible cluster" in text and "no infrared cluster" in text and "no global cluster" in text
 
 
+@pytest.mark.e2e
 def test_only_single_modality_global_clusters_warn_and_go_on(trainer, caplog):
     # Global cluster = the image's modality-specific half: no cluster holds both modalities.
     # Each image still has one positive (its own sub-cluster) and negatives, so the global
@@ -75,6 +77,7 @@ def test_only_single_modality_global_clusters_warn_and_go_on(trainer, caplog):
     assert "no global cluster holds both modalities" in text
 
 
+@pytest.mark.e2e
 def test_one_giant_cluster_skips_the_losses_that_need_two(trainer, caplog):
     giant = {m: np.zeros(len(idx), dtype=np.int64) for m, idx in trainer.run.index.items()}
     whole = np.zeros(len(trainer.run.records), dtype=np.int64)
@@ -83,6 +86,7 @@ def test_one_giant_cluster_skips_the_losses_that_need_two(trainer, caplog):
     assert "only one visible cluster" in text and "only one global cluster" in text
 
 
+@pytest.mark.e2e
 def test_one_modality_without_clusters_trains_the_other(trainer, caplog):
     labels = _two_per_modality(trainer)
     labels[1] = np.full_like(labels[1], -1)
@@ -96,6 +100,7 @@ def test_one_modality_without_clusters_trains_the_other(trainer, caplog):
 
 
 # ------------------------------------------------------------------ non-finite loss
+@pytest.mark.e2e
 def test_non_finite_loss_stops_with_epoch_and_step_and_resumes(synthetic_root, tmp_path, make_config,
                                                                monkeypatch, capsys):
     small = ("train.stage1_epochs=2", "train.stage2_epochs=0", "train.eval_every=5", "train.num_ids=2",
@@ -128,6 +133,7 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_resumes(synthetic_root, t
     assert [r["epoch"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [0, 1]
 
 
+@pytest.mark.e2e
 def test_non_finite_loss_in_the_first_epoch_says_nothing_was_saved(trainer):
     before = {k: v.clone() for k, v in trainer.run.model.state_dict().items()}
     with pytest.raises(TrainingError, match=r"epoch 0 step 3; no epoch has finished yet"):
@@ -179,6 +185,7 @@ SWEEP = {
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", sorted(SWEEP))
 def test_bad_input_gives_one_sentence_and_nonzero_exit(case, bad_inputs, capsys):
     argv = ["-q", *(arg.format(**bad_inputs) for arg in SWEEP[case])]

@@ -31,6 +31,7 @@ def finished_run(synthetic_root, tmp_path_factory, make_config):
     return cfg, trainer, summary
 
 
+@pytest.mark.e2e
 def test_run_writes_config_metrics_events_checkpoints(finished_run):
     cfg, _, summary = finished_run
     out = cfg.output
@@ -55,6 +56,7 @@ def test_run_writes_config_metrics_events_checkpoints(finished_run):
         assert 0.0 <= metrics["mAP"] <= 1.0 and 0.0 <= metrics["rank1"] <= 1.0
 
 
+@pytest.mark.e2e
 def test_stage_two_adds_the_global_loss(finished_run):
     cfg, _, _ = finished_run
     from pathlib import Path
@@ -66,6 +68,7 @@ def test_stage_two_adds_the_global_loss(finished_run):
     assert all("loss/global" not in r for r in records[:2])
 
 
+@pytest.mark.e2e
 def test_optimiser_steps_lower_both_losses_on_a_fixed_batch(synthetic_root, tmp_path, make_config):
     """The trainer's own objectives, forward and step, both stages' losses, fixed memories."""
     # Every visible image in the global clustering: the tiny data's left-out half alone gives one cluster.
@@ -103,6 +106,7 @@ def test_optimiser_steps_lower_both_losses_on_a_fixed_batch(synthetic_root, tmp_
         assert np.all(mod == m)
 
 
+@pytest.mark.e2e
 def test_resume_across_the_stage_boundary_is_bit_for_bit(synthetic_root, tmp_path, monkeypatch, make_config):
     short = ("train.stage1_epochs=1", "train.stage2_epochs=1", "train.eval_every=5", "train.iterations=2")
     straight = make_config(synthetic_root, tmp_path / "straight", *short)
@@ -135,6 +139,7 @@ def test_resume_across_the_stage_boundary_is_bit_for_bit(synthetic_root, tmp_pat
     assert la[-1]["loss/intra"] == lb[-1]["loss/intra"]
 
 
+@pytest.mark.e2e
 def test_init_from_checks_the_architecture(finished_run, synthetic_root, tmp_path, make_config):
     cfg, _, _ = finished_run
     from pathlib import Path
@@ -149,6 +154,7 @@ def test_init_from_checks_the_architecture(finished_run, synthetic_root, tmp_pat
         Trainer(bad, progress=False)
 
 
+@pytest.mark.e2e
 def test_demo_summary_has_the_published_keys(synthetic_root, tmp_path, make_config):
     from bmil.commands.demo import demo_table, run_demo
 
@@ -202,6 +208,7 @@ def test_demo_summary_has_the_published_keys(synthetic_root, tmp_path, make_conf
             assert summary[name][key] == pytest.approx(expected, abs=1e-6), (name, key)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("select_last", [False, True], ids=["release", "select_last"])
 def test_best_model_is_selected_by_test_rank1_on_the_release_schedule_and_the_last_is_kept(
         synthetic_root, tmp_path, make_config, monkeypatch, select_last):
@@ -247,6 +254,7 @@ def test_best_model_is_selected_by_test_rank1_on_the_release_schedule_and_the_la
     assert torch.load(ckpt / "last_stage2.pt", weights_only=False)["epoch"] == 6
 
 
+@pytest.mark.e2e
 def test_stage_two_starts_from_the_selected_stage_one_model(synthetic_root, tmp_path, make_config, monkeypatch):
     """Stage 1's scores are forced so that the selected epoch (2) is not its last (3): the
     weights at the first stage-2 step are best_stage1.pt's, not the last stage-1 model's."""
@@ -277,6 +285,7 @@ def test_stage_two_starts_from_the_selected_stage_one_model(synthetic_root, tmp_
     assert not all(torch.equal(seen[k], v) for k, v in last["model"].items())
 
 
+@pytest.mark.e2e
 def test_selection_by_map_is_an_option(synthetic_root, tmp_path, make_config, monkeypatch):
     from types import SimpleNamespace
 
@@ -288,6 +297,7 @@ def test_selection_by_map_is_an_option(synthetic_root, tmp_path, make_config, mo
     assert Trainer(cfg, progress=False).fit()["stage1"]["epoch"] == 0
 
 
+@pytest.mark.e2e
 def test_bn_split_feeds_batchnorm_what_one_gpu_of_the_release_sees(synthetic_root, tmp_path, make_config):
     """train.bn_split=2: pass 1 = every first visible view + the first half of the infrared batch,
     pass 2 = the second views + the other half (the release's 2-GPU DataParallel scatter)."""
@@ -383,6 +393,7 @@ def test_bn_split_must_divide_the_batch(make_config, synthetic_root, tmp_path):
         make_config(synthetic_root, tmp_path, "train.bn_split=3")  # 4 × 4 = 16 images
 
 
+@pytest.mark.e2e
 def test_scoring_resizes_with_lanczos_and_clustering_with_bicubic(synthetic_root, tmp_path, make_config, monkeypatch):
     """The release scores query/gallery images resized with PIL Lanczos (TestData) and clusters
     features of bicubic-resized images (get_test_loader): eval.resize and the clustering path."""
@@ -457,6 +468,7 @@ def test_extraction_cache_gives_the_same_features_without_reading_the_files_agai
         extract_features(model, records, **common)
 
 
+@pytest.mark.e2e
 def test_each_epoch_extracts_only_what_its_association_reads(synthetic_root, tmp_path, make_config, monkeypatch):
     """Stage 1 extracts visible subset 0 of the epoch's split (the draw associate makes from
     the epoch's generator) and every infrared image; stage 2 every image. With
@@ -542,6 +554,7 @@ def _same_labels(a: list[Association], b: list[Association]) -> bool:
     return True
 
 
+@pytest.mark.e2e
 def test_same_seed_is_bit_identical_and_another_seed_differs(synthetic_root, tmp_path, make_config,
                                                               restore_determinism, no_evaluation):
     """Two CPU runs with one DataLoader worker (so worker seeding is exercised)."""
@@ -601,6 +614,7 @@ def _subsample(records, visible: int, infrared: int):
     return out
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("visible", "infrared"), [(96, 9), (5, 48)], ids=["10to1", "1to10"])
 def test_training_survives_extreme_modality_ratios(visible, infrared, synthetic_root, tmp_path, make_config,
                                                    monkeypatch, caplog, no_evaluation):
@@ -621,6 +635,7 @@ def test_training_survives_extreme_modality_ratios(visible, infrared, synthetic_
         assert "cross-modality loss is skipped" in warnings or "no cross-modality clustering" in warnings
 
 
+@pytest.mark.e2e
 def test_epoch_whose_global_clusters_each_hold_one_modality(synthetic_root, tmp_path, make_config, monkeypatch,
                                                             caplog, no_evaluation):
     """Every global cluster split into its per-modality parts: the run goes on, says so."""
@@ -643,6 +658,7 @@ def test_epoch_whose_global_clusters_each_hold_one_modality(synthetic_root, tmp_
     assert "no global cluster holds both modalities" in caplog.text
 
 
+@pytest.mark.e2e
 def test_visible_batches_draw_train_visible_num_ids_identities(synthetic_root, tmp_path, make_config):
     """The release's RegDB loaders: visible batches of visible_num_ids × K (two views each),
     infrared batches of num_ids × K."""

@@ -271,6 +271,7 @@ def _regdb_checkpoint(tmp_path: Path, trial: int) -> Path:
     return save_model_checkpoint(cfg, model, tmp_path / "regdb.pt")
 
 
+@pytest.mark.e2e
 def test_regdb_model_refuses_another_trial(tmp_path, capsys):
     path = _regdb_checkpoint(tmp_path, trial=1)
     (tmp_path / "RegDB").mkdir()
