@@ -126,7 +126,7 @@ class ModelConfig:
     ``gem_learnable``: train the GeM exponent (AGW's variant) instead of the release's fixed p = 3.
     ``width``: channels of the stems and layer1, doubling per layer; 64 is torchvision's ResNet
     (the release's; ImageNet weights exist only for it); 32 costs about a quarter of the compute
-    (benchmarks/train_throughput.py), but the demo keeps 64 (docs/benchmarks.md, "Demo time").
+    (benchmarks/train_throughput.py), but the demo keeps 64, the network the presets train.
     ``last_stride``: stride of layer4, 1 as in AGW and the release, 2 as in plain ResNet (a
     quarter of layer4's cost, a feature map half as tall and wide).
     """
@@ -205,7 +205,7 @@ class TrainConfig:
 
     ``amp``: bf16 autocast on CUDA (the release trains in fp32, the default).
     ``channels_last``: extract features in channels_last memory format (faster for ResNet-50
-    at 288×144 on a CPU, slower for ResNet-18 at 64×32: docs/benchmarks.md; training on
+    at 288×144 on a CPU, slower for ResNet-18 at 64×32: benchmarks/extract_throughput.py; training on
     CUDA always uses it).
     ``bn_split``: forward each training batch in this many passes, as the release's
     DataParallel over that many GPUs splits it (2 reproduces its per-BatchNorm batch on one
