@@ -361,11 +361,11 @@ def test_rank_zero_clusters_on_the_node_cores_then_gives_them_back(monkeypatch):
 
 def test_extraction_workers_fit_in_shared_memory(monkeypatch, caplog):
     from bmil.config import load_config
-    from bmil.engine import data_setup as datasets
+    from bmil.engine import data_setup
 
     cfg = load_config(None, ["data.workers=8", "train.extract_batch=256"])  # batches of 127 MiB at 288 x 144
-    monkeypatch.setattr(datasets, "shm_bytes", lambda: 64 << 20)
-    assert datasets.extraction_workers(cfg, "cuda:0", 288, 144) == 0
+    monkeypatch.setattr(data_setup, "shm_bytes", lambda: 64 << 20)
+    assert data_setup.extraction_workers(cfg, "cuda:0", 288, 144) == 0
     assert "--shm-size" in caplog.text
-    monkeypatch.setattr(datasets, "shm_bytes", lambda: 8 << 30)
-    assert datasets.extraction_workers(cfg, "cuda:0", 288, 144) == 8
+    monkeypatch.setattr(data_setup, "shm_bytes", lambda: 8 << 30)
+    assert data_setup.extraction_workers(cfg, "cuda:0", 288, 144) == 8

@@ -398,10 +398,9 @@ def test_scoring_resizes_with_lanczos_and_clustering_with_bicubic(synthetic_root
     """The release scores query/gallery images resized with PIL Lanczos (TestData) and clusters
     features of bicubic-resized images (get_test_loader): eval.resize and the clustering path."""
     from bmil import inference
-    from bmil import inference as extract_mod
 
     seen = []
-    real = extract_mod.extract_features
+    real = inference.extract_features
 
     def recording(*args, **kwargs):
         seen.append(kwargs["resize"])
