@@ -282,9 +282,9 @@ def test_regdb_model_refuses_another_trial(tmp_path, capsys):
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "trained on RegDB trial 1 but data.trial=2" in err and "eval.allow_trial_mismatch=true" in err
 
-    from bmil.commands.evaluate import check_regdb_trial
+    from bmil.commands.evaluate import check_trained_trial
 
     state = torch.load(path, weights_only=False)
     allowed = load_config(None, ["data.dataset=regdb", "data.trial=2", "eval.allow_trial_mismatch=true"])
-    check_regdb_trial(allowed, state, path)  # the explicit override
-    check_regdb_trial(load_config(None, ["data.dataset=regdb", "data.trial=1"]), state, path)
+    check_trained_trial(allowed, state, path)  # the explicit override
+    check_trained_trial(load_config(None, ["data.dataset=regdb", "data.trial=1"]), state, path)

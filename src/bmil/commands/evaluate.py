@@ -36,9 +36,6 @@ def check_trained_trial(cfg: Config, state: dict, path: str | Path) -> None:
         )
 
 
-check_regdb_trial = check_trained_trial  # the name earlier releases used
-
-
 def result_path(cfg: Config, checkpoint: str | Path) -> Path:
     """Where ``bmil eval`` writes its results: ``eval_<dataset>[_trial<t>]_<checkpoint
     name>.json`` in ``cfg.output``, so scoring another checkpoint or trial keeps the others."""
