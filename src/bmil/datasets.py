@@ -4,7 +4,7 @@ model is trained per split trial, and which eval directions it knows.
 
 This layer composes the two below it: the readers of ``bmil.data`` make records, the
 protocols of ``bmil.evaluation`` score records (neither imports the other). ``config.py``,
-``engine/`` and ``cli.py`` look every dataset up here; none of them names one.
+``engine/``, ``commands/`` and ``cli.py`` look every dataset up here; none of them names one.
 
 Adding a dataset = writing its reader (records: path, person id or -1, camera, modality)
 and, from your own code, one call::
