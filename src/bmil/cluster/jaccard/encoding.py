@@ -290,15 +290,25 @@ def _row_blocks(n: int, per_row: int, budget: int):
         yield r0, min(r0 + step, n)
 
 
-def _reciprocal(rank: np.ndarray, m: int) -> np.ndarray:
-    """bool [N, m]: rank[i, p] is a k-reciprocal neighbour of i (i in rank[rank[i, p], :m])."""
+def _reciprocal(rank: np.ndarray, full_len: int, half_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(bool [N, full_len], bool [N, half_len]): rank[i, p] is a k-reciprocal neighbour of i
+    for the list length m = full_len, resp. half_len (i in rank[rank[i, p], :m]); half_len <=
+    full_len. One gather rank[rank[i, :full_len], :full_len] per block of rows serves both
+    lengths; blocks run on the torch threads' cores (numpy releases the GIL in them)."""
     n = rank.shape[0]
-    out = np.empty((n, m), dtype=bool)
-    head = rank[:, :m]
-    for r0, r1 in _row_blocks(n, m * m, _GATHER_PER_BLOCK):
-        back = head[head[r0:r1]]  # [B, m, m]
-        out[r0:r1] = (back == np.arange(r0, r1)[:, None, None]).any(axis=2)
-    return out
+    full = np.empty((n, full_len), dtype=bool)
+    half = np.empty((n, half_len), dtype=bool)
+    head = rank[:, :full_len]
+
+    def block(rows: tuple[int, int]) -> None:
+        r0, r1 = rows
+        hit = head[head[r0:r1]] == np.arange(r0, r1)[:, None, None]  # [B, m, m]
+        full[r0:r1] = hit.any(axis=2)
+        half[r0:r1] = hit[:, :half_len, :half_len].any(axis=2)
+
+    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+        list(pool.map(block, _row_blocks(n, full_len * full_len, _GATHER_PER_BLOCK // _workers())))
+    return full, half
 
 
 def _expansion(
