@@ -483,13 +483,22 @@ class _ColumnJoin:
     first [nnz]: position in ``col_rows``/``col_data`` of the first partner of entry (i, k)
     (the first j > i in the banded joins, the column's first row in the dense one); fan
     [nnz]: number of partners (consecutive from ``first``); both of one integer dtype;
-    col_rows int32, col_data float32: column lists (V in CSC, possibly followed by others).
+    col_rows int32, col_data float32: column lists (V in CSC, possibly followed by others),
+    kept side by side as one 8-byte unit per entry (``columns``: int32 [M, 2], the value's
+    bits then the row), so that a triple's partner and value come with one gather.
     """
 
     def __init__(self, *, n, indptr, data, first, fan, col_rows, col_data):
         self.n, self.indptr, self.data = n, indptr, data
         self.first, self.fan = first, fan
-        self.col_rows, self.col_data = col_rows, col_data
+        self.columns = np.empty((len(col_rows), 2), np.int32)
+        self.columns[:, 0] = col_data.view(np.int32)
+        self.columns[:, 1] = col_rows
+
+    @property
+    def col_rows(self) -> np.ndarray:
+        """int32 [M]: the row of each column-list entry (a strided view)."""
+        return self.columns[:, 1]
 
     def triples_by_row(self, entry_rows: np.ndarray) -> np.ndarray:
         """int64 [N+1]: cumulative number of (i, k, j) triples by row i."""
@@ -503,17 +512,21 @@ class _ColumnJoin:
 
     def keyed_overlaps(self, r0: int, r1: int, row_key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(key, overlap) of each triple (i, k, j) with i in [r0, r1): row_key[i − r0] + j
-        (row_key's dtype) and min(V[i,k], V[j,k]) (float32); ordered by i, then k (V's CSR
-        order), then j, so a sum over a key's triples runs over k in V's column order."""
+        (row_key's dtype) and min(V[i,k], V[j,k]) (float64, of the float32 values); ordered
+        by i, then k (V's CSR order), then j, so a sum over a key's triples runs over k in
+        V's column order."""
         e0, e1 = self.indptr[r0], self.indptr[r1]
         fan = self.fan[e0:e1]
         start = (np.cumsum(fan) - fan).astype(self.first.dtype, copy=False)
         pos = np.repeat(self.first[e0:e1] - start, fan)
         pos += np.arange(len(pos), dtype=pos.dtype)
-        overlap = self.col_data[pos]
-        np.minimum(overlap, np.repeat(self.data[e0:e1], fan), out=overlap)
+        # one gather of (value bits, row) units: np.take on the 8-byte view
+        partner = np.take(self.columns.view(np.int64).ravel(), pos).view(np.int32).reshape(-1, 2)
+        del pos
+        overlap = np.empty(len(partner))
+        np.minimum(partner[:, 0].view(np.float32), np.repeat(self.data[e0:e1], fan), out=overlap)
         key = np.repeat(np.repeat(row_key, np.diff(self.indptr[r0 : r1 + 1])), fan)
-        key += self.col_rows[pos]
+        key += partner[:, 1]
         return key, overlap
 
     def block(
