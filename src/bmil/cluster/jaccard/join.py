@@ -256,41 +256,50 @@ def _thresholded_distance(v: sparse.csr_array, order: np.ndarray, max_distance: 
     s_min = 2.0 * (1.0 - max_distance) / (2.0 - max_distance)
     dtype = _entry_index_dtype(v)
     entry_rows = _entry_rows(v, dtype)
-    suffix = _suffix_entries(v, entry_rows, _SUFFIX_SHARE * s_min)
-    suffix_mass = np.bincount(entry_rows, weights=np.where(suffix, v.data, 0.0), minlength=n)
-    vc = v.tocsc()
-    vc.sort_indices()
-    keep = ~suffix  # (copies: eliminate_zeros would compact v's own index arrays in place)
-    pre_ptr = np.concatenate([[0], np.cumsum(np.bincount(entry_rows[keep], minlength=n))])
-    pre = sparse.csr_array((v.data[keep], v.indices[keep], pre_ptr), shape=(n, n))
-    pc = pre.tocsc()
-    pc.sort_indices()
-    del pre
-    # prefix entries meet every later entry of their column; suffix entries only the prefix ones
-    position = _csc_positions(v, dtype)
-    first, fan = _later_in_column(position, v.indices, None, vc.indptr)
-    first_pre, fan_pre = _later_in_column(position, v.indices, keep, pc.indptr)
-    del position, keep
-    first_pre += vc.indices.size  # the prefix columns follow V's columns in col_rows
-    np.copyto(first, first_pre, where=suffix)
-    np.copyto(fan, fan_pre, where=suffix)
-    del first_pre, fan_pre
-    join = _ColumnJoin(
-        n=n, indptr=v.indptr.astype(np.int64), data=v.data, first=first, fan=fan,
-        col_rows=np.concatenate([vc.indices, pc.indices]).astype(np.int32, copy=False),
-        col_data=np.concatenate([vc.data, pc.data]),
-    )
-    del vc, pc
-    tails = _SuffixRows(v, suffix, entry_rows)
-    passing = functools.partial(_passing_pairs, join, tails, suffix_mass, s_min, max_distance)
-    blocks = _join_blocks(join.triples_by_row(entry_rows), join.reach(entry_rows))
-    # numpy releases the GIL in much of a block's work: blocks run on the torch threads' cores
+    # numpy and scipy release the GIL in most of this work: V's columns are built on the
+    # pool while this thread splits the rows; the row blocks then run on the torch threads' cores
     with ThreadPoolExecutor(max_workers=_workers()) as pool:
+        columns = pool.submit(_all_later_partners, v, dtype)
+        suffix = _suffix_entries(v, entry_rows, _SUFFIX_SHARE * s_min)
+        suffix_mass = np.bincount(entry_rows, weights=np.where(suffix, v.data, 0.0), minlength=n)
+        tails = pool.submit(_SuffixRows, v, suffix, entry_rows)
+        keep = ~suffix  # (copies: eliminate_zeros would compact v's own index arrays in place)
+        pre_ptr = np.concatenate([[0], np.cumsum(np.bincount(entry_rows[keep], minlength=n))])
+        pc = sparse.csr_array((v.data[keep], v.indices[keep], pre_ptr), shape=(n, n)).tocsc()
+        pc.sort_indices()
+        # prefix entries meet every later entry of their column; suffix entries only the prefix ones
+        vc, position, first, fan = columns.result()
+        first_pre, fan_pre = _later_in_column(position, v.indices, keep, pc.indptr)
+        del position, keep
+        first_pre += vc.indices.size  # the prefix columns follow V's columns in col_rows
+        np.copyto(first, first_pre, where=suffix)
+        np.copyto(fan, fan_pre, where=suffix)
+        del first_pre, fan_pre
+        join = _ColumnJoin(
+            n=n, indptr=v.indptr.astype(np.int64), data=v.data, first=first, fan=fan,
+            col_rows=np.concatenate([vc.indices, pc.indices]).astype(np.int32, copy=False),
+            col_data=np.concatenate([vc.data, pc.data]),
+        )
+        del vc, pc
+        passing = functools.partial(_passing_pairs, join, tails.result(), suffix_mass, s_min, max_distance)
+        blocks = _join_blocks(join.triples_by_row(entry_rows), join.reach(entry_rows))
         pieces = list(pool.map(passing, blocks))
     del join, tails, first, fan, passing
     log.debug("thresholded Jaccard (t = %.3g): %.1f pairs per row kept", max_distance,
               sum(len(p[0]) for p in pieces) / n)
     return _assemble(pieces, order, n)
+
+
+def _all_later_partners(
+    v: sparse.csr_array, dtype: type
+) -> tuple[sparse.csc_array, np.ndarray, np.ndarray, np.ndarray]:
+    """(V in CSC with sorted indices, each entry's CSC position, and the first position and
+    number of the later rows j > i of its column (:func:`_later_in_column`)), of ``dtype``."""
+    vc = v.tocsc()
+    vc.sort_indices()
+    position = _csc_positions(v, dtype)
+    first, fan = _later_in_column(position, v.indices, None, vc.indptr)
+    return vc, position, first, fan
 
 
 def _passing_pairs(
