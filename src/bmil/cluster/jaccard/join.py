@@ -352,25 +352,30 @@ class _SuffixRows:
         """float64 [P]: Σ_k min over the shared suffix columns of each pair (rows[p], cols[p]),
         rows in [r0, r1). The block's suffix entries, keyed (row − r0)·N + column, are
         ascending (columns are sorted within each row); each partner's suffix entry is
-        looked up among them by its key (in a dense table of the block's rows when it has at
-        most _LOOKUP_PER_BLOCK entries)."""
+        looked up among them: in a dense table [rows, U + 1] over the U distinct suffix
+        columns of the block's rows (the last slot, 0, for any other column) when it has at
+        most _LOOKUP_PER_BLOCK entries, otherwise by its key."""
         out = np.zeros(len(rows))
         e0, e1 = self.indptr[r0], self.indptr[r1]
         if len(rows) == 0 or e0 == e1:
             return out
         n = len(self.indptr) - 1
         local = np.repeat(np.arange(r1 - r0, dtype=np.int64), np.diff(self.indptr[r0 : r1 + 1]))
-        block_keys = local * n + self.cols[e0:e1]
         count = self.indptr[cols + 1] - self.indptr[cols]
         total = int(count.sum())
         start = np.cumsum(count) - count
         pos = np.repeat(self.indptr[cols] - start, count) + np.arange(total, dtype=np.int64)
-        wanted = np.repeat((rows - r0) * n, count) + self.cols[pos]
-        if (r1 - r0) * n <= _LOOKUP_PER_BLOCK:  # a dense table [rows, N]: one read per lookup
-            table = np.zeros((r1 - r0) * n, np.float32)
-            table[block_keys] = self.data[e0:e1]
-            mine = table[wanted]
+        present, slot_of = np.unique(self.cols[e0:e1], return_inverse=True)
+        width = len(present) + 1
+        if (r1 - r0) * width <= _LOOKUP_PER_BLOCK:  # one read per lookup
+            slot = np.full(n, len(present), np.int64)
+            slot[present] = np.arange(len(present))
+            table = np.zeros((r1 - r0) * width, np.float32)
+            table[local * width + slot_of] = self.data[e0:e1]
+            mine = table[np.repeat((rows - r0) * width, count) + slot[self.cols[pos]]]
         else:
+            block_keys = local * n + self.cols[e0:e1]
+            wanted = np.repeat((rows - r0) * n, count) + self.cols[pos]
             slot = np.minimum(np.searchsorted(block_keys, wanted), len(block_keys) - 1)
             mine = self.data[e0 + slot]
             mine[block_keys[slot] != wanted] = 0.0
