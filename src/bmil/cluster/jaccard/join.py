@@ -332,7 +332,10 @@ def _suffix_entries(v: sparse.csr_array, entry_rows: np.ndarray, limit: float) -
     o, _ = _stable_argsort(entry_rows.astype(np.int64) * n + col_rank[v.indices], n * n)  # by row, then column order
     mass = v.data[o].astype(np.float64)
     from_end = np.cumsum(mass[::-1])[::-1]  # mass from each entry to the end of the array
-    row_end = np.append(from_end, 0.0)[v.indptr[1:]]
+    ends = v.indptr[1:]  # mass after each row's last entry: from_end there, 0 past the array's end
+    inner = ends < v.nnz
+    row_end = np.zeros(n)
+    row_end[inner] = from_end[ends[inner]]
     tail = from_end - row_end[entry_rows]  # mass from each entry to the end of its row
     out = np.empty(v.nnz, dtype=bool)
     out[o] = tail < limit
