@@ -634,3 +634,13 @@ def test_expansion_membership_by_table_equals_membership_by_search(monkeypatch):
             by_search = jaccard_distance(x, 10, 4, modality=mod)
         assert np.array_equal(by_table.indptr, by_search.indptr) and np.array_equal(by_table.indices, by_search.indices)
         np.testing.assert_array_equal(by_table.data, by_search.data)
+
+
+def test_sorted_distinct_keys_equal_numpy_unique():
+    # The expansion's distinct pair keys: a sort and a mask of first occurrences, checked
+    # against np.unique on keys with many repeats, one key and none.
+    from bmil.cluster.jaccard.encoding import _sorted_distinct
+
+    rng = np.random.default_rng(0)
+    for keys in (rng.integers(0, 50, 1000), np.array([7], np.int64), np.array([], np.int64)):
+        np.testing.assert_array_equal(_sorted_distinct(keys.astype(np.int64)), np.unique(keys))

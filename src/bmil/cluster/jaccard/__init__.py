@@ -155,8 +155,7 @@ def jaccard_distance(
             nb = _modality_neighbours(x, mod, k1, k2, lqe, search, cam, self_first=not as_given)
     kh = int(np.around(k1 / 2))
     full_len, half_len = min(k1 + 1, nb.rank.shape[1]), min(kh + 1, nb.rank.shape[1])
-    recip_full = _reciprocal(nb.rank, full_len)
-    recip_half = _reciprocal(nb.rank, half_len)
+    recip_full, recip_half = _reciprocal(nb.rank, full_len, half_len)
     rows, cols = _expansion(nb.rank, recip_full, recip_half, full_len, half_len)
     del recip_full, recip_half
     cos = _pair_cosines(x, rows, cols, nb)

@@ -290,15 +290,25 @@ def _row_blocks(n: int, per_row: int, budget: int):
         yield r0, min(r0 + step, n)
 
 
-def _reciprocal(rank: np.ndarray, m: int) -> np.ndarray:
-    """bool [N, m]: rank[i, p] is a k-reciprocal neighbour of i (i in rank[rank[i, p], :m])."""
+def _reciprocal(rank: np.ndarray, full_len: int, half_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(bool [N, full_len], bool [N, half_len]): rank[i, p] is a k-reciprocal neighbour of i
+    for the list length m = full_len, resp. half_len (i in rank[rank[i, p], :m]); half_len <=
+    full_len. One gather rank[rank[i, :full_len], :full_len] per block of rows serves both
+    lengths; blocks run on the torch threads' cores (numpy releases the GIL in them)."""
     n = rank.shape[0]
-    out = np.empty((n, m), dtype=bool)
-    head = rank[:, :m]
-    for r0, r1 in _row_blocks(n, m * m, _GATHER_PER_BLOCK):
-        back = head[head[r0:r1]]  # [B, m, m]
-        out[r0:r1] = (back == np.arange(r0, r1)[:, None, None]).any(axis=2)
-    return out
+    full = np.empty((n, full_len), dtype=bool)
+    half = np.empty((n, half_len), dtype=bool)
+    head = rank[:, :full_len]
+
+    def block(rows: tuple[int, int]) -> None:
+        r0, r1 = rows
+        hit = head[head[r0:r1]] == np.arange(r0, r1)[:, None, None]  # [B, m, m]
+        full[r0:r1] = hit.any(axis=2)
+        half[r0:r1] = hit[:, :half_len, :half_len].any(axis=2)
+
+    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+        list(pool.map(block, _row_blocks(n, full_len * full_len, _GATHER_PER_BLOCK // _workers())))
+    return full, half
 
 
 def _expansion(
@@ -344,10 +354,20 @@ def _expansion_keys(
         inside = (own_keys[pos] == half_keys.ravel()).reshape(half_keys.shape) & half_ok
     # |R(c, kh) ∩ R(i, k1)| > 2/3·|R(c, kh)|, in integers
     accept = recip_full[r0:r1] & (3 * inside.sum(axis=2) > 2 * half_ok.sum(axis=2))
-    return np.unique(np.concatenate([
+    return _sorted_distinct(np.concatenate([
         own_keys[own_keys % stride != sentinel],
         half_keys[accept[:, :, None] & half_ok],
     ]))
+
+
+def _sorted_distinct(keys: np.ndarray) -> np.ndarray:
+    """``np.unique(keys)`` for 1-D int64 keys by a sort and a mask of the first of equal
+    neighbours (numpy's vectorised sort; np.unique hashes first, several times slower here)."""
+    keys = np.sort(keys)
+    first = np.empty(len(keys), bool)
+    first[:1] = True
+    np.not_equal(keys[1:], keys[:-1], out=first[1:])
+    return keys[first]
 
 
 def _pair_cosines(x: torch.Tensor, rows: np.ndarray, cols: np.ndarray, nb: _Neighbours) -> np.ndarray:

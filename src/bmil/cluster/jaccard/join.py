@@ -24,9 +24,11 @@ from scipy.sparse.csgraph import reverse_cuthill_mckee
 log = logging.getLogger(__name__)
 
 # Work per row block of the join: (row, shared column, partner) triples and dense
-# accumulator bins [rows in block, N]; both bound the block's temporary memory.
+# accumulator bins [rows in block, N]; both bound the block's temporary memory. 2^20 bins
+# (8 MB of float64) were the fastest of 2^17 to 2^22 at N = 20,000 (fewer, larger blocks:
+# less per-block overhead and less waiting between the pool's threads).
 _TRIPLES_PER_BLOCK = 1 << 21
-_BINS_PER_BLOCK = 1 << 18
+_BINS_PER_BLOCK = 1 << 20
 # A block of widely spread partners still sums in dense bins when it has at most this many
 # bins per triple: zeroing and scanning a bin costs far less than sorting a triple's key.
 _BINS_PER_TRIPLE = 16
@@ -254,41 +256,50 @@ def _thresholded_distance(v: sparse.csr_array, order: np.ndarray, max_distance: 
     s_min = 2.0 * (1.0 - max_distance) / (2.0 - max_distance)
     dtype = _entry_index_dtype(v)
     entry_rows = _entry_rows(v, dtype)
-    suffix = _suffix_entries(v, entry_rows, _SUFFIX_SHARE * s_min)
-    suffix_mass = np.bincount(entry_rows, weights=np.where(suffix, v.data, 0.0), minlength=n)
-    vc = v.tocsc()
-    vc.sort_indices()
-    keep = ~suffix  # (copies: eliminate_zeros would compact v's own index arrays in place)
-    pre_ptr = np.concatenate([[0], np.cumsum(np.bincount(entry_rows[keep], minlength=n))])
-    pre = sparse.csr_array((v.data[keep], v.indices[keep], pre_ptr), shape=(n, n))
-    pc = pre.tocsc()
-    pc.sort_indices()
-    del pre
-    # prefix entries meet every later entry of their column; suffix entries only the prefix ones
-    position = _csc_positions(v, dtype)
-    first, fan = _later_in_column(position, v.indices, None, vc.indptr)
-    first_pre, fan_pre = _later_in_column(position, v.indices, keep, pc.indptr)
-    del position, keep
-    first_pre += vc.indices.size  # the prefix columns follow V's columns in col_rows
-    np.copyto(first, first_pre, where=suffix)
-    np.copyto(fan, fan_pre, where=suffix)
-    del first_pre, fan_pre
-    join = _ColumnJoin(
-        n=n, indptr=v.indptr.astype(np.int64), data=v.data, first=first, fan=fan,
-        col_rows=np.concatenate([vc.indices, pc.indices]).astype(np.int32, copy=False),
-        col_data=np.concatenate([vc.data, pc.data]),
-    )
-    del vc, pc
-    tails = _SuffixRows(v, suffix, entry_rows)
-    passing = functools.partial(_passing_pairs, join, tails, suffix_mass, s_min, max_distance)
-    blocks = _join_blocks(join.triples_by_row(entry_rows), join.reach(entry_rows))
-    # numpy releases the GIL in much of a block's work: blocks run on the torch threads' cores
+    # numpy and scipy release the GIL in most of this work: V's columns are built on the
+    # pool while this thread splits the rows; the row blocks then run on the torch threads' cores
     with ThreadPoolExecutor(max_workers=_workers()) as pool:
+        columns = pool.submit(_all_later_partners, v, dtype)
+        suffix = _suffix_entries(v, entry_rows, _SUFFIX_SHARE * s_min)
+        suffix_mass = np.bincount(entry_rows, weights=np.where(suffix, v.data, 0.0), minlength=n)
+        tails = pool.submit(_SuffixRows, v, suffix, entry_rows)
+        keep = ~suffix  # (copies: eliminate_zeros would compact v's own index arrays in place)
+        pre_ptr = np.concatenate([[0], np.cumsum(np.bincount(entry_rows[keep], minlength=n))])
+        pc = sparse.csr_array((v.data[keep], v.indices[keep], pre_ptr), shape=(n, n)).tocsc()
+        pc.sort_indices()
+        # prefix entries meet every later entry of their column; suffix entries only the prefix ones
+        vc, position, first, fan = columns.result()
+        first_pre, fan_pre = _later_in_column(position, v.indices, keep, pc.indptr)
+        del position, keep
+        first_pre += vc.indices.size  # the prefix columns follow V's columns in col_rows
+        np.copyto(first, first_pre, where=suffix)
+        np.copyto(fan, fan_pre, where=suffix)
+        del first_pre, fan_pre
+        join = _ColumnJoin(
+            n=n, indptr=v.indptr.astype(np.int64), data=v.data, first=first, fan=fan,
+            col_rows=np.concatenate([vc.indices, pc.indices]).astype(np.int32, copy=False),
+            col_data=np.concatenate([vc.data, pc.data]),
+        )
+        del vc, pc
+        passing = functools.partial(_passing_pairs, join, tails.result(), suffix_mass, s_min, max_distance)
+        blocks = _join_blocks(join.triples_by_row(entry_rows), join.reach(entry_rows))
         pieces = list(pool.map(passing, blocks))
     del join, tails, first, fan, passing
     log.debug("thresholded Jaccard (t = %.3g): %.1f pairs per row kept", max_distance,
               sum(len(p[0]) for p in pieces) / n)
     return _assemble(pieces, order, n)
+
+
+def _all_later_partners(
+    v: sparse.csr_array, dtype: type
+) -> tuple[sparse.csc_array, np.ndarray, np.ndarray, np.ndarray]:
+    """(V in CSC with sorted indices, each entry's CSC position, and the first position and
+    number of the later rows j > i of its column (:func:`_later_in_column`)), of ``dtype``."""
+    vc = v.tocsc()
+    vc.sort_indices()
+    position = _csc_positions(v, dtype)
+    first, fan = _later_in_column(position, v.indices, None, vc.indptr)
+    return vc, position, first, fan
 
 
 def _passing_pairs(
@@ -321,7 +332,10 @@ def _suffix_entries(v: sparse.csr_array, entry_rows: np.ndarray, limit: float) -
     o, _ = _stable_argsort(entry_rows.astype(np.int64) * n + col_rank[v.indices], n * n)  # by row, then column order
     mass = v.data[o].astype(np.float64)
     from_end = np.cumsum(mass[::-1])[::-1]  # mass from each entry to the end of the array
-    row_end = np.append(from_end, 0.0)[v.indptr[1:]]
+    ends = v.indptr[1:]  # mass after each row's last entry: from_end there, 0 past the array's end
+    inner = ends < v.nnz
+    row_end = np.zeros(n)
+    row_end[inner] = from_end[ends[inner]]
     tail = from_end - row_end[entry_rows]  # mass from each entry to the end of its row
     out = np.empty(v.nnz, dtype=bool)
     out[o] = tail < limit
@@ -341,25 +355,30 @@ class _SuffixRows:
         """float64 [P]: Σ_k min over the shared suffix columns of each pair (rows[p], cols[p]),
         rows in [r0, r1). The block's suffix entries, keyed (row − r0)·N + column, are
         ascending (columns are sorted within each row); each partner's suffix entry is
-        looked up among them by its key (in a dense table of the block's rows when it has at
-        most _LOOKUP_PER_BLOCK entries)."""
+        looked up among them: in a dense table [rows, U + 1] over the U distinct suffix
+        columns of the block's rows (the last slot, 0, for any other column) when it has at
+        most _LOOKUP_PER_BLOCK entries, otherwise by its key."""
         out = np.zeros(len(rows))
         e0, e1 = self.indptr[r0], self.indptr[r1]
         if len(rows) == 0 or e0 == e1:
             return out
         n = len(self.indptr) - 1
         local = np.repeat(np.arange(r1 - r0, dtype=np.int64), np.diff(self.indptr[r0 : r1 + 1]))
-        block_keys = local * n + self.cols[e0:e1]
         count = self.indptr[cols + 1] - self.indptr[cols]
         total = int(count.sum())
         start = np.cumsum(count) - count
         pos = np.repeat(self.indptr[cols] - start, count) + np.arange(total, dtype=np.int64)
-        wanted = np.repeat((rows - r0) * n, count) + self.cols[pos]
-        if (r1 - r0) * n <= _LOOKUP_PER_BLOCK:  # a dense table [rows, N]: one read per lookup
-            table = np.zeros((r1 - r0) * n, np.float32)
-            table[block_keys] = self.data[e0:e1]
-            mine = table[wanted]
+        present, slot_of = np.unique(self.cols[e0:e1], return_inverse=True)
+        width = len(present) + 1
+        if (r1 - r0) * width <= _LOOKUP_PER_BLOCK:  # one read per lookup
+            slot = np.full(n, len(present), np.int64)
+            slot[present] = np.arange(len(present))
+            table = np.zeros((r1 - r0) * width, np.float32)
+            table[local * width + slot_of] = self.data[e0:e1]
+            mine = table[np.repeat((rows - r0) * width, count) + slot[self.cols[pos]]]
         else:
+            block_keys = local * n + self.cols[e0:e1]
+            wanted = np.repeat((rows - r0) * n, count) + self.cols[pos]
             slot = np.minimum(np.searchsorted(block_keys, wanted), len(block_keys) - 1)
             mine = self.data[e0 + slot]
             mine[block_keys[slot] != wanted] = 0.0
@@ -483,13 +502,22 @@ class _ColumnJoin:
     first [nnz]: position in ``col_rows``/``col_data`` of the first partner of entry (i, k)
     (the first j > i in the banded joins, the column's first row in the dense one); fan
     [nnz]: number of partners (consecutive from ``first``); both of one integer dtype;
-    col_rows int32, col_data float32: column lists (V in CSC, possibly followed by others).
+    col_rows int32, col_data float32: column lists (V in CSC, possibly followed by others),
+    kept side by side as one 8-byte unit per entry (``columns``: int32 [M, 2], the value's
+    bits then the row), so that a triple's partner and value come with one gather.
     """
 
     def __init__(self, *, n, indptr, data, first, fan, col_rows, col_data):
         self.n, self.indptr, self.data = n, indptr, data
         self.first, self.fan = first, fan
-        self.col_rows, self.col_data = col_rows, col_data
+        self.columns = np.empty((len(col_rows), 2), np.int32)
+        self.columns[:, 0] = col_data.view(np.int32)
+        self.columns[:, 1] = col_rows
+
+    @property
+    def col_rows(self) -> np.ndarray:
+        """int32 [M]: the row of each column-list entry (a strided view)."""
+        return self.columns[:, 1]
 
     def triples_by_row(self, entry_rows: np.ndarray) -> np.ndarray:
         """int64 [N+1]: cumulative number of (i, k, j) triples by row i."""
@@ -503,17 +531,21 @@ class _ColumnJoin:
 
     def keyed_overlaps(self, r0: int, r1: int, row_key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(key, overlap) of each triple (i, k, j) with i in [r0, r1): row_key[i − r0] + j
-        (row_key's dtype) and min(V[i,k], V[j,k]) (float32); ordered by i, then k (V's CSR
-        order), then j, so a sum over a key's triples runs over k in V's column order."""
+        (row_key's dtype) and min(V[i,k], V[j,k]) (float64, of the float32 values); ordered
+        by i, then k (V's CSR order), then j, so a sum over a key's triples runs over k in
+        V's column order."""
         e0, e1 = self.indptr[r0], self.indptr[r1]
         fan = self.fan[e0:e1]
         start = (np.cumsum(fan) - fan).astype(self.first.dtype, copy=False)
         pos = np.repeat(self.first[e0:e1] - start, fan)
         pos += np.arange(len(pos), dtype=pos.dtype)
-        overlap = self.col_data[pos]
-        np.minimum(overlap, np.repeat(self.data[e0:e1], fan), out=overlap)
+        # one gather of (value bits, row) units: np.take on the 8-byte view
+        partner = np.take(self.columns.view(np.int64).ravel(), pos).view(np.int32).reshape(-1, 2)
+        del pos
+        overlap = np.empty(len(partner))
+        np.minimum(partner[:, 0].view(np.float32), np.repeat(self.data[e0:e1], fan), out=overlap)
         key = np.repeat(np.repeat(row_key, np.diff(self.indptr[r0 : r1 + 1])), fan)
-        key += self.col_rows[pos]
+        key += partner[:, 1]
         return key, overlap
 
     def block(
