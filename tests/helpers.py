@@ -1,5 +1,5 @@
 """Plain helpers shared by several test files (the fixtures are in conftest.py): the repository
-root, the CLI with captured output, clustered unit features, the smallest two-stage run, a
+root, the CLI with captured output, a call-through spy, clustered unit features, the smallest two-stage run, a
 checkpoint as bmil train writes it, flip-averaged features by hand, the ImageNet
 normalisation, and the steps of the dense Jaccard references."""
 
@@ -24,6 +24,20 @@ REPO = Path(__file__).resolve().parents[1]
 # the stage boundary.
 SHORT = ("train.stage1_epochs=1", "train.stage2_epochs=1", "train.iterations=1", "train.eval_every=5",
          "train.num_ids=2", "train.num_instances=4")
+
+
+def record_keyword(monkeypatch, owner, name: str, keyword: str) -> list:
+    """Replace ``owner.name`` (a module's function) by one that calls it unchanged and appends
+    the value of its ``keyword`` argument to the returned list, call by call."""
+    seen: list = []
+    real = getattr(owner, name)
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs[keyword])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recording)
+    return seen
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

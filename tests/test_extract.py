@@ -20,6 +20,7 @@ from bmil.inference import combine_views, extract_features
 from bmil.memory import PrototypeMemory
 from bmil.model import build_model
 from bmil.records import INFRARED, VISIBLE
+from helpers import record_keyword
 
 COMMON = dict(height=64, width=32, batch_size=4, device="cpu", workers=0, amp=False, progress=False)
 
@@ -104,14 +105,7 @@ def test_training_clusters_clustering_features_and_scores_test_features(syntheti
     from bmil import inference
     from bmil.engine.trainer import Trainer
 
-    seen = []
-    real = inference.extract_features
-
-    def recording(*args, **kwargs):
-        seen.append(kwargs["feature"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(inference, "extract_features", recording)
+    seen = record_keyword(monkeypatch, inference, "extract_features", "feature")
     trainer = Trainer(make_config(synthetic_root, tmp_path), progress=False)
     trainer.epoch_features(0, np.arange(8))
     assert seen == ["clustering"]

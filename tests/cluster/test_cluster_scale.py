@@ -71,14 +71,9 @@ def test_cluster_distance_stores_only_pairs_within_eps(monkeypatch):
 
 def test_cluster_scan_thresholds_at_its_largest_eps(monkeypatch):
     x, modality, pid = identity_features(300, 64, 0.9)
-    asked = []
-    real = association.jaccard_distance
+    from helpers import record_keyword  # here: the memory subprocesses import this module without tests/ on the path
 
-    def spy(*args, **kwargs):
-        asked.append(kwargs["max_distance"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(association, "jaccard_distance", spy)
+    asked = record_keyword(monkeypatch, association, "jaccard_distance", "max_distance")
     rows = cluster_scan.scan_eps(x, modality, [0.4, 0.65, 0.5], ClusterConfig(k1=10, k2=4), pid)
     assert asked == [0.65, 0.65, 0.65] and [r["eps"] for r in rows] == [0.4, 0.65, 0.5]
 

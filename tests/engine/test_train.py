@@ -19,7 +19,7 @@ from bmil.engine.step import iteration_steps
 from bmil.engine.trainer import Trainer
 from bmil.errors import CheckpointError
 from bmil.records import INFRARED, VISIBLE
-from helpers import SHORT, finite_losses
+from helpers import SHORT, finite_losses, record_keyword
 
 
 @pytest.fixture(scope="module")
@@ -399,14 +399,7 @@ def test_scoring_resizes_with_lanczos_and_clustering_with_bicubic(synthetic_root
     features of bicubic-resized images (get_test_loader): eval.resize and the clustering path."""
     from bmil import inference
 
-    seen = []
-    real = inference.extract_features
-
-    def recording(*args, **kwargs):
-        seen.append(kwargs["resize"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(inference, "extract_features", recording)
+    seen = record_keyword(monkeypatch, inference, "extract_features", "resize")
     trainer = Trainer(make_config(synthetic_root, tmp_path), progress=False)
     trainer.extract(trainer.run.records[:8], flip=True)
     assert seen == ["bicubic"]
