@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bmil.cluster import estimate_jaccard_memory, jaccard_distance
+from bmil.cluster.jaccard import kernels
 from helpers import jaccard_from_weights, ordered_by_similarity, reciprocal_weights, unit_similarity
 
 # ---------------------------------------------------------------- dense reference
@@ -399,9 +400,11 @@ def test_thresholded_join_in_many_blocks_across_threads_equals_one_block(monkeyp
 
 @pytest.mark.parametrize("max_distance", [0.6, 1.0])
 def test_join_summing_by_sorted_keys_equals_dense_bins(monkeypatch, max_distance):
-    # With a one-bin budget every block of more than one row sums its pairs by sorting.
+    # With a one-bin budget every block of more than one row sums its pairs by sorting
+    # (the numpy join's choice; the compiled kernels have one accumulator per row).
     import bmil.cluster.jaccard.join as join_module
 
+    monkeypatch.setattr(kernels, "AVAILABLE", False)
     x, modality = weak_blobs(300, 7)
     monkeypatch.setattr(join_module, "_DENSE_SHARE", 0)  # the banded join at t = 1 too
     dense = jaccard_distance(x, 10, 4, modality=modality, max_distance=max_distance)
@@ -416,13 +419,15 @@ def test_join_summing_by_sorted_keys_equals_dense_bins(monkeypatch, max_distance
     np.testing.assert_array_equal(by_sort.data, dense.data)
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize(("max_distance", "dense_share"), [(0.6, 50), (1.0, 0), (1.0, 1 << 40)])
-def test_join_with_64_bit_entry_indices_equals_32_bit(monkeypatch, max_distance, dense_share):
+def test_join_with_64_bit_entry_indices_equals_32_bit(monkeypatch, max_distance, dense_share, compiled):
     # Past 2^30 entries of V the join's per-entry rows, positions and counts are int64;
     # small data use int32. Both must give the same result, bit for bit (the banded join
-    # with and without the threshold, and the dense join).
+    # with and without the threshold, and the dense join; compiled kernels and numpy).
     import bmil.cluster.jaccard.join as join_module
 
+    monkeypatch.setattr(kernels, "AVAILABLE", compiled and kernels.AVAILABLE)
     monkeypatch.setattr(join_module, "_DENSE_SHARE", dense_share)
     x, modality = weak_blobs(300, 11)
     chosen = []
@@ -604,9 +609,11 @@ def test_wide_join_blocks_use_dense_bins_when_bins_per_triple_are_few(monkeypatc
 
 def test_suffix_lookup_by_table_equals_lookup_by_search(monkeypatch):
     # The thresholded join's exact suffix overlaps look entries up in a dense table of the
-    # block's rows, or by binary search past _LOOKUP_PER_BLOCK: the same values either way.
+    # block's rows, or by binary search past _LOOKUP_PER_BLOCK: the same values either way
+    # (the numpy join's choice; the compiled kernel spreads one row over a table).
     import bmil.cluster.jaccard.join as join_module
 
+    monkeypatch.setattr(kernels, "AVAILABLE", False)
     x, modality = weak_blobs(300, 5)
     monkeypatch.setattr(join_module, "_TRIPLES_PER_BLOCK", 3000)  # many blocks
     looked_up = []

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections import deque
-from collections.abc import Callable
+import mmap
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from scipy import sparse
 from scipy.sparse.csgraph import reverse_cuthill_mckee
+
+from bmil.cluster.jaccard import kernels
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +126,10 @@ def _dense_min_overlap_distance(v: sparse.csr_array) -> sparse.csr_array:
     are computed, from the same terms in the same order: the result is exactly symmetric
     and equal to the banded join's, bit for bit. Computing each pair twice costs less than
     the banded join's mirror and sort once half of all pairs are stored; the blocks' pairs
-    come out sorted by row and column and go straight into the result's arrays, allocated at
-    a bound (a row's pairs are at most its triples and N) whose untouched pages take no
-    memory, then shrunk in place. Peak: the result, 8 bytes per stored pair, plus V twice
-    and the blocks in flight.
+    come out sorted by row and column and each block's thread copies them straight into the
+    result's arrays (:class:`_InOrderWriter`), mapped at a bound (a row's pairs are at most
+    its triples and N) whose unwritten pages take no memory (:func:`_fresh_pages`). Peak:
+    the result, 8 bytes per stored pair, plus V twice and the blocks in flight.
     """
     n = v.shape[0]
     v.sort_indices()
@@ -143,38 +145,58 @@ def _dense_min_overlap_distance(v: sparse.csr_array) -> sparse.csr_array:
     triples = join.triples_by_row(_entry_rows(v, dtype))
     bound = int(np.minimum(np.diff(triples), n).sum())
     out_dtype = np.int32 if max(bound, n) < np.iinfo(np.int32).max else np.int64
-    indices, data = np.empty(bound, out_dtype), np.empty(bound, np.float32)
+    indices, data = _fresh_pages(bound, out_dtype), _fresh_pages(bound, np.float32)
     indptr = np.zeros(n + 1, out_dtype)
-    stored = 0
-    block_pairs = functools.partial(_dense_block, join, out_dtype)
-    for (r0, r1), (counts, cols, dist) in _in_order(block_pairs, _dense_blocks(triples)):
-        indptr[r0 + 1 : r1 + 1] = counts
-        indices[stored : stored + len(cols)] = cols
-        data[stored : stored + len(cols)] = dist
-        stored += len(cols)
+    writer = _InOrderWriter(indptr, indices, data)
+    write_block = functools.partial(_dense_block_written, join, out_dtype, writer)
+    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+        list(pool.map(write_block, *zip(*enumerate(_dense_blocks(triples)), strict=True)))
+    stored = writer.stored
     np.cumsum(indptr, out=indptr)
-    # Shrunk in place (realloc, no copy; scipy would copy views of much larger arrays). No
-    # view of either array exists here (the writes' slices are gone), which is what
-    # refcheck guards against; its count also sees the interpreter's own references.
-    indices.resize(stored, refcheck=False)
-    data.resize(stored, refcheck=False)
-    return sparse.csr_array((data, indices, indptr), shape=(n, n))
+    return sparse.csr_array((data[:stored], indices[:stored], indptr), shape=(n, n))
 
 
-def _in_order(fn: Callable, items: list):
-    """(item, fn(item)) for each item, in order, computed on the thread pool with at most
-    two blocks per worker done or running ahead of the one being consumed."""
-    workers = _workers()
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: deque = deque()
-        for item in items:
-            pending.append((item, pool.submit(fn, item)))
-            if len(pending) > 2 * workers:
-                done, future = pending.popleft()
-                yield done, future.result()
-        while pending:
-            done, future = pending.popleft()
-            yield done, future.result()
+def _fresh_pages(count: int, dtype: type) -> np.ndarray:
+    """An uninitialised array [count] of ``dtype`` on its own anonymous memory map, without
+    numpy's transparent-huge-page advice: a page takes memory only once written, so the
+    unwritten tail of a bound-sized array costs nothing. Huge pages are avoided for the
+    result because faulting them in can stall on memory compaction once memory is
+    fragmented: the full result of 20,000 weak features (1.5 GB) took 1.8 s longer to
+    write with them, after the kNN, on a 2-core VM with the kernel's default THP settings."""
+    nbytes = max(1, count * np.dtype(dtype).itemsize)
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=count)
+
+
+class _InOrderWriter:
+    """Writes the row blocks' pairs into the result's arrays in block order, each block's
+    copy done by the thread that computed it: block b takes its place (the pairs stored
+    before it) as soon as block b − 1 has taken its own, then copies without a lock, so the
+    copies, and the first touches of the result's pages, run on all the pool's threads."""
+
+    def __init__(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray):
+        self.indptr, self.indices, self.data = indptr, indices, data
+        self.stored, self._next = 0, 0
+        self._turn = threading.Condition()
+
+    def write(self, b: int, block: tuple[int, int], counts: np.ndarray, cols: np.ndarray, dist: np.ndarray) -> None:
+        """Store block number ``b`` (rows r0..r1): counts [r1 − r0], cols and dist [P]."""
+        with self._turn:
+            self._turn.wait_for(lambda: self._next == b)
+            start = self.stored
+            self.stored += len(cols)
+            self._next += 1
+            self._turn.notify_all()
+        r0, r1 = block
+        self.indptr[r0 + 1 : r1 + 1] = counts
+        self.indices[start : start + len(cols)] = cols
+        self.data[start : start + len(cols)] = dist
+
+
+def _dense_block_written(
+    join: _ColumnJoin, out_dtype: type, writer: _InOrderWriter, b: int, block: tuple[int, int]
+) -> None:
+    """:func:`_dense_block` of block number ``b``, stored by ``writer``."""
+    writer.write(b, block, *_dense_block(join, out_dtype, block))
 
 
 def _dense_blocks(triples: np.ndarray) -> list[tuple[int, int]]:
@@ -199,6 +221,8 @@ def _dense_block(
     join: every entry meeting all the rows of its column (:func:`_dense_min_overlap_distance`)."""
     r0, r1 = block
     n = join.n
+    if kernels.AVAILABLE:
+        return join.dense_rows(r0, r1, out_dtype)
     local = np.arange(r1 - r0, dtype=np.int64)
     # bins [rows, N] fit the entry index dtype (at most max(_DENSE_BINS_PER_BLOCK, N) of them)
     bins, overlap = join.keyed_overlaps(r0, r1, (local * n).astype(join.first.dtype))
@@ -361,6 +385,10 @@ class _SuffixRows:
         out = np.zeros(len(rows))
         e0, e1 = self.indptr[r0], self.indptr[r1]
         if len(rows) == 0 or e0 == e1:
+            return out
+        if kernels.AVAILABLE:  # rows come ascending from the join
+            n = len(self.indptr) - 1
+            kernels.suffix_overlaps(r0, r1, rows, cols, self.indptr, self.cols, self.data, np.zeros(n, np.float32), out)
             return out
         n = len(self.indptr) - 1
         local = np.repeat(np.arange(r1 - r0, dtype=np.int64), np.diff(self.indptr[r0 : r1 + 1]))
@@ -558,6 +586,8 @@ class _ColumnJoin:
         least: None, or float64 [r1 − r0], positive: only the pairs with s >= least[i − r0]
             (checked on the accumulator, before any pair is extracted).
         """
+        if kernels.AVAILABLE:
+            return self.sparse_rows(r0, r1, width, least)
         pair, overlap = self.keyed_overlaps(r0, r1, np.arange(r1 - r0, dtype=np.int64) * width - r0)
         if (r1 - r0) * width <= _BINS_PER_BLOCK:
             s = np.bincount(pair, weights=overlap, minlength=(r1 - r0) * width)
@@ -573,3 +603,31 @@ class _ColumnJoin:
         rows = keys // width
         cols = keys - rows * width + r0
         return rows + r0, cols, s
+
+    def _kernel_arguments(self) -> tuple:
+        """(indptr, data, first, fan, col_rows, col_data) as the compiled kernels take them
+        (the column store's two halves as strided views)."""
+        return (self.indptr, self.data, self.first, self.fan, self.col_rows, self.columns[:, 0].view(np.float32))
+
+    def dense_rows(self, r0: int, r1: int, out_dtype: type) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:func:`_dense_block` by the compiled kernel (``kernels.dense_rows``)."""
+        triples = int(self.fan[self.indptr[r0] : self.indptr[r1]].sum())
+        bound = min(triples, (r1 - r0) * self.n)
+        counts = np.empty(r1 - r0, np.int64)
+        cols, dist = np.empty(bound + 1, out_dtype), np.empty(bound + 1, np.float32)  # + 1: see the kernel
+        stored = kernels.dense_rows(r0, r1, *self._kernel_arguments(), np.zeros(self.n), counts, cols, dist)
+        return counts, cols[:stored], dist[:stored]
+
+    def sparse_rows(
+        self, r0: int, r1: int, width: int, least: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`block` by the compiled kernel (``kernels.sparse_rows``); each row's pairs in
+        the order its partners were first met, not ascending."""
+        triples = int(self.fan[self.indptr[r0] : self.indptr[r1]].sum())
+        bound = min(triples, (r1 - r0) * width)
+        if least is None:
+            least = np.zeros(r1 - r0)
+        rows, cols, sums = np.empty(bound, np.int64), np.empty(bound, np.int64), np.empty(bound)
+        acc, touched = np.zeros(self.n), np.empty(triples + 1, np.int64)
+        stored = kernels.sparse_rows(r0, r1, *self._kernel_arguments(), least, acc, touched, rows, cols, sums)
+        return rows[:stored], cols[:stored], sums[:stored]
