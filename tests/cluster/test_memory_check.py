@@ -55,8 +55,8 @@ def test_the_join_is_checked_with_the_size_of_v(monkeypatch):
     before_join = memory_check.require_clustering_memory(60, x.shape[1], 10, cfg, available=1 << 40)
     monkeypatch.setattr(memory_check, "available_memory", lambda device="cpu": before_join)
     seen = {}
-    band_order = jaccard_module._band_order
-    monkeypatch.setattr(jaccard_module, "_band_order", lambda v: seen.setdefault("entries", v.nnz) and band_order(v))
+    join_order = jaccard_module._join_order
+    monkeypatch.setattr(jaccard_module, "_join_order", lambda v: seen.setdefault("entries", v.nnz) and join_order(v))
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("the join ran although its memory check failed")
@@ -65,7 +65,7 @@ def test_the_join_is_checked_with_the_size_of_v(monkeypatch):
     with pytest.raises(memory_check.ClusteringMemoryError, match="N = 60 features: the Jaccard join") as err:
         association.cluster_once(x, cfg, modality)
     assert "\n" not in str(err.value) and "lower cluster.k1 or cluster.k2" in str(err.value)
-    assert "entries" not in seen  # stopped before the band order, the join's first step
+    assert "entries" not in seen  # stopped before the join's row order, its first step
     # the estimate it compared is that of V's actual size
     calls = []
     monkeypatch.setattr(jaccard_module, "_thresholded_distance", lambda v, order, t: calls.append(v.nnz) or v)

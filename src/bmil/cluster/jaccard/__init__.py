@@ -17,14 +17,15 @@ Steps (docs/method.md, "The Jaccard distance, step by step"), each vectorised ov
    products from the kNN where i's rank list has them, otherwise gathered dot products.
 5. Local query expansion as a sparse row-averaging matrix: V ← Q @ V.
 6. s(i, j) = Σ_k min(V[i,k], V[j,k]) for pairs sharing support, joining the rows of V with
-   its columns block by block (rows in a banded order, each unordered pair once,
-   summed with ``np.bincount``); d = 1 − s/(2 − s), clipped at 0. When nearly every pair
-   shares support (the full result of weakly separated features) each block of rows
-   instead sums all its partners in a dense accumulator and is written straight into the
-   result (``join._dense_min_overlap_distance``).
+   its columns block by block (each unordered pair once, a row's sums in one float64
+   accumulator, by compiled kernels; numpy's ``bincount`` over rows in a banded order where
+   numba is absent, with the same result); d = 1 − s/(2 − s), clipped at 0. When nearly
+   every pair shares support (the full result of weakly separated features) each block of
+   rows instead sums all its partners and is written straight into the result
+   (``join._dense_min_overlap_distance``).
 
-Modules: ``encoding`` (steps 1–5), ``join`` (step 6 and the result), ``memory`` (the
-memory estimates).
+Modules: ``encoding`` (steps 1–5), ``join`` (step 6 and the result), ``kernels`` (the
+join's compiled row kernels), ``memory`` (the memory estimates).
 
 The result stores every pair with d < 1 (the pairs that share support), explicit zeros
 included (the diagonal is exactly 0); an absent pair has distance 1. On clustered
@@ -57,11 +58,10 @@ from bmil.cluster.jaccard.encoding import (
     _validate_scale,
 )
 from bmil.cluster.jaccard.join import (
-    _band_order,
     _dense_min_overlap_distance,
+    _join_order,
     _min_overlap_distance,
     _nearly_dense,
-    _rows_in_order,
     _thresholded_distance,
 )
 from bmil.cluster.jaccard.memory import estimate_jaccard_memory, estimate_join_memory
@@ -169,8 +169,7 @@ def jaccard_distance(
     if max_distance >= 1.0 and _nearly_dense(v):
         dist = _dense_min_overlap_distance(v)
     else:
-        order = _band_order(v)
-        v = _rows_in_order(v, order)  # the original V is freed here, before the join
+        v, order = _join_order(v)  # (the numpy join's reordered copy replaces V here)
         if max_distance >= 1.0:
             dist = _min_overlap_distance(v, order)
         else:

@@ -66,6 +66,20 @@ def _band_order(v: sparse.csr_array) -> np.ndarray:
     return reverse_cuthill_mckee((pattern + pattern.T).tocsr(), symmetric_mode=True).astype(np.int64)
 
 
+def _join_order(v: sparse.csr_array) -> tuple[sparse.csr_array, np.ndarray]:
+    """(V with its rows in the order the banded joins take them, with sorted indices; that
+    order, row i being sample order[i]). The numpy join needs the band order
+    (:func:`_band_order`) to keep its blocks' dense bins narrow; the compiled kernels sum each
+    row in one accumulator over all N columns, so V keeps the samples' order. The result is
+    the same either way: a pair's sum runs over its shared columns in column order, whichever
+    of its two rows comes first."""
+    if kernels.AVAILABLE:
+        v.sort_indices()
+        return v, np.arange(v.shape[0], dtype=np.int64)
+    order = _band_order(v)
+    return _rows_in_order(v, order), order
+
+
 def _rows_in_order(v: sparse.csr_array, order: np.ndarray) -> sparse.csr_array:
     """V's rows in ``order`` (row i is sample order[i]; columns keep their numbering), with
     sorted indices: the layout both joins take."""
@@ -88,8 +102,8 @@ def _entry_rows(v: sparse.csr_array, dtype: type) -> np.ndarray:
 def _min_overlap_distance(v: sparse.csr_array, order: np.ndarray) -> sparse.csr_array:
     """d(i, j) = 1 − s/(2 − s), s = Σ_k min(V[i,k], V[j,k]), for every pair sharing support.
 
-    v: V with its rows in a banded order (:func:`_band_order`, :func:`_rows_in_order`),
-    row i being sample ``order[i]``; each row meets only the partners after it in that
+    v: V with its rows in the join's order (:func:`_join_order`), row i being sample
+    ``order[i]``; each row meets only the partners after it in that
     order (s is symmetric), so every unordered pair is computed once and the result is
     exactly symmetric. Peak memory of the assembly: about 16 bytes per stored entry.
     """
@@ -104,7 +118,7 @@ def _min_overlap_distance(v: sparse.csr_array, order: np.ndarray) -> sparse.csr_
         col_rows=vc.indices.astype(np.int32, copy=False), col_data=vc.data,
     )
     del vc
-    blocks = _join_blocks(join.triples_by_row(entry_rows), join.reach(entry_rows))
+    blocks = _join_blocks(join.triples_by_row(entry_rows), None if kernels.AVAILABLE else join.reach(entry_rows))
     with ThreadPoolExecutor(max_workers=_workers()) as pool:
         pieces = list(pool.map(functools.partial(_sharing_pairs, join), blocks))
     del join, first, fan, entry_rows
@@ -306,7 +320,7 @@ def _thresholded_distance(v: sparse.csr_array, order: np.ndarray, max_distance: 
         )
         del vc, pc
         passing = functools.partial(_passing_pairs, join, tails.result(), suffix_mass, s_min, max_distance)
-        blocks = _join_blocks(join.triples_by_row(entry_rows), join.reach(entry_rows))
+        blocks = _join_blocks(join.triples_by_row(entry_rows), None if kernels.AVAILABLE else join.reach(entry_rows))
         pieces = list(pool.map(passing, blocks))
     del join, tails, first, fan, passing
     log.debug("thresholded Jaccard (t = %.3g): %.1f pairs per row kept", max_distance,
@@ -367,7 +381,7 @@ def _suffix_entries(v: sparse.csr_array, entry_rows: np.ndarray, limit: float) -
 
 
 class _SuffixRows:
-    """The suffix entries of V (band order), for the exact suffix–suffix overlap of a few pairs."""
+    """The suffix entries of V (the join's row order), for the exact suffix–suffix overlap of a few pairs."""
 
     def __init__(self, v: sparse.csr_array, suffix: np.ndarray, entry_rows: np.ndarray):
         n = v.shape[0]
@@ -446,8 +460,8 @@ def _later_in_column(
 
 
 def _assemble(pieces: list, order: np.ndarray, n: int) -> sparse.csr_array:
-    """Symmetric CSR [n, n] from upper-triangle pieces (rows, cols, dist) in band order,
-    plus the zero diagonal; explicit zeros kept."""
+    """Symmetric CSR [n, n] from upper-triangle pieces (rows, cols, dist) in the join's row
+    order, plus the zero diagonal; explicit zeros kept."""
     # The diagonal (d = 0, as Σ_k V[i,k] = 1) joins the upper part; scipy's sparse sum
     # drops entries equal to 0, so zero distances travel as -1 until the end.
     diagonal = np.arange(n, dtype=np.int32)
@@ -497,9 +511,10 @@ def _sum_by_key(keys: np.ndarray, weights: np.ndarray, bound: int) -> tuple[np.n
     return keys[nonzero], sums[nonzero]
 
 
-def _join_blocks(triples: np.ndarray, reach: np.ndarray):
+def _join_blocks(triples: np.ndarray, reach: np.ndarray | None):
     """Row blocks (r0, r1, width) for the join: at most _TRIPLES_PER_BLOCK triples, where
-    width spans the block's partners r0..max(reach[r0:r1]). A block is cut further to
+    width spans the block's partners r0..max(reach[r0:r1]) (reach None: the compiled
+    kernels' blocks, cut by triples only, width N). A block is cut further to
     (r1 - r0)·width <= _BINS_PER_BLOCK dense accumulator bins when that keeps at least a
     quarter of its rows or needs at most _BINS_PER_TRIPLE bins per triple of the cut block;
     otherwise (partners spread so wide that a block of a few rows would spend its time on
@@ -507,11 +522,15 @@ def _join_blocks(triples: np.ndarray, reach: np.ndarray):
 
     triples: int64 [N+1], cumulative triple counts by row; reach: int64 [N], last partner.
     """
-    n = len(reach)
+    n = len(triples) - 1
     r0 = 0
     while r0 < n:
         hi = int(np.searchsorted(triples, triples[r0] + _TRIPLES_PER_BLOCK, side="right")) - 1
         hi = min(max(hi, r0 + 1), n)
+        if reach is None:
+            yield r0, hi, n
+            r0 = hi
+            continue
         widths = np.maximum.accumulate(reach[r0:hi]) - r0 + 1
         bins = np.arange(1, hi - r0 + 1) * widths
         r1 = r0 + max(1, int(np.searchsorted(bins, _BINS_PER_BLOCK, side="right")))
