@@ -651,3 +651,21 @@ def test_sorted_distinct_keys_equal_numpy_unique():
     rng = np.random.default_rng(0)
     for keys in (rng.integers(0, 50, 1000), np.array([7], np.int64), np.array([], np.int64)):
         np.testing.assert_array_equal(_sorted_distinct(keys.astype(np.int64)), np.unique(keys))
+
+
+def test_query_expansion_in_row_blocks_equals_one_product(monkeypatch):
+    # Step 5 multiplies Q's row blocks on several threads: the same float32 sums as one
+    # product, bit for bit, with sorted indices.
+    from scipy import sparse
+
+    from bmil.cluster.jaccard.encoding import _expanded
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    q = sparse.csr_array(sparse.random(5000, 5000, density=0.002, random_state=1, dtype=np.float32))
+    v = sparse.csr_array(sparse.random(5000, 5000, density=0.01, random_state=2, dtype=np.float32))
+    one = q @ v
+    one.sort_indices()
+    blocks = _expanded(q, v)
+    assert blocks.has_sorted_indices and blocks.dtype == np.float32
+    assert np.array_equal(blocks.indptr, one.indptr) and np.array_equal(blocks.indices, one.indices)
+    np.testing.assert_array_equal(blocks.data, one.data)

@@ -45,6 +45,7 @@ from scipy import sparse
 
 from bmil.cluster.jaccard.encoding import (
     LQE_MODES,
+    _expanded,
     _expansion,
     _feature_rows,
     _modality_neighbours,
@@ -162,7 +163,7 @@ def jaccard_distance(
     v = _softmax_weights(cos, rows, cols, n)
     del rows, cols, cos
     if nb.lqe_matrix is not None:
-        v = nb.lqe_matrix @ v
+        v = _expanded(nb.lqe_matrix, v)
     del nb
     if memory_check is not None:
         memory_check(estimate_join_memory(n, v.nnz, k1, max_distance))

@@ -403,6 +403,26 @@ def _pair_cosines(x: torch.Tensor, rows: np.ndarray, cols: np.ndarray, nb: _Neig
     return cos
 
 
+def _expanded(lqe_matrix: sparse.csr_array, v: sparse.csr_array) -> sparse.csr_array:
+    """Step 5, V ← Q @ V, float32 CSR [N, N] with sorted indices: Q's row blocks multiplied
+    on the pool's threads (scipy's product releases the GIL), each row summed as in one
+    product of the whole."""
+    n = lqe_matrix.shape[0]
+    parts = min(_workers(), max(1, n // 1024))
+    bounds = np.linspace(0, n, parts + 1).astype(np.int64)
+
+    def block(b: int) -> sparse.csr_array:
+        out = sparse.csr_array(lqe_matrix[bounds[b] : bounds[b + 1]] @ v)
+        out.sort_indices()
+        return out
+
+    with ThreadPoolExecutor(max_workers=parts) as pool:
+        blocks = list(pool.map(block, range(parts)))
+    if parts == 1:
+        return blocks[0]
+    return sparse.csr_array(sparse.vstack(blocks, format="csr"))
+
+
 def _softmax_weights(cos: np.ndarray, rows: np.ndarray, cols: np.ndarray, n: int) -> sparse.csr_array:
     """V [N, N] float32 CSR: softmax over each row's pairs of −(2 − 2·cos).
 

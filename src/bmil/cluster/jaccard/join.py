@@ -560,6 +560,7 @@ class _ColumnJoin:
         self.columns = np.empty((len(col_rows), 2), np.int32)
         self.columns[:, 0] = col_data.view(np.int32)
         self.columns[:, 1] = col_rows
+        self._local = threading.local()  # the compiled kernels' per-thread buffers
 
     @property
     def col_rows(self) -> np.ndarray:
@@ -628,25 +629,39 @@ class _ColumnJoin:
         (the column store's two halves as strided views)."""
         return (self.indptr, self.data, self.first, self.fan, self.col_rows, self.columns[:, 0].view(np.float32))
 
+    def _scratch(self, name: str, size: int, dtype: type) -> np.ndarray:
+        """This thread's buffer ``name`` of at least ``size`` entries (its first ``size``),
+        kept for the thread's next block: allocating per block would fault fresh pages in
+        every time. "acc" buffers start as zeros (the kernels leave them zero)."""
+        held = getattr(self._local, name, None)
+        if held is None or len(held) < size or held.dtype != dtype:
+            held = np.zeros(size, dtype) if name == "acc" else np.empty(size, dtype)
+            setattr(self._local, name, held)
+        return held[:size]
+
     def dense_rows(self, r0: int, r1: int, out_dtype: type) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """:func:`_dense_block` by the compiled kernel (``kernels.dense_rows``)."""
+        """:func:`_dense_block` by the compiled kernel (``kernels.dense_rows``); cols and dist
+        are views of this thread's buffers, valid until its next block."""
         triples = int(self.fan[self.indptr[r0] : self.indptr[r1]].sum())
-        bound = min(triples, (r1 - r0) * self.n)
+        bound = min(triples, (r1 - r0) * self.n) + 1  # + 1: see the kernel
         counts = np.empty(r1 - r0, np.int64)
-        cols, dist = np.empty(bound + 1, out_dtype), np.empty(bound + 1, np.float32)  # + 1: see the kernel
-        stored = kernels.dense_rows(r0, r1, *self._kernel_arguments(), np.zeros(self.n), counts, cols, dist)
+        cols, dist = self._scratch("cols", bound, out_dtype), self._scratch("dist", bound, np.float32)
+        acc = self._scratch("acc", self.n, np.float64)
+        stored = kernels.dense_rows(r0, r1, *self._kernel_arguments(), acc, counts, cols, dist)
         return counts, cols[:stored], dist[:stored]
 
     def sparse_rows(
         self, r0: int, r1: int, width: int, least: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`block` by the compiled kernel (``kernels.sparse_rows``); each row's pairs in
-        the order its partners were first met, not ascending."""
+        the order its partners were first met, not ascending; views of this thread's
+        buffers, valid until its next block."""
         triples = int(self.fan[self.indptr[r0] : self.indptr[r1]].sum())
         bound = min(triples, (r1 - r0) * width)
         if least is None:
             least = np.zeros(r1 - r0)
-        rows, cols, sums = np.empty(bound, np.int64), np.empty(bound, np.int64), np.empty(bound)
-        acc, touched = np.zeros(self.n), np.empty(triples + 1, np.int64)
+        rows, cols = self._scratch("rows", bound, np.int64), self._scratch("cols", bound, np.int64)
+        sums, touched = self._scratch("sums", bound, np.float64), self._scratch("touched", triples + 1, np.int64)
+        acc = self._scratch("acc", self.n, np.float64)
         stored = kernels.sparse_rows(r0, r1, *self._kernel_arguments(), least, acc, touched, rows, cols, sums)
         return rows[:stored], cols[:stored], sums[:stored]
