@@ -23,12 +23,13 @@ the approximate run's labels against the exact run's, and of each against the tr
 
 Each worker first makes two small calls (full and thresholded) that load the join's compiled
 kernels (once per process; training repeats the call every epoch), then times its call
-(``--repeats R``: R times, keeping the fastest, as the floor keeps the faster of its two runs).
+(``--repeats R``: R times, keeping the fastest; the floor is timed before the first run and
+after each, and the fastest of those is kept).
 
 Every exact configuration also times, in the same process (so that the ratios share the
 machine's load): the floor, one matrix product of each block of 2,048 rows against all rows
-plus its top-k (the least any exact kNN can cost), before and after the configuration (the
-smaller of the two is the floor); the exact modality-aware kNN as ``jaccard_distance`` runs
+plus its top-k (the least any exact kNN can cost), before and after the configuration's runs
+(the fastest is the floor); the exact modality-aware kNN as ``jaccard_distance`` runs
 it; and the same neighbours found by one search per modality (``knn`` with ``candidates``).
 The ratios are to the floor.
 
@@ -214,10 +215,10 @@ def worker(config: str, n: int, args: argparse.Namespace) -> dict:
     if exact:
         floors = [floor_seconds(feats, kk)]
     base = _rss_kib("VmRSS")
-    reset_peak_rss()
-    seconds = []
+    seconds, peaks = [], []
     for _ in range(args.repeats):
         lists = dist = None  # the previous run's result is freed before the next
+        reset_peak_rss()
         t0 = time.perf_counter()
         if config == "knn":
             lists = fused_modality_knn(feats, modality, kk)
@@ -231,10 +232,11 @@ def worker(config: str, n: int, args: argparse.Namespace) -> dict:
             )
             out["pairs_per_row"] = dist.nnz / n
         seconds.append(time.perf_counter() - t0)
-    out["seconds"] = min(seconds)
-    out["peak_bytes"] = (_rss_kib("VmHWM") - base) * 1024
+        peaks.append((_rss_kib("VmHWM") - base) * 1024)
+        if exact:  # the floor after each run too, so that both see the same spells of load
+            floors.append(floor_seconds(feats, kk))
+    out["seconds"], out["peak_bytes"] = min(seconds), max(peaks)
     if exact:
-        floors.append(floor_seconds(feats, kk))
         out["floor"] = min(floors)
         t1 = time.perf_counter()
         if config != "knn":
@@ -303,7 +305,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     parser.add_argument("--repeats", type=int, default=1,
                         help="time each configuration's call this many times and keep the fastest "
-                        "(the floor is the faster of two runs)")
+                        "(and the fastest floor, timed before the first run and after each)")
     parser.add_argument("--bare-seconds", type=float, default=None,
                         help="seconds to divide by for configurations that do not measure the floor (the "
                              "approximate ones), e.g. N = 34,167's exact floor")

@@ -149,3 +149,24 @@ def test_the_dense_result_is_an_ordinary_writable_matrix(monkeypatch):
     assert same_bits(restored, dist)
     dist.data[:] = 0.5
     assert np.array_equal(restored.data, before) and np.all(dist.copy().data == 0.5)
+
+
+def test_kernels_compile_without_a_disk_cache_where_numba_has_nowhere_to_write(monkeypatch):
+    # numba refuses cache=True when it finds no writable cache directory (a read-only
+    # install): the kernels then compile once per process instead of failing the import.
+    import numba
+
+    real = numba.njit
+
+    def njit(**options):
+        if options.get("cache"):
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'f.py'")
+        return real(**options)
+
+    monkeypatch.setattr(numba, "njit", njit)
+
+    def twice(x):
+        return 2 * x
+
+    compiled = kernels._jit(twice)
+    assert compiled(21) == 42 and len(compiled.signatures) == 1  # a numba dispatcher, compiled

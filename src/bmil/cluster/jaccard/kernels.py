@@ -7,7 +7,8 @@ of k), and the distance is the same sequence of IEEE operations (no fast-math, s
 multiply–add). The numpy join stays as the path when numba is not installed (``AVAILABLE``).
 
 The kernels release the GIL (``nogil``): the join's thread pool runs one row block per thread.
-They compile on first use (about a second per index dtype) and are cached on disk by numba.
+They compile on first use (a few seconds) and are cached on disk by numba; a process loads
+them from there on its first call (about 0.3 s).
 
 Shared arguments (V [N, N] in CSR; a column store of partners):
     indptr int64 [N+1], data float32 [nnz]: V's rows;
@@ -29,7 +30,14 @@ AVAILABLE = numba is not None
 
 
 def _jit(fn):
-    return numba.njit(nogil=True, cache=True)(fn) if AVAILABLE else fn
+    """numba's ``njit(nogil=True)``, cached on disk where numba finds a writable place
+    (beside this file, else the user's cache directory), else compiled once per process."""
+    if not AVAILABLE:
+        return fn
+    try:
+        return numba.njit(nogil=True, cache=True)(fn)
+    except RuntimeError:  # numba: "no locator available", a read-only install without a cache
+        return numba.njit(nogil=True)(fn)
 
 
 @_jit
