@@ -110,16 +110,16 @@ def test_a_pair_whose_distance_rounds_to_one_is_not_stored():
     # from the dense kernel's output as from the numpy join's; the diagonal is always kept.
     tiny = np.float32(2.0**-30)
     v = sparse.csr_array(np.array([[1 - tiny, tiny], [tiny, 1 - tiny]], np.float32))
-    acc, counts = np.zeros(2), np.empty(2, np.int64)
+    acc, touched, counts = np.zeros(2), np.zeros(1, np.uint64), np.empty(2, np.int64)
     cols, dist = np.empty(5, np.int32), np.empty(5, np.float32)
     colptr = v.tocsc().indptr.astype(np.int32)
     column_store = v.tocsc()
     stored = kernels.dense_rows(
         0, 2, v.indptr.astype(np.int64), v.data, colptr[v.indices], np.diff(colptr)[v.indices],
-        column_store.indices.astype(np.int32), column_store.data, acc, counts, cols, dist,
+        column_store.indices.astype(np.int32), column_store.data, acc, touched, counts, cols, dist,
     )
     assert stored == 2 and counts.tolist() == [1, 1] and cols[:2].tolist() == [0, 1] and dist[:2].tolist() == [0, 0]
-    assert np.all(acc == 0)  # left clear for the next block
+    assert np.all(acc == 0) and np.all(touched == 0)  # left clear for the next block
 
 
 def test_sparse_kernel_lists_a_partner_of_zero_terms_twice_and_drops_it():

@@ -632,10 +632,10 @@ class _ColumnJoin:
     def _scratch(self, name: str, size: int, dtype: type) -> np.ndarray:
         """This thread's buffer ``name`` of at least ``size`` entries (its first ``size``),
         kept for the thread's next block: allocating per block would fault fresh pages in
-        every time. "acc" buffers start as zeros (the kernels leave them zero)."""
+        every time. "acc" and "touched_bits" start as zeros (the kernels leave them zero)."""
         held = getattr(self._local, name, None)
         if held is None or len(held) < size or held.dtype != dtype:
-            held = np.zeros(size, dtype) if name == "acc" else np.empty(size, dtype)
+            held = np.zeros(size, dtype) if name in ("acc", "touched_bits") else np.empty(size, dtype)
             setattr(self._local, name, held)
         return held[:size]
 
@@ -647,7 +647,8 @@ class _ColumnJoin:
         counts = np.empty(r1 - r0, np.int64)
         cols, dist = self._scratch("cols", bound, out_dtype), self._scratch("dist", bound, np.float32)
         acc = self._scratch("acc", self.n, np.float64)
-        stored = kernels.dense_rows(r0, r1, *self._kernel_arguments(), acc, counts, cols, dist)
+        touched = self._scratch("touched_bits", self.n // 64 + 1, np.uint64)
+        stored = kernels.dense_rows(r0, r1, *self._kernel_arguments(), acc, touched, counts, cols, dist)
         return counts, cols[:stored], dist[:stored]
 
     def sparse_rows(

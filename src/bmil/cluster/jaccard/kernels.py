@@ -40,6 +40,23 @@ def _jit(fn):
         return numba.njit(nogil=True)(fn)
 
 
+if AVAILABLE:
+    from llvmlite import ir
+    from numba.core import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def _trailing_zeros(typingctx, word):
+        """int64: the number of trailing zero bits of a nonzero uint64 (LLVM's cttz)."""
+        if word != types.uint64:
+            return None
+
+        def codegen(context, builder, signature, args):
+            return builder.cttz(args[0], ir.Constant(ir.IntType(1), 0))
+
+        return types.int64(types.uint64), codegen
+
+
 @_jit
 def _distance(s: float) -> np.float32:
     """float32 max(1 − s/(2 − s), 0) of a float64 overlap s, as ``join._overlap_distance``."""
@@ -48,45 +65,39 @@ def _distance(s: float) -> np.float32:
 
 
 @_jit
-def _store_distances(acc, j0, j1, cols, dist, out):
-    """Appends (j, d) for the bins j in [j0, j1) with d < 1 (s > 0 and not rounded to 1)
-    at ``out`` and clears them; returns the new end. Branch-free: every bin is written at
-    ``out``, which only advances past kept ones (a branch on the bin mispredicts half the time)."""
-    for j in range(j0, j1):
-        s = acc[j]
-        acc[j] = 0.0
-        d = _distance(s)  # 1 for s = 0
-        cols[out] = j
-        dist[out] = d
-        out += d < 1.0
-    return out
-
-
-@_jit
-def dense_rows(r0, r1, indptr, data, first, fan, col_rows, col_data, acc, counts, cols, dist):
+def dense_rows(r0, r1, indptr, data, first, fan, col_rows, col_data, acc, touched, counts, cols, dist):
     """Rows [r0, r1) against every row: the pairs with d < 1 (the diagonal 0), ascending by
     row and column, written to ``cols`` (int) and ``dist`` (float32) from position 0, each
-    row's number in ``counts`` [r1 − r0]. Returns the pairs written. acc: [N] bins scanned in
-    full for each row (the result is close to dense, so a scan beats a list of touched bins).
-    cols and dist need one slot more than the pairs (the branch-free scan writes one ahead).
+    row's number in ``counts`` [r1 − r0]. Returns the pairs written. touched: uint64
+    [N/64 + 1] zeros (zeros again on return), a bit per bin a triple reached: the scan
+    visits those bins only, in order (skipping the empty ones without a branch on each).
+    cols and dist need one slot more than the pairs (the branch-free store writes one ahead).
     """
-    n = acc.shape[0]
+    one = np.uint64(1)
     out = 0
     for i in range(r0, r1):
         for e in range(indptr[i], indptr[i + 1]):
             a = data[e]
             for p in range(first[e], first[e] + fan[e]):
+                j = col_rows[p]
                 b = col_data[p]
-                acc[col_rows[p]] += a if a < b else b
+                acc[j] += a if a < b else b
+                touched[j >> 6] |= one << np.uint64(j & 63)
         start = out
-        diagonal = acc[i] > 0.0
-        out = _store_distances(acc, 0, i, cols, dist, out)
-        if diagonal:  # d(i, i) = 0 whatever the rounding of s(i, i) ≈ 1
-            acc[i] = 0.0
-            cols[out] = i
-            dist[out] = 0.0
-            out += 1
-        out = _store_distances(acc, i + 1 if diagonal else i, n, cols, dist, out)
+        for w in range(touched.shape[0]):
+            word = touched[w]
+            touched[w] = 0
+            while word:
+                j = w * 64 + _trailing_zeros(word)
+                word &= word - one
+                s = acc[j]
+                acc[j] = 0.0
+                d = _distance(s)  # 1 for s = 0 (a partner met through zero terms only)
+                if j == i:  # d(i, i) = 0 whatever the rounding of s(i, i) ≈ 1
+                    d = np.float32(0.0) if s > 0.0 else np.float32(1.0)
+                cols[out] = j
+                dist[out] = d
+                out += d < 1.0
         counts[i - r0] = out - start
     return out
 
