@@ -170,3 +170,18 @@ def test_kernels_compile_without_a_disk_cache_where_numba_has_nowhere_to_write(m
 
     compiled = kernels._jit(twice)
     assert compiled(21) == 42 and len(compiled.signatures) == 1  # a numba dispatcher, compiled
+
+
+@pytest.mark.parametrize("limit", [0.05, 0.3, 0.9])
+def test_suffix_flags_equal_the_numpy_ones(monkeypatch, limit):
+    # The thresholded join's prefix/suffix split decides which terms are summed where, so
+    # the compiled flags must be the numpy ones exactly (rows summing to 1, mixed sizes).
+    rng = np.random.default_rng(4)
+    v = sparse.random(400, 400, density=0.05, random_state=5, dtype=np.float32, format="csr")
+    v = sparse.csr_array(v.multiply(1 / np.maximum(v.sum(axis=1), 1e-9)[:, None]).astype(np.float32))
+    v.data[rng.random(v.nnz) < 0.05] = 0.0  # explicit zeros too
+    entry_rows = join_module._entry_rows(v, np.int32)
+    compiled = join_module._suffix_entries(v, entry_rows, limit)
+    monkeypatch.setattr(kernels, "AVAILABLE", False)
+    plain = join_module._suffix_entries(v, entry_rows, limit)
+    assert 0 < compiled.sum() < v.nnz and np.array_equal(compiled, plain)

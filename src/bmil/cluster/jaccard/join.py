@@ -136,7 +136,8 @@ def _dense_min_overlap_distance(v: sparse.csr_array) -> sparse.csr_array:
     """:func:`_min_overlap_distance` for a result close to dense (:func:`_nearly_dense`).
 
     v: V [N, N] CSR in the samples' order. Each block of rows sums its overlaps with every
-    partner in dense bins [rows, N], in V's column order as there, so both (i, j) and (j, i)
+    partner (in dense bins [rows, N], or row by row in the compiled kernel's accumulator), in
+    V's column order as there, so both (i, j) and (j, i)
     are computed, from the same terms in the same order: the result is exactly symmetric
     and equal to the banded join's, bit for bit. Computing each pair twice costs less than
     the banded join's mirror and sort once half of all pairs are stored; the blocks' pairs
@@ -173,10 +174,10 @@ def _dense_min_overlap_distance(v: sparse.csr_array) -> sparse.csr_array:
 def _fresh_pages(count: int, dtype: type) -> np.ndarray:
     """An uninitialised array [count] of ``dtype`` on its own anonymous memory map, without
     numpy's transparent-huge-page advice: a page takes memory only once written, so the
-    unwritten tail of a bound-sized array costs nothing. Huge pages are avoided for the
-    result because faulting them in can stall on memory compaction once memory is
-    fragmented: the full result of 20,000 weak features (1.5 GB) took 1.8 s longer to
-    write with them, after the kNN, on a 2-core VM with the kernel's default THP settings."""
+    unwritten tail of a bound-sized array costs nothing. No huge pages: faulting them in can
+    stall on memory compaction once memory is fragmented (as after the kNN), which made
+    writing a 1.5 GB result more than twice as slow on a 2-core VM with the common THP
+    setting (``madvise``)."""
     nbytes = max(1, count * np.dtype(dtype).itemsize)
     return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=count)
 
@@ -367,6 +368,10 @@ def _suffix_entries(v: sparse.csr_array, entry_rows: np.ndarray, limit: float) -
     counts = np.bincount(v.indices, minlength=n)
     col_rank = np.empty(n, np.int64)
     col_rank[np.lexsort((np.arange(n), counts))] = np.arange(n)
+    if kernels.AVAILABLE:
+        out = np.empty(v.nnz, dtype=bool)
+        kernels.suffix_flags(v.indptr.astype(np.int64, copy=False), v.indices, v.data, col_rank, limit, out)
+        return out
     o, _ = _stable_argsort(entry_rows.astype(np.int64) * n + col_rank[v.indices], n * n)  # by row, then column order
     mass = v.data[o].astype(np.float64)
     from_end = np.cumsum(mass[::-1])[::-1]  # mass from each entry to the end of the array
@@ -391,7 +396,9 @@ class _SuffixRows:
 
     def overlap(self, r0: int, r1: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """float64 [P]: Σ_k min over the shared suffix columns of each pair (rows[p], cols[p]),
-        rows in [r0, r1). The block's suffix entries, keyed (row − r0)·N + column, are
+        rows in [r0, r1). Compiled (``kernels.suffix_overlaps``, rows ascending as the join
+        gives them): each row's suffix spread over a table [N]. Otherwise the block's suffix
+        entries, keyed (row − r0)·N + column, are
         ascending (columns are sorted within each row); each partner's suffix entry is
         looked up among them: in a dense table [rows, U + 1] over the U distinct suffix
         columns of the block's rows (the last slot, 0, for any other column) when it has at
@@ -400,11 +407,10 @@ class _SuffixRows:
         e0, e1 = self.indptr[r0], self.indptr[r1]
         if len(rows) == 0 or e0 == e1:
             return out
+        n = len(self.indptr) - 1
         if kernels.AVAILABLE:  # rows come ascending from the join
-            n = len(self.indptr) - 1
             kernels.suffix_overlaps(r0, r1, rows, cols, self.indptr, self.cols, self.data, np.zeros(n, np.float32), out)
             return out
-        n = len(self.indptr) - 1
         local = np.repeat(np.arange(r1 - r0, dtype=np.int64), np.diff(self.indptr[r0 : r1 + 1]))
         count = self.indptr[cols + 1] - self.indptr[cols]
         total = int(count.sum())

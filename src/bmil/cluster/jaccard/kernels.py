@@ -161,3 +161,27 @@ def suffix_overlaps(r0, r1, rows, cols, indptr, columns, values, table, out):
             p += 1
         for e in range(indptr[i], indptr[i + 1]):
             table[columns[e]] = 0.0
+
+
+@_jit
+def suffix_flags(indptr, indices, data, col_rank, limit, out):
+    """out[e] (bool [nnz]): entry e of V (CSR: indptr int64 [N+1], indices, data float32) is
+    in its row's suffix, the longest tail of mass < ``limit`` when each row's entries are
+    ordered by ``col_rank`` (int64 [N], distinct). The tails are differences of one float64
+    sum over all entries from the end (row by row in that order), as the numpy version
+    computes them, so the flags are the same."""
+    nnz = data.shape[0]
+    order = np.empty(nnz, np.int64)
+    for r in range(indptr.shape[0] - 1):
+        e0, e1 = indptr[r], indptr[r + 1]
+        order[e0:e1] = e0 + np.argsort(col_rank[indices[e0:e1]])
+    from_end = np.empty(nnz)
+    total = 0.0
+    for t in range(nnz - 1, -1, -1):
+        total += np.float64(data[order[t]])
+        from_end[t] = total
+    for r in range(indptr.shape[0] - 1):
+        e0, e1 = indptr[r], indptr[r + 1]
+        row_end = from_end[e1] if e1 < nnz else 0.0
+        for t in range(e0, e1):
+            out[order[t]] = from_end[t] - row_end < limit
