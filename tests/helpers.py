@@ -107,6 +107,19 @@ def imagenet_normalised(rgb) -> np.ndarray:
 # depend on how the rank lists are drawn, with plain loops over i.
 
 
+def noisy_blobs(n: int, seed: int, noise: float = 1.2, d: int = 24, ids: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """float32 features [n, d] and modality [n]: unit identity centres plus noise (1.2: weakly
+    separated, many pairs share Jaccard support and few are close; 0.4: well separated),
+    35 % infrared, shifted along the first centre."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(ids, d))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    pid = rng.integers(0, ids, n)
+    modality = (rng.random(n) < 0.35).astype(np.int64)
+    x = centres[pid] + noise * rng.normal(size=(n, d)) / np.sqrt(d) + 0.3 * modality[:, None] * centres[0]
+    return x.astype(np.float32), modality
+
+
 def ordered_by_similarity(sim: np.ndarray, i: int, cands) -> np.ndarray:
     """``cands`` sorted by similarity to i descending, i itself first, ties by lower index."""
     cands = np.asarray(cands, dtype=np.int64)

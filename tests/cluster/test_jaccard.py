@@ -9,6 +9,7 @@ import torch
 from bmil.cluster import estimate_jaccard_memory, jaccard_distance
 from bmil.cluster.jaccard import kernels
 from helpers import jaccard_from_weights, ordered_by_similarity, reciprocal_weights, unit_similarity
+from helpers import noisy_blobs as weak_blobs  # many pairs share support, few are close (pruning matters)
 
 # ---------------------------------------------------------------- dense reference
 
@@ -320,17 +321,6 @@ def test_memory_estimate_is_monotone():
 
 
 # ---------------------------------------------------------------- thresholded distance
-
-
-def weak_blobs(n: int, seed: int, d: int = 24, ids: int = 10):
-    """Blobs with large noise: many pairs share support, few are close (pruning matters)."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(ids, d))
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    pid = rng.integers(0, ids, n)
-    modality = (rng.random(n) < 0.35).astype(np.int64)
-    x = centres[pid] + 1.2 * rng.normal(size=(n, d)) / np.sqrt(d) + 0.3 * modality[:, None] * centres[0]
-    return x.astype(np.float32), modality
 
 
 def _within(full: np.ndarray, t: float) -> np.ndarray:

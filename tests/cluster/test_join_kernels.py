@@ -13,17 +13,7 @@ from scipy import sparse
 import bmil.cluster.jaccard.join as join_module
 from bmil.cluster import jaccard_distance
 from bmil.cluster.jaccard import kernels
-
-
-def features(n: int, seed: int, noise: float, d: int = 24, ids: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """Identity blobs with a modality shift; noise 0.4: well separated, 1.2: weakly."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(ids, d))
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    pid = rng.integers(0, ids, n)
-    modality = (rng.random(n) < 0.35).astype(np.int64)
-    x = centres[pid] + noise * rng.normal(size=(n, d)) / np.sqrt(d) + 0.3 * modality[:, None] * centres[0]
-    return x.astype(np.float32), modality
+from helpers import noisy_blobs
 
 
 def same_bits(a: sparse.csr_array, b: sparse.csr_array) -> bool:
@@ -44,7 +34,7 @@ def test_the_compiled_kernels_are_installed():
 def test_compiled_join_equals_the_numpy_join_bit_for_bit(monkeypatch, noise, max_distance, join):
     # Small blocks, four in flight: the in-order writer and the per-thread accumulators
     # must give what one numpy pass gives, for every join and both modes.
-    x, modality = features(260, 3, noise)
+    x, modality = noisy_blobs(260, 3, noise)
     if join is not None:
         monkeypatch.setattr(join_module, "_DENSE_SHARE", {"dense": 1 << 40, "banded": 0}[join])
     monkeypatch.setattr(join_module, "_TRIPLES_PER_BLOCK", 2000)
@@ -141,7 +131,7 @@ def test_the_dense_result_is_an_ordinary_writable_matrix(monkeypatch):
     # The dense join's arrays are views of a bound-sized memory map: exactly nnz long,
     # writable, and they survive a copy and a pickle.
     monkeypatch.setattr(join_module, "_DENSE_SHARE", 1 << 40)
-    x, modality = features(200, 1, 1.2)
+    x, modality = noisy_blobs(200, 1)
     dist = jaccard_distance(x, 10, 4, modality=modality)
     assert len(dist.data) == len(dist.indices) == dist.nnz > 200 * 20
     before = dist.data.copy()
